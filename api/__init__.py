@@ -1,0 +1,50 @@
+"""D3 deepfake detection API: the Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from api.config import load_settings
+
+UNTRAINED_WARNING = "model has random (untrained) weights: its verdicts mean nothing"
+
+
+def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> Flask:
+    """Build the app: settings from the environment (and `test_config` on top), then services.
+
+    `engine` lets tests and benchmarks share one already-started InferenceEngine.
+    """
+    from api import errors
+    from api.context import build_services
+    from api.routes import docs, health, objects, predict, predictions
+
+    settings = load_settings(test_config)
+    logging.basicConfig(level=settings.log_level)
+    app = Flask(__name__, instance_path=settings.instance_dir)
+    app.config.from_mapping(
+        SETTINGS=settings,
+        JSON_SORT_KEYS=False,
+        # The largest body any route accepts; routes lower it for themselves.
+        MAX_CONTENT_LENGTH=max(settings.max_video_bytes,
+                               settings.max_image_bytes * settings.max_batch_files) + 1024 * 1024,
+        MAX_FORM_PARTS=settings.max_batch_files + 16,
+    )
+    app.json.sort_keys = False
+    app.extensions["d3"] = build_services(settings, engine)
+
+    errors.init_app(app)
+    for module in (health, predict, predictions, objects, docs):
+        app.register_blueprint(module.bp)
+
+    @app.after_request
+    def _untrained_warning(response):
+        engine_ = app.extensions["d3"].engine
+        if engine_.ready and not engine_.trained:
+            response.headers["X-D3-Warning"] = UNTRAINED_WARNING
+        return response
+
+    return app

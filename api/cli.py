@@ -1,0 +1,72 @@
+"""The `d3` command: model commands (predict, eval, fetch-weights, info), database and key admin."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from api.config import ConfigError, load_settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """D3 deepfake detector: command-line tools for the model and the service."""
+
+
+@cli.group()
+def db() -> None:
+    """Database schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Create or migrate the database schema."""
+    from api.database import upgrade_schema
+
+    settings = load_settings()
+    upgrade_schema(settings.resolved_database_url, revision)
+    click.echo(f"database at {_masked_url(settings.resolved_database_url)} is at revision {revision}")
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the schema revision of the database and whether it is the newest."""
+    from api.database import current_revision, head_revision
+
+    url = load_settings().resolved_database_url
+    current, head = current_revision(url), head_revision()
+    click.echo(f"current: {current or 'none (empty database)'}  head: {head}")
+    sys.exit(0 if current == head else 1)
+
+
+def _masked_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _register_command_groups() -> None:
+    # Each concern owns its commands; they attach here.
+    from api.detector.commands import register as register_model_commands
+
+    register_model_commands(cli)
+
+
+try:  # TODO(lead): drop the guard once api.detector.commands has landed
+    _register_command_groups()
+except ImportError:
+    pass
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except ConfigError as exc:
+        click.echo(f"configuration error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

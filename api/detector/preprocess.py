@@ -1,0 +1,28 @@
+"""Spec §1: image -> normalised 3x224x224 tensor, exactly as the authors' evaluation transform.
+
+Pillow RGB conversion, bilinear squash to 224x224 (no crop), [0, 1], CLIP mean/std. This is
+what torchvision's Resize((224, 224)) + ToTensor + Normalize do to a PIL image, written without
+torchvision so the arithmetic (and so the result) is the same op for op.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+INPUT_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+
+
+def preprocess_image(img: Image.Image) -> torch.Tensor:
+    """A PIL image (any mode) -> float32 tensor 3x224x224, CLIP-normalised."""
+    # convert("RGB") drops alpha rather than compositing it, as the authors' loader does.
+    rgb = img.convert("RGB").resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR)
+    array = np.array(rgb, dtype=np.uint8)  # copy: the tensor must not alias Pillow's buffer
+    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+    return tensor.sub(_MEAN).div(_STD)

@@ -1,0 +1,73 @@
+"""Every error leaves as JSON: {"error": {"code", "message", ...}} with the right status."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from api.services import errors as service_errors
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[service_errors.ServiceError], int] = {
+    service_errors.InvalidInput: 400,
+    service_errors.NotFound: 404,
+    service_errors.PayloadTooLarge: 413,
+    service_errors.UnsupportedMediaType: 415,
+    service_errors.UnprocessableMedia: 422,
+    service_errors.TooManyJobs: 429,
+    service_errors.Unavailable: 503,
+}
+
+
+def status_for(exc: service_errors.ServiceError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 400
+
+
+def error_body(code: str, message: str, **details: object) -> dict:
+    error = {"code": code, "message": message}
+    error.update({k: v for k, v in details.items() if v is not None})
+    return {"error": error}
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None, **details: object):
+    response = jsonify(error_body(code, message, **details))
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def service_error_response(exc: service_errors.ServiceError):
+    headers = {}
+    if isinstance(exc, service_errors.Unavailable):
+        headers["Retry-After"] = str(exc.retry_after)
+    return error_response(status_for(exc), exc.code, exc.message, headers, **exc.details)
+
+
+def init_app(app: Flask) -> None:
+    @app.errorhandler(service_errors.ServiceError)
+    def _service_error(exc: service_errors.ServiceError):
+        return service_error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        message = exc.description or exc.name
+        if exc.code == 413:
+            message = "request body is larger than this endpoint accepts"
+        response = error_response(exc.code or 500, code, message)
+        if exc.code == 405 and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        # Logged with the cause; the client sees no stack trace.
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal error; it has been logged")

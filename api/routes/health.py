@@ -1,0 +1,34 @@
+"""GET /health: liveness and readiness in one cheap body (no model forward)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from api import UNTRAINED_WARNING
+from api.context import services
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/health")
+def health():
+    svc = services()
+    model = svc.engine.describe()
+    database_ok = svc.db.ping()
+    store_ok = svc.store.ping()
+    ready = bool(model.get("ready")) and database_ok and store_ok
+    body = {
+        "status": "ok" if ready else "unavailable",
+        "ready": ready,
+        "model": model,
+        "database": {"reachable": database_ok, "backend": svc.db.backend},
+        "object_store": {"reachable": store_ok, "kind": "minio" if svc.settings.uses_minio else "local"},
+        "queue_depth": svc.engine.stats().get("queue_depth", 0),
+    }
+    if model.get("ready") and not model.get("trained", True):
+        body["warning"] = UNTRAINED_WARNING
+    response = jsonify(body)
+    response.status_code = 200 if ready else 503
+    if not ready:
+        response.headers["Retry-After"] = "10"
+    return response

@@ -1,0 +1,1 @@
+"""Business logic. Nothing in this package imports Flask: routes call in, services answer."""

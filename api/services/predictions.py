@@ -1,0 +1,197 @@
+"""Image predictions: decode, run the engine, store the JSON result and the row, all or nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import select
+
+from api.config import Settings
+from api.database import Database, DatabaseUnavailable
+from api.detector import EngineNotReady, EngineOverloaded, EngineTimeout, InferenceEngine, preprocess_image
+from api.models import Prediction
+from api.services.errors import PayloadTooLarge, ServiceError, Unavailable
+from api.storage import ObjectStore, StoreUnavailable, object_key
+from api.utils.images import decode_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Upload:
+    data: bytes
+    filename: str | None
+
+
+def verdict(probability: float, threshold: float) -> tuple[str, float]:
+    """The authors' rule: fake when p > threshold. Confidence is the predicted class's probability."""
+    if probability > threshold:
+        return "fake", probability
+    return "real", 1.0 - probability
+
+
+def safe_filename(name: str | None) -> str | None:
+    """Keep a client filename for display only: last path part, printable, at most 255 chars."""
+    if not name:
+        return None
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable())
+    return name[:255] or None
+
+
+def iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    if dt.tzinfo is None:  # SQLite hands back naive UTC
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def run_engine(engine: InferenceEngine, tensors: Sequence) -> list[float]:
+    """Engine call with its failures turned into the service's 503."""
+    try:
+        return engine.predict(list(tensors))
+    except EngineOverloaded as exc:
+        raise Unavailable("the detector is overloaded; retry shortly",
+                          retry_after=max(1, int(getattr(exc, "retry_after", 1)))) from None
+    except EngineNotReady:
+        raise Unavailable("the model is still loading; retry shortly", retry_after=10) from None
+    except EngineTimeout:
+        raise Unavailable("the detector did not answer in time; retry shortly", retry_after=5) from None
+
+
+class PredictionService:
+    def __init__(self, db: Database, store: ObjectStore, engine: InferenceEngine, settings: Settings) -> None:
+        self.db = db
+        self.store = store
+        self.engine = engine
+        self.settings = settings
+
+    # -- public -----------------------------------------------------------
+    def predict_images(self, uploads: Sequence[Upload], threshold: float, owner: str | None,
+                       reuse: bool = True) -> list[dict[str, Any] | ServiceError]:
+        """One result per upload, in order: a stored prediction, or the error for that file.
+
+        Input errors stay per file; a model/database/store failure raises and fails the request.
+        """
+        started = time.perf_counter()
+        results: list[dict[str, Any] | ServiceError | None] = [None] * len(uploads)
+        pending: list[tuple[int, Upload, str, Any]] = []  # index, upload, sha256, decoded
+        for index, upload in enumerate(uploads):
+            digest = hashlib.sha256(upload.data).hexdigest()
+            try:
+                if len(upload.data) > self.settings.max_image_bytes:
+                    raise PayloadTooLarge(
+                        f"file is {len(upload.data)} bytes, over the limit of {self.settings.max_image_bytes}")
+                if reuse:
+                    stored = self._find_reusable(digest, threshold, owner)
+                    if stored is not None:
+                        results[index] = stored
+                        continue
+                pending.append((index, upload, digest, decode_image(upload.data, self.settings.max_image_pixels)))
+            except ServiceError as exc:
+                results[index] = exc
+
+        if pending:
+            # Preprocess here (request thread); the engine batches the forward passes.
+            tensors = [preprocess_image(decoded.image) for _, _, _, decoded in pending]
+            probabilities = run_engine(self.engine, tensors)
+            elapsed_ms = (time.perf_counter() - started) * 1000.0
+            for (index, upload, digest, decoded), probability in zip(pending, probabilities, strict=True):
+                results[index] = self._store(upload, digest, decoded, float(probability), threshold, owner,
+                                             elapsed_ms)
+        return results  # type: ignore[return-value]
+
+    # -- internals --------------------------------------------------------
+    def _find_reusable(self, digest: str, threshold: float, owner: str | None) -> dict[str, Any] | None:
+        query = (select(Prediction)
+                 .where(Prediction.sha256 == digest, Prediction.media_type == "image",
+                        Prediction.status == "done", Prediction.threshold == threshold,
+                        Prediction.model_version == self.engine.model_version, Prediction.owner == owner)
+                 .order_by(Prediction.created_at.desc()).limit(1))
+        try:
+            with self.db.session() as session:
+                row = session.scalars(query).first()
+        except DatabaseUnavailable:
+            raise Unavailable("the database is unavailable; retry shortly") from None
+        if row is None:
+            return None
+        body = serialize_prediction(row, self.store, self.settings)
+        body["reused"] = True
+        return body
+
+    def _store(self, upload: Upload, digest: str, decoded, probability: float, threshold: float,
+               owner: str | None, elapsed_ms: float) -> dict[str, Any]:
+        label, confidence = verdict(probability, threshold)
+        prediction_id = uuid.uuid4()
+        now = datetime.now(timezone.utc)
+        row = Prediction(
+            id=prediction_id, created_at=now, media_type="image", filename=safe_filename(upload.filename),
+            sha256=digest, size_bytes=len(upload.data), width=decoded.width, height=decoded.height,
+            prediction=label, fake_probability=probability, confidence=confidence, threshold=threshold,
+            model_version=self.engine.model_version, processing_ms=round(elapsed_ms, 3),
+            result_object=object_key(str(prediction_id), ".json", now), status="done", owner=owner)
+        document = serialize_prediction(row, None, self.settings)
+        document["input"] = {"format": decoded.format, "mode": decoded.image.mode, "size_bytes": len(upload.data),
+                             "trained_model": self.engine.trained}
+        self.save(row, document)
+        return serialize_prediction(row, self.store, self.settings)
+
+    def save(self, row: Prediction, document: dict[str, Any]) -> None:
+        """Object first, then the row; if the row fails the object goes, so nothing dangles."""
+        bucket = self.settings.bucket_results
+        try:
+            self.store.put_bytes(bucket, row.result_object, json.dumps(document).encode(), "application/json")
+        except StoreUnavailable as exc:
+            log.error("result not stored: %s", exc)
+            raise Unavailable("the object store is unavailable; nothing was stored, retry shortly") from None
+        try:
+            with self.db.session() as session:
+                session.add(row)
+        except DatabaseUnavailable as exc:
+            log.error("prediction row not stored: %s", exc)
+            try:
+                self.store.delete(bucket, row.result_object)
+            except StoreUnavailable:
+                log.warning("could not remove orphaned result object %s", row.result_object)
+            raise Unavailable("the database is unavailable; nothing was stored, retry shortly") from None
+
+
+def serialize_prediction(row: Prediction, store: ObjectStore | None, settings: Settings) -> dict[str, Any]:
+    """The public JSON of a prediction; with a store, a fresh `result_url` is signed."""
+    body: dict[str, Any] = {
+        "id": str(row.id),
+        "media_type": row.media_type,
+        "status": row.status,
+        "prediction": row.prediction,
+        "fake_probability": row.fake_probability,
+        "confidence": row.confidence,
+        "threshold": row.threshold,
+        "model_version": row.model_version,
+        "sha256": row.sha256,
+        "filename": row.filename,
+        "size_bytes": row.size_bytes,
+        "width": row.width,
+        "height": row.height,
+        "processing_ms": row.processing_ms,
+        "created_at": iso(row.created_at),
+    }
+    if row.error:
+        body["error"] = row.error
+    if store is not None:
+        body["result_url"] = None
+        if row.result_object and row.status == "done":
+            try:
+                body["result_url"] = store.presigned_get_url(settings.bucket_results, row.result_object,
+                                                             settings.result_url_expiry_s)
+            except StoreUnavailable:
+                log.warning("could not sign result URL for %s", row.id)
+    return body

@@ -1,0 +1,237 @@
+"""The object store: MinIO/S3 through the `minio` SDK, or a local folder when none is configured.
+
+Both stores share one small interface so services never know which one they talk to. Keys are
+always made by the service (date prefix + id); nothing here trusts a client-supplied name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import os
+import re
+import shutil
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote
+
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
+
+
+class StoreUnavailable(RuntimeError):
+    """The object store cannot be reached or refused the operation."""
+
+
+class ObjectNotFound(KeyError):
+    """No object under that bucket and key."""
+
+
+def object_key(object_id: str, suffix: str, when: datetime | None = None) -> str:
+    """A server-made key: `YYYY/MM/DD/<id><suffix>`."""
+    when = when or datetime.now(timezone.utc)
+    return f"{when:%Y/%m/%d}/{object_id}{suffix}"
+
+
+def _check_key(key: str) -> None:
+    if not _SAFE_KEY.match(key) or ".." in key.split("/"):
+        raise ValueError(f"invalid object key {key!r}")
+
+
+class ObjectStore(Protocol):
+    buckets: tuple[str, ...]
+
+    def ensure_buckets(self) -> None: ...
+    def ping(self) -> bool: ...
+    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str) -> None: ...
+    def put_file(self, bucket: str, key: str, path: str | os.PathLike, content_type: str) -> None: ...
+    def get_bytes(self, bucket: str, key: str) -> bytes: ...
+    def download_file(self, bucket: str, key: str, path: str | os.PathLike) -> None: ...
+    def exists(self, bucket: str, key: str) -> bool: ...
+    def delete(self, bucket: str, key: str) -> None: ...
+    def presigned_get_url(self, bucket: str, key: str, expires_s: int) -> str: ...
+
+
+class LocalObjectStore:
+    """Objects as files under `root/<bucket>/<key>`; URLs are HMAC-signed links to the API itself."""
+
+    def __init__(self, root: str | os.PathLike, buckets: tuple[str, ...], signing_key: bytes,
+                 url_prefix: str = "/objects") -> None:
+        self.root = Path(root)
+        self.buckets = buckets
+        self._signing_key = signing_key
+        self._url_prefix = url_prefix
+
+    def _path(self, bucket: str, key: str) -> Path:
+        if bucket not in self.buckets:
+            raise ObjectNotFound(f"{bucket}/{key}")
+        _check_key(key)
+        return self.root / bucket / key
+
+    def ensure_buckets(self) -> None:
+        try:
+            for bucket in self.buckets:
+                (self.root / bucket).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create local object store folders under {self.root}: {exc}") from exc
+
+    def ping(self) -> bool:
+        return all(os.access(self.root / b, os.W_OK) for b in self.buckets)
+
+    def _write(self, bucket: str, key: str, writer) -> None:
+        path = self._path(bucket, key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename, so a reader never sees half an object.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+            with os.fdopen(fd, "wb") as out:
+                writer(out)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise StoreUnavailable(f"local object store write failed: {exc.strerror or exc}") from exc
+
+    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
+        self._write(bucket, key, lambda out: out.write(data))
+
+    def put_file(self, bucket: str, key: str, path: str | os.PathLike, content_type: str) -> None:
+        def copy(out) -> None:
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, out, 1024 * 1024)
+
+        self._write(bucket, key, copy)
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        try:
+            return self._path(bucket, key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{bucket}/{key}") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"local object store read failed: {exc.strerror or exc}") from exc
+
+    def download_file(self, bucket: str, key: str, path: str | os.PathLike) -> None:
+        try:
+            shutil.copyfile(self._path(bucket, key), path)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{bucket}/{key}") from None
+
+    def exists(self, bucket: str, key: str) -> bool:
+        return self._path(bucket, key).is_file()
+
+    def delete(self, bucket: str, key: str) -> None:
+        self._path(bucket, key).unlink(missing_ok=True)
+
+    # -- signed links -------------------------------------------------
+    def _signature(self, bucket: str, key: str, expires: int) -> str:
+        message = f"{bucket}\n{key}\n{expires}".encode()
+        return hmac.new(self._signing_key, message, hashlib.sha256).hexdigest()
+
+    def presigned_get_url(self, bucket: str, key: str, expires_s: int) -> str:
+        expires = int(time.time()) + expires_s
+        signature = self._signature(bucket, key, expires)
+        return f"{self._url_prefix}/{bucket}/{quote(key)}?expires={expires}&signature={signature}"
+
+    def verify_signature(self, bucket: str, key: str, expires: str, signature: str) -> bool:
+        try:
+            expires_at = int(expires)
+        except (TypeError, ValueError):
+            return False
+        if expires_at < time.time():
+            return False
+        return hmac.compare_digest(self._signature(bucket, key, expires_at), signature or "")
+
+
+class MinioObjectStore:
+    """MinIO or any S3-protocol server."""
+
+    def __init__(self, endpoint: str, access_key: str, secret_key: str, *, secure: bool, region: str,
+                 buckets: tuple[str, ...], timeout_s: float = 10.0) -> None:
+        # Few retries and short timeouts: a dead store must become a quick 503, not a hung worker.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=min(timeout_s, 5.0), read=timeout_s * 6),
+            retries=urllib3.Retry(total=1, backoff_factor=0.2, status_forcelist=[502, 503, 504]),
+            maxsize=32,
+        )
+        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
+                            region=region, http_client=http)
+        self.buckets = buckets
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise ObjectNotFound(what) from None
+            raise StoreUnavailable(f"object store refused {what}: {exc.code}") from exc
+        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise StoreUnavailable(f"object store unreachable during {what}: {exc.__class__.__name__}") from exc
+
+    def ensure_buckets(self) -> None:
+        for bucket in self.buckets:
+            if not self._call(f"bucket check {bucket}", self.client.bucket_exists, bucket):
+                try:
+                    self._call(f"create bucket {bucket}", self.client.make_bucket, bucket)
+                except StoreUnavailable:
+                    # Another worker may have created it between our check and our create.
+                    if not self._call(f"bucket check {bucket}", self.client.bucket_exists, bucket):
+                        raise
+
+    def ping(self) -> bool:
+        try:
+            self._call("ping", self.client.bucket_exists, self.buckets[0])
+            return True
+        except StoreUnavailable:
+            return False
+
+    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
+        _check_key(key)
+        self._call(f"put {bucket}/{key}", self.client.put_object, bucket, key, io.BytesIO(data), len(data),
+                   content_type=content_type)
+
+    def put_file(self, bucket: str, key: str, path: str | os.PathLike, content_type: str) -> None:
+        _check_key(key)
+        self._call(f"put {bucket}/{key}", self.client.fput_object, bucket, key, str(path),
+                   content_type=content_type)
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        def read() -> bytes:
+            response = self.client.get_object(bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._call(f"get {bucket}/{key}", read)
+
+    def download_file(self, bucket: str, key: str, path: str | os.PathLike) -> None:
+        self._call(f"get {bucket}/{key}", self.client.fget_object, bucket, key, str(path))
+
+    def exists(self, bucket: str, key: str) -> bool:
+        try:
+            self._call(f"stat {bucket}/{key}", self.client.stat_object, bucket, key)
+            return True
+        except ObjectNotFound:
+            return False
+
+    def delete(self, bucket: str, key: str) -> None:
+        self._call(f"delete {bucket}/{key}", self.client.remove_object, bucket, key)
+
+    def presigned_get_url(self, bucket: str, key: str, expires_s: int) -> str:
+        return self._call(f"presign {bucket}/{key}", self.client.presigned_get_object, bucket, key,
+                          expires=timedelta(seconds=expires_s))
+
+
+def make_object_store(settings, signing_key: bytes) -> ObjectStore:
+    """The store the settings ask for: MinIO when MINIO_ENDPOINT is set, else the local folder."""
+    buckets = (settings.bucket_results, settings.bucket_videos, settings.bucket_frames)
+    if settings.uses_minio:
+        return MinioObjectStore(settings.minio_endpoint, settings.minio_access_key, settings.minio_secret_key,
+                                secure=settings.minio_secure, region=settings.minio_region, buckets=buckets)
+    return LocalObjectStore(settings.resolved_object_store_dir, buckets, signing_key)

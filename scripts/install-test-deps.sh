@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Install the system packages the deployment tests need, only those that are missing:
+# nginx, postgresql, redis-server, systemd (for systemd-analyze), openssl, curl.
+#
+# Idempotent and quiet: a no-op when everything is present. Runs as root on Debian/Ubuntu.
+# Package maintainer scripts are stopped from starting services (policy-rc.d exiting 101),
+# so installing nginx or PostgreSQL on a test machine leaves nothing listening.
+set -euo pipefail
+
+PACKAGES=(nginx postgresql redis-server systemd openssl curl)
+
+is_installed() {
+    [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" = "installed" ]
+}
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    is_installed "$pkg" || missing+=("$pkg")
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-test-deps: missing packages: ${missing[*]}; run this script as root" >&2
+    exit 1
+fi
+
+echo "install-test-deps: installing ${missing[*]}" >&2
+
+policy=/usr/sbin/policy-rc.d
+created_policy=0
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# temporary: do not start services while installing test dependencies\nexit 101\n' >"$policy"
+    chmod 0755 "$policy"
+    created_policy=1
+fi
+cleanup() {
+    if [ "$created_policy" -eq 1 ]; then
+        rm -f "$policy"
+    fi
+}
+trap cleanup EXIT
+
+export DEBIAN_FRONTEND=noninteractive
+apt_opts=(-q -y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold --no-install-recommends)
+
+# Refresh the package lists when they are missing or a first attempt cannot find a package.
+if ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then
+    apt-get -qq update >/dev/null
+fi
+if ! apt-get "${apt_opts[@]}" install "${missing[@]}" >/tmp/install-test-deps.log 2>&1; then
+    apt-get -qq update >/dev/null
+    if ! apt-get "${apt_opts[@]}" install "${missing[@]}" >/tmp/install-test-deps.log 2>&1; then
+        tail -n 30 /tmp/install-test-deps.log >&2
+        echo "install-test-deps: apt-get install failed (full log: /tmp/install-test-deps.log)" >&2
+        exit 1
+    fi
+fi
+
+for pkg in "${missing[@]}"; do
+    if ! is_installed "$pkg"; then
+        echo "install-test-deps: $pkg is still not installed" >&2
+        exit 1
+    fi
+done
+echo "install-test-deps: done" >&2

@@ -1,0 +1,259 @@
+"""Shared fixtures: real servers (PostgreSQL, an S3-protocol server, Redis), the tiny model, apps.
+
+Nothing here is mocked: PostgreSQL is a throwaway cluster from Debian's binaries, the object store
+is moto's S3 server over HTTP (what the `minio` SDK talks to), Redis is a real redis-server.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The tiny seeded random model: the whole stack runs in a second on a CPU.
+TINY_MODEL = {
+    "D3_BACKBONE": "d3-tiny",
+    "D3_CLIP_WEIGHTS": "random:0",
+    "D3_HEAD_WEIGHTS": "random:0",
+    "D3_DEVICE": "cpu",
+    "D3_PRECISION": "fp32",
+}
+
+# Keep every test away from a developer's own .env and environment.
+for _name in list(os.environ):
+    if _name.startswith(("D3_", "MINIO_")) or _name in {"DATABASE_URL", "REDIS_URL", "AUTH_REQUIRED", "BIND"}:
+        os.environ.pop(_name)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (64, 48), color=(200, 30, 60), mode: str = "RGB",
+                seed: int | None = None) -> bytes:
+    """A real encoded image; with a seed, random pixels so different seeds give different scores."""
+    if seed is not None:
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+        if mode != "RGB":
+            image = image.convert(mode)
+    else:
+        image = Image.new(mode, size, color if mode in ("RGB", "RGBA") else 128)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# -- PostgreSQL -------------------------------------------------------------
+def _pg_bin(name: str) -> str:
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)
+    if not candidates:
+        pytest.fail(f"PostgreSQL binary {name} not found: run scripts/install-test-deps.sh (make test does)")
+    return candidates[0]
+
+
+class PostgresServer:
+    """A throwaway cluster on a loopback port, trust auth, removed at the end of the session."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="d3-pg-"))
+        self.data = self.dir / "data"
+        self.port = free_port()
+        self.user = "postgres" if os.geteuid() == 0 else None
+        if self.user:  # PostgreSQL refuses to run as root
+            shutil.chown(self.dir, self.user)
+        self._run([_pg_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "d3", "--no-sync"])
+        self.start()
+
+    def _run(self, argv: list[str]) -> None:
+        if self.user:
+            argv = ["runuser", "-u", self.user, "--", *argv]
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def start(self) -> None:
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off -c full_page_writes=off"
+        self._run([_pg_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-w", "-l",
+                   str(self.dir / "log"), "start"])
+
+    def stop(self) -> None:
+        self._run([_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg2://d3@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        import psycopg2
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="d3", dbname="postgres")
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        conn.close()
+        return self.url(name)
+
+    def destroy(self) -> None:
+        try:
+            self.stop()
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A fresh, migrated database on the throwaway cluster."""
+    from api.database import upgrade_schema
+
+    url = postgres_server.create_database()
+    upgrade_schema(url)
+    return url
+
+
+# -- S3 (moto server over HTTP) ----------------------------------------------
+class S3Server:
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.start()
+
+    def start(self) -> None:
+        self._server.start()
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def s3_server_process() -> Iterator[S3Server]:
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_server(s3_server_process: S3Server) -> dict[str, str]:
+    """Connection settings for the S3 server, with bucket names unique to the test."""
+    suffix = uuid.uuid4().hex[:8]
+    return {
+        "endpoint": s3_server_process.endpoint,
+        "access_key": "test-access",
+        "secret_key": "test-secret-key",
+        "settings": {
+            "MINIO_ENDPOINT": s3_server_process.endpoint, "MINIO_ACCESS_KEY": "test-access",
+            "MINIO_SECRET_KEY": "test-secret-key", "MINIO_SECURE": "false",
+            "BUCKET_RESULTS": f"res-{suffix}", "BUCKET_VIDEOS": f"vid-{suffix}", "BUCKET_FRAMES": f"frm-{suffix}",
+        },
+    }
+
+
+# -- Redis --------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server not found: run scripts/install-test-deps.sh (make test does)")
+    port = free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    wait_for_port(port)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(10)
+
+
+# -- the model and apps -----------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_engine():
+    """One started tiny-model engine shared by every app in the session (loading once is enough)."""
+    from api.config import load_settings
+    from api.detector import DetectorConfig, InferenceEngine
+
+    engine = InferenceEngine(DetectorConfig.from_settings(load_settings(TINY_MODEL)))
+    engine.start()
+    assert engine.wait_ready(120), engine.load_error
+    yield engine
+    engine.stop()
+
+
+def app_settings(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    settings = {**TINY_MODEL, "INSTANCE_DIR": str(tmp_path / "instance"), "AUTH_REQUIRED": "false",
+                "SECRET_KEY": "test-secret-" + uuid.uuid4().hex}
+    settings.update(overrides)
+    return settings
+
+
+def make_app(tmp_path: Path, engine, **overrides: str):
+    from api import create_app
+    from api.database import upgrade_schema
+
+    settings = app_settings(tmp_path, **overrides)
+    if "DATABASE_URL" not in settings:
+        upgrade_schema(f"sqlite:///{tmp_path / 'instance' / 'd3.sqlite'}")
+    return create_app(settings, engine=engine)
+
+
+@pytest.fixture
+def app(tmp_path, tiny_engine):
+    """The app on its embedded defaults: SQLite and a local-folder object store."""
+    return make_app(tmp_path, tiny_engine)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(params=["embedded", "postgres", "s3"])
+def backend_app(request, tmp_path, tiny_engine):
+    """The same app three ways: embedded defaults, real PostgreSQL, real S3-protocol server."""
+    overrides: dict[str, str] = {}
+    if request.param == "postgres":
+        overrides["DATABASE_URL"] = request.getfixturevalue("postgres_url")
+    elif request.param == "s3":
+        overrides.update(request.getfixturevalue("s3_server")["settings"])
+    application = make_app(tmp_path, tiny_engine, **overrides)
+    application.config["BACKEND"] = request.param
+    return application
