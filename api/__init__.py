@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from api.config import load_settings
 
@@ -39,6 +40,15 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     errors.init_app(app)
     for module in (health, predict, predictions, objects, docs):
         app.register_blueprint(module.bp)
+    # Cross-cutting concerns attach here with init_app (access control, limits, metrics, logs).
+    from api import auth, limits, metrics, request_log
+
+    request_log.init_app(app)  # first: the request id and timing cover every hook below
+    metrics.init_app(app)
+    auth.init_app(app)  # before limits: a verified key decides the rate-limit bucket
+    limits.init_app(app)
+    # Exactly one trusted proxy hop (nginx on the same host) tells the client address.
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)
 
     @app.after_request
     def _untrained_warning(response):

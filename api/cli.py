@@ -49,6 +49,9 @@ def _masked_url(url: str) -> str:
 
 def _register_command_groups() -> None:
     # Each concern owns its commands; they attach here.
+    from api.services.keys_commands import register as register_key_commands
+
+    register_key_commands(cli)
     from api.detector.commands import register as register_model_commands
 
     register_model_commands(cli)

@@ -185,17 +185,17 @@ def load_settings(overrides: Mapping[str, Any] | None = None, *, environ: Mappin
     """Build validated settings; later sources win: defaults < .env < environment < overrides."""
     environ = os.environ if environ is None else environ
     env_path = Path(env_file) if env_file else PROJECT_ROOT / ".env"
+    layers = [dotenv_values(env_path) if env_path.is_file() else {}, environ,
+              {k.upper(): v for k, v in (overrides or {}).items()}]
     sources: dict[str, Any] = {}
-    if env_path.is_file():
-        sources.update({k: v for k, v in dotenv_values(env_path).items() if v is not None})
-    sources.update(environ)
-    sources.update({k.upper(): v for k, v in (overrides or {}).items()})
+    for layer in layers:
+        # An empty value means "not set here", as .env.example says.
+        sources.update({k: v for k, v in layer.items() if v is not None and str(v).strip() != ""})
 
     values = {}
     for f in dataclasses.fields(Settings):
         name = f.name.upper()
-        # An empty value means "the built-in default", as .env.example says.
-        if name in sources and str(sources[name]).strip() != "":
+        if name in sources:
             values[f.name] = _parse(f, sources[name])
     settings = Settings(**values)
     validate(settings)

@@ -6,6 +6,7 @@ is moto's S3 server over HTTP (what the `minio` SDK talks to), Redis is a real r
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import os
@@ -121,10 +122,8 @@ class PostgresServer:
         return self.url(name)
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):
             self.stop()
-        except subprocess.CalledProcessError:
-            pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

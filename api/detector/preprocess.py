@@ -26,3 +26,26 @@ def preprocess_image(img: Image.Image) -> torch.Tensor:
     array = np.array(rgb, dtype=np.uint8)  # copy: the tensor must not alias Pillow's buffer
     tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
     return tensor.sub(_MEAN).div(_STD)
+
+
+# Spec §6 robustness perturbations, applied by `d3 eval` to the RGB image before preprocess_image,
+# in the authors' order (blur, then JPEG) and with their arithmetic.
+def gaussian_blur(img: Image.Image, sigma: float) -> Image.Image:
+    """scipy's gaussian_filter per channel, in place on the uint8 array, as the authors do it."""
+    from scipy.ndimage import gaussian_filter
+
+    array = np.array(img.convert("RGB"))
+    for channel in range(3):
+        gaussian_filter(array[:, :, channel], output=array[:, :, channel], sigma=sigma)
+    return Image.fromarray(array)
+
+
+def jpeg_reencode(img: Image.Image, quality: int) -> Image.Image:
+    """Re-encode as JPEG with Pillow at `quality` and decode again."""
+    import io
+
+    buffer = io.BytesIO()
+    img.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return Image.fromarray(np.array(decoded))

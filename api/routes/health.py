@@ -6,6 +6,7 @@ from flask import Blueprint, jsonify
 
 from api import UNTRAINED_WARNING
 from api.context import services
+from api.routes.common import current_caller
 
 bp = Blueprint("health", __name__)
 
@@ -27,6 +28,9 @@ def health():
     }
     if model.get("ready") and not model.get("trained", True):
         body["warning"] = UNTRAINED_WARNING
+    if svc.settings.auth_required and current_caller().owner is None:
+        # Public summary only: the details (model, backends, queue) need a key.
+        body = {k: body[k] for k in ("status", "ready")}
     response = jsonify(body)
     response.status_code = 200 if ready else 503
     if not ready:

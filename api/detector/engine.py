@@ -1,0 +1,285 @@
+"""One model per process, shared by all request threads, fed by dynamic micro-batching.
+
+Callers submit preprocessed images; one batching thread gathers them (up to max_batch_size
+images, or max_wait_ms after the first arrives), runs one forward under inference_mode and hands
+each caller its own results. The queue is bounded: when full, submitting fails at once
+(EngineOverloaded), so overload shows as 503 + Retry-After instead of growing latency.
+
+The model is built in the engine's thread after start(), never at import: Gunicorn forks after
+import and a CUDA context does not survive a fork, so each worker loads its own model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from api.detector.config import DetectorConfig
+from api.detector.errors import (
+    DetectorError,
+    EngineNotReady,
+    EngineOverloaded,
+    EngineTimeout,
+    InferenceError,
+)
+
+log = logging.getLogger(__name__)
+INPUT_SHAPE = (3, 224, 224)
+BatchListener = Callable[[int, float], None]
+
+
+@dataclass(eq=False)
+class _Request:
+    """One caller's submission: its images' results fill in as batches finish."""
+
+    size: int
+    results: list[float | None] = field(default_factory=list)
+    remaining: int = 0
+    error: Exception | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.results = [None] * self.size
+        self.remaining = self.size
+
+
+@dataclass(eq=False)
+class _Item:
+    request: _Request
+    index: int
+    tensor: torch.Tensor
+
+
+class InferenceEngine:
+    def __init__(self, config: DetectorConfig, model: torch.nn.Module | None = None) -> None:
+        self.config = config
+        self._injected = model
+        self.model: torch.nn.Module | None = None
+        self.device = torch.device("cpu")
+        self.precision = config.precision
+        self.model_version = ""
+        self.trained = False
+        self.loaded = False
+        self.warmed = False
+        self.ready = False
+        self.load_error: str | None = None
+
+        self._cond = threading.Condition()
+        self._queue: deque[_Item] = deque()
+        self._settled = threading.Event()  # set once loading has succeeded or failed
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._listeners: list[BatchListener] = []
+        self._stats = {"images_processed": 0, "batches_run": 0, "forward_seconds_total": 0.0, "last_batch_size": 0}
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Load (or adopt) the model, warm it up and serve, all in a daemon thread."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="d3-inference", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the model is ready or failed to load; True when ready."""
+        self._settled.wait(timeout)
+        return self.ready
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving; queued callers get EngineNotReady."""
+        with self._cond:
+            self._stopping = True
+            self.ready = False
+            pending, self._queue = list(self._queue), deque()
+            self._cond.notify_all()
+        for item in pending:
+            self._fail(item.request, EngineNotReady("the inference engine stopped"))
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:  # the process keeps serving /health etc.; describe() shows why
+            self.load_error = str(exc) if isinstance(exc, DetectorError) else f"{type(exc).__name__}: {exc}"
+            log.error("model failed to load: %s", self.load_error)
+            self._settled.set()
+            return
+        with self._cond:
+            self.ready = not self._stopping
+        self._settled.set()
+        log.info("model ready: %s on %s", self.model_version, self.device)
+        self._serve()
+
+    def _load(self) -> None:
+        if self._injected is not None:
+            model = self._injected.eval()
+            first = next(iter(list(model.parameters()) + list(model.buffers())), None)
+            self.device = first.device if first is not None else torch.device("cpu")
+        else:
+            from api.detector.model import build_model
+
+            model = build_model(self.config)
+            self.device = next(model.parameters()).device
+        self.model = model
+        self.precision = getattr(model, "precision", self.config.precision)
+        self.model_version = getattr(model, "model_version", "") or f"custom/{type(model).__name__}"
+        self.trained = bool(getattr(model, "trained", False))
+        self.loaded = True
+        with torch.inference_mode():  # warm-up: first forward allocates kernels/workspaces
+            model(torch.zeros((1, *INPUT_SHAPE), device=self.device))
+        self.warmed = True
+
+    # ------------------------------------------------------------ public API
+    def describe(self) -> dict[str, Any]:
+        return {
+            "loaded": self.loaded,
+            "warmed": self.warmed,
+            "ready": self.ready,
+            "device": str(self.device),
+            "precision": self.precision,
+            "backbone": getattr(self.model, "backbone", self.config.backbone),
+            "model_version": self.model_version,
+            "trained": self.trained,
+            "error": self.load_error,
+            "max_batch_size": self.config.max_batch_size,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {"queue_depth": len(self._queue), **self._stats}
+
+    def add_batch_listener(self, fn: BatchListener) -> None:
+        """fn(batch_size, forward_seconds) after every forward; for metrics."""
+        self._listeners.append(fn)
+
+    def predict(self, tensors: Sequence[torch.Tensor], timeout: float | None = None) -> list[float]:
+        """Fake probabilities for preprocessed 3x224x224 images, in order.
+
+        Raises EngineNotReady, EngineOverloaded (queue full, at once), EngineTimeout, InferenceError.
+        """
+        if not tensors:
+            return []
+        for tensor in tensors:
+            if tuple(tensor.shape) != INPUT_SHAPE:
+                raise ValueError(f"expected preprocessed images of shape {INPUT_SHAPE}, got {tuple(tensor.shape)}")
+        if len(tensors) > self.config.queue_size:
+            raise ValueError(f"{len(tensors)} images exceed the queue size ({self.config.queue_size})")
+        request = _Request(len(tensors))
+        items = [_Item(request, i, t) for i, t in enumerate(tensors)]
+        with self._cond:
+            if not self.ready:
+                raise EngineNotReady(self._not_ready_reason())
+            if len(self._queue) + len(items) > self.config.queue_size:
+                raise EngineOverloaded(f"inference queue is full ({len(self._queue)} images waiting)",
+                                       retry_after=self._retry_after())
+            self._queue.extend(items)
+            self._cond.notify_all()
+        timeout = self.config.infer_timeout_s if timeout is None else timeout
+        if not request.done.wait(timeout):
+            with self._cond:  # drop what has not started; it will not be computed later
+                self._queue = deque(item for item in self._queue if item.request is not request)
+            if not request.done.is_set():
+                raise EngineTimeout(f"prediction did not finish within {timeout:g} s")
+        if request.error is not None:
+            raise request.error
+        return [float(p) for p in request.results]  # type: ignore[arg-type]
+
+    def _not_ready_reason(self) -> str:
+        if self._stopping:
+            return "the inference engine stopped"
+        if self.load_error:
+            return f"the model failed to load: {self.load_error}"
+        return "the model is still loading"
+
+    def _retry_after(self) -> float:
+        # Roughly the time to drain the queue at the recent forward speed; at least a second.
+        batches, seconds = self._stats["batches_run"], self._stats["forward_seconds_total"]
+        per_batch = seconds / batches if batches else 1.0
+        return max(1.0, round(per_batch * len(self._queue) / self.config.max_batch_size, 1))
+
+    # ------------------------------------------------------------ batching thread
+    def _serve(self) -> None:
+        max_wait = self.config.max_wait_ms / 1000.0
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                deadline = time.monotonic() + max_wait
+                while len(self._queue) < self.config.max_batch_size and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.config.max_batch_size))]
+            if batch:
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        try:
+            probabilities = self._forward_splitting(batch)
+        except Exception as exc:  # one bad batch must not kill the thread
+            log.exception("inference failed for a batch of %d", len(batch))
+            for item in batch:
+                self._fail(item.request, InferenceError(f"inference failed: {type(exc).__name__}: {exc}"))
+            return
+        seconds = time.perf_counter() - start
+        for item, p in zip(batch, probabilities, strict=True):
+            if p is None:
+                continue
+            request = item.request
+            with self._cond:
+                request.results[item.index] = p
+                request.remaining -= 1
+                finished = request.remaining == 0
+            if finished:
+                request.done.set()
+        computed = sum(p is not None for p in probabilities)
+        with self._cond:
+            self._stats["images_processed"] += computed
+            self._stats["batches_run"] += 1
+            self._stats["forward_seconds_total"] += seconds
+            self._stats["last_batch_size"] = len(batch)
+        for listener in list(self._listeners):
+            try:
+                listener(len(batch), seconds)
+            except Exception:
+                log.exception("batch listener failed")
+
+    def _forward_splitting(self, batch: list[_Item]) -> list[float | None]:
+        """Forward a batch; on CUDA out-of-memory retry in halves. An image that still does not
+        fit fails only its own caller (None in the result)."""
+        try:
+            return self._forward([item.tensor for item in batch])
+        except torch.cuda.OutOfMemoryError:
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                log.warning("out of GPU memory for a single image")
+                self._fail(batch[0].request, InferenceError("out of GPU memory for this image"))
+                return [None]
+            log.warning("out of GPU memory for a batch of %d; splitting it", len(batch))
+            half = len(batch) // 2
+            return self._forward_splitting(batch[:half]) + self._forward_splitting(batch[half:])
+
+    def _forward(self, tensors: list[torch.Tensor]) -> list[float]:
+        assert self.model is not None
+        x = torch.stack(tensors).to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            return self.model(x).float().cpu().tolist()
+
+    def _fail(self, request: _Request, error: Exception) -> None:
+        with self._cond:
+            if request.error is None:
+                request.error = error
+        request.done.set()

@@ -1,0 +1,220 @@
+"""Spec §2-§4: the D³ model = frozen CLIP image tower on two views + the attention head.
+
+Nothing here touches CUDA at import time: Gunicorn forks after import, and a CUDA context
+does not survive a fork. Devices are resolved only when a model is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import QuickGELU, VisionTransformer
+from torch import nn
+
+from api.detector.errors import DetectorError
+
+if TYPE_CHECKING:
+    from api.detector.config import DetectorConfig
+
+PATCH_SIZE = 14
+IMAGE_SIZE = 224
+NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 256: the 16x16 grid of ViT-L/14's tokens
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+PRECISIONS = ("fp32", "fp16", "bf16")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make the project's open_clip configs (d3-tiny) known to open_clip by name; idempotent."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+def shuffle_permutation(seed: int) -> torch.Tensor:
+    """The fixed patch permutation P of spec §2 (a LongTensor of 256 indices)."""
+    return torch.randperm(NUM_PATCHES, generator=torch.Generator().manual_seed(seed))
+
+
+def shuffle_patches(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Put the 14x14 patch from grid position perm[i] at position i (row-major), spec §2."""
+    patches = F.unfold(x, PATCH_SIZE, stride=PATCH_SIZE)  # B x (3*14*14) x 256
+    return F.fold(patches[:, :, perm], (IMAGE_SIZE, IMAGE_SIZE), PATCH_SIZE, stride=PATCH_SIZE)
+
+
+class D3Head(nn.Module):
+    """Spec §4: self-attention over the two view features, softmax over dim 1, then Linear(2d, 1)."""
+
+    def __init__(self, dim: int = 1024) -> None:
+        super().__init__()
+        self.dim = dim
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.fc = nn.Linear(2 * dim, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features: B x 2 x dim (token 0 = shuffled view, token 1 = original) -> B logits."""
+        q, k, v = self.query(features), self.key(features), self.value(features)
+        # dim=1 (the query axis), not the last axis: that is what the released head was trained with.
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.dim), dim=1)
+        return self.fc((attn @ v).flatten(1)).squeeze(1)
+
+
+class D3Model(nn.Module):
+    """x (B x 3 x 224 x 224, CLIP-normalised) -> B fake probabilities."""
+
+    def __init__(self, visual: nn.Module, head: D3Head, perm: torch.Tensor, *, backbone: str = "",
+                 precision: str = "fp32", model_version: str = "", trained: bool = False) -> None:
+        super().__init__()
+        self.visual = visual
+        self.head = head
+        self.register_buffer("perm", perm.clone(), persistent=False)
+        self.backbone = backbone
+        self.precision = precision
+        self.model_version = model_version
+        self.trained = trained
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """B x 2 x dim fp32 features, token 0 = shuffled view. Both views run as one 2B batch."""
+        batch = x.shape[0]
+        views = torch.cat([shuffle_patches(x, self.perm), x])
+        feats = self.visual(views.to(self.visual.conv1.weight.dtype)).float()
+        return torch.stack([feats[:batch], feats[batch:]], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.head(self.features(x.float())))
+
+
+def resolve_device(spec: str) -> torch.device:
+    """auto -> cuda when available, else cpu; cuda / cuda:N are checked to exist."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise DetectorError(f"D3_DEVICE={spec} but CUDA is not available on this machine (use auto or cpu)")
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DetectorError(f"D3_DEVICE={spec} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return device
+    raise DetectorError(f"D3_DEVICE must be auto, cpu, cuda or cuda:N, got {spec!r}")
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    """auto -> fp32 on CPU, fp16 on CUDA; fp32/fp16/bf16 are taken as given."""
+    if spec == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if spec not in PRECISIONS:
+        raise DetectorError(f"D3_PRECISION must be auto, fp32, fp16 or bf16, got {spec!r}")
+    return spec
+
+
+class _DropOpenClipRandomInitWarning(logging.Filter):
+    # open_clip warns "initialized randomly" before we load our own weights: misleading in logs.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    root, quiet = logging.getLogger(), _DropOpenClipRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+def backbone_config(backbone: str) -> dict:
+    """The open_clip model config for a backbone name, or a DetectorError naming the known ones."""
+    register_model_configs()
+    cfg = open_clip.get_model_config(backbone)
+    if cfg is None:
+        known = ", ".join(m for m in open_clip.list_models() if m.startswith(("ViT-L-14", "d3-")))
+        raise DetectorError(f"unknown backbone {backbone!r} (D3_BACKBONE); e.g. {known}")
+    return cfg
+
+
+def build_visual(backbone: str, precision: str = "fp32", *, init_seed: int | None = 0) -> VisionTransformer:
+    """The open_clip image tower of `backbone` with proj=None (penultimate 1024-d feature, spec §3).
+
+    init_seed=None builds it on the meta device (no memory, no init): for weights loaded afterwards
+    with `materialize_visual`. Otherwise it is randomly initialised from that seed, on the CPU.
+    """
+    cfg = backbone_config(backbone)
+    device = "meta" if init_seed is None else "cpu"
+    # open_clip's fp16/bf16 keep LayerNorm and embeddings in fp32, as OpenAI's CLIP does.
+    with _quiet_open_clip(), torch.random.fork_rng(devices=[]), torch.device(device):
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        clip = open_clip.create_model(backbone, precision=precision, device=device)
+    visual = clip.visual
+    del clip  # only the image tower is kept; the text tower is dropped here
+    if not isinstance(visual, VisionTransformer) or tuple(visual.patch_size) != (PATCH_SIZE, PATCH_SIZE) \
+            or tuple(visual.image_size) != (IMAGE_SIZE, IMAGE_SIZE) or visual.attn_pool is not None:
+        raise DetectorError(f"backbone {backbone!r} must be a plain ViT at 224 px with 14 px patches "
+                            "(the 16x16 grid the patch shuffle uses)")
+    _check_activation(visual, backbone, quick_gelu=bool(cfg.get("quick_gelu", False)))
+    visual.proj = None  # the class token after ln_post, before the projection
+    visual.eval().requires_grad_(False)
+    return visual
+
+
+def _check_activation(visual: nn.Module, backbone: str, *, quick_gelu: bool) -> None:
+    # OpenAI weights need QuickGELU; exact GELU shifts features by ~5 % and open_clip only warns.
+    acts = {type(block.mlp.gelu) for block in visual.transformer.resblocks}
+    if quick_gelu and acts != {QuickGELU}:
+        raise DetectorError(f"backbone {backbone!r} asks for QuickGELU but open_clip built {acts}")
+
+
+def uses_quick_gelu(visual: nn.Module) -> bool:
+    return all(isinstance(block.mlp.gelu, QuickGELU) for block in visual.transformer.resblocks)
+
+
+def materialize_visual(visual: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give a (possibly meta) visual tower real storage and fill it from a checked state_dict."""
+    if any(p.is_meta for p in visual.parameters()):
+        visual.to_empty(device="cpu")
+    visual.load_state_dict(state, strict=True)
+
+
+def build_head(dim: int, seed: int = 0) -> D3Head:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return D3Head(dim).eval().requires_grad_(False)
+
+
+def feature_dim(visual: VisionTransformer) -> int:
+    return int(visual.ln_post.normalized_shape[0])
+
+
+def build_model(config: DetectorConfig) -> D3Model:
+    """Build the D³ model a config describes: weights loaded, on its device, in its precision.
+
+    Raises DetectorError (WeightsError for checkpoint problems) with an operator-facing message.
+    """
+    from api.detector import weights  # weights imports this module's helpers
+
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    plan = weights.resolve_weights(config)
+    visual = build_visual(config.backbone, precision, init_seed=plan.backbone.seed)
+    head = build_head(feature_dim(visual), seed=plan.head.seed or 0)
+    weights.load_backbone(visual, plan.backbone, config.backbone)
+    weights.load_head(head, plan.head)
+    model = D3Model(visual, head, shuffle_permutation(config.shuffle_seed), backbone=config.backbone,
+                    precision=precision, model_version=plan.model_version(precision), trained=plan.trained)
+    return model.to(device).eval()

@@ -1,0 +1,240 @@
+"""Prometheus metrics and `GET /metrics`.
+
+With PROMETHEUS_MULTIPROC_DIR set (Gunicorn: set it in the environment before start), every
+worker writes its samples to files in that folder and a scrape of any worker reports the sum of
+all of them (prometheus_client's multiprocess mode). Without it, this process's own samples.
+The folder must be emptied when Gunicorn starts and each dead worker marked (see the
+`child_exit` hook in gunicorn_config.py), or gauges of dead workers linger.
+
+`/metrics` answers callers from METRICS_ALLOW networks (client address after the one trusted
+proxy hop) and callers with an admin key; others get 401 (no key) or 403 (a non-admin key).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from typing import Any
+
+from flask import Blueprint, Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import func, select
+
+from api.auth import unauthorized
+from api.context import services
+from api.database import Database, DatabaseUnavailable
+from api.errors import error_response
+from api.models import Prediction
+from api.openapi import error, register_paths
+from api.routes.common import current_caller
+
+log = logging.getLogger(__name__)
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+# Our metric objects live here, not in the global default registry, so nothing else (a library's
+# own metrics) leaks into the exposition and tests can build several apps in one process.
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_FORWARD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_PROBABILITY_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+
+REQUESTS = Counter("d3_http_requests", "HTTP requests by endpoint, method and status.",
+                   ["endpoint", "method", "status"], registry=REGISTRY)
+LATENCY = Histogram("d3_http_request_duration_seconds", "Time from request start to response, by endpoint.",
+                    ["endpoint"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+PREDICTIONS = Counter("d3_predictions", "Verdicts returned, by label and media type (reused results included).",
+                      ["label", "media_type"], registry=REGISTRY)
+FAKE_PROBABILITY = Histogram("d3_fake_probability", "Fake probability of returned verdicts.",
+                             ["media_type"], buckets=_PROBABILITY_BUCKETS, registry=REGISTRY)
+BATCH_SIZE = Histogram("d3_inference_batch_size", "Images per forward pass of the batching engine.",
+                       buckets=_BATCH_BUCKETS, registry=REGISTRY)
+FORWARD_SECONDS = Histogram("d3_inference_forward_seconds", "Duration of one batched forward pass.",
+                            buckets=_FORWARD_BUCKETS, registry=REGISTRY)
+QUEUE_DEPTH = Gauge("d3_inference_queue_depth", "Images waiting for the engine (summed over live workers).",
+                    registry=REGISTRY, multiprocess_mode="livesum")
+MODEL_LOAD_SECONDS = Gauge("d3_model_load_seconds", "Seconds from app start until the model was ready.",
+                           registry=REGISTRY, multiprocess_mode="livemax")
+MODEL_READY = Gauge("d3_model_ready", "1 when every live worker's model is ready.",
+                    registry=REGISTRY, multiprocess_mode="livemin")
+GPU_MEMORY = Gauge("d3_gpu_memory_allocated_bytes", "GPU memory allocated by PyTorch (0 without CUDA), summed.",
+                   registry=REGISTRY, multiprocess_mode="livesum")
+
+PREDICTION_BLUEPRINTS = ("predict", "video")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+VIDEO_STATUSES = ("queued", "running", "done", "failed")
+_instrumented_engines: weakref.WeakSet = weakref.WeakSet()
+_engines_lock = threading.Lock()
+
+bp = Blueprint("metrics", __name__)
+
+
+# -- what a response says about predictions (also used by the request log) -------------------
+def prediction_results(response: Response) -> list[dict[str, Any]]:
+    """The verdicts in a prediction response: [{label, media_type, fake_probability}], cached per request."""
+    cached = g.get("_d3_prediction_results")
+    if cached is not None:
+        return cached
+    results: list[dict[str, Any]] = []
+    if (request.method == "POST" and request.blueprint in PREDICTION_BLUEPRINTS
+            and response.status_code in (200, 201) and response.is_json):
+        body = response.get_json(silent=True)
+        items = body.get("results") if isinstance(body, dict) and isinstance(body.get("results"), list) else [body]
+        for item in items:
+            if isinstance(item, dict) and item.get("prediction") in ("fake", "real"):
+                results.append({"label": item["prediction"], "media_type": str(item.get("media_type") or "image"),
+                                "fake_probability": item.get("fake_probability")})
+    g._d3_prediction_results = results
+    return results
+
+
+# -- engine instrumentation ------------------------------------------------------------------
+def _gpu_memory(engine) -> int:
+    torch = sys.modules.get("torch")
+    device = getattr(engine, "device", None)
+    if torch is None or device is None or getattr(device, "type", "cpu") != "cuda":
+        return 0
+    try:
+        return int(torch.cuda.memory_allocated(device))
+    except Exception:  # a broken CUDA context must not break a scrape
+        return 0
+
+
+def refresh_engine_gauges(engine) -> None:
+    QUEUE_DEPTH.set(engine.stats().get("queue_depth", 0))
+    GPU_MEMORY.set(_gpu_memory(engine))
+    MODEL_READY.set(1 if engine.ready else 0)
+
+
+def instrument_engine(engine) -> None:
+    """Batch metrics via the engine's listener hook, once per engine however many apps share it."""
+    with _engines_lock:
+        if engine in _instrumented_engines:
+            return
+        _instrumented_engines.add(engine)
+
+    def on_batch(batch_size: int, forward_seconds: float) -> None:
+        BATCH_SIZE.observe(batch_size)
+        FORWARD_SECONDS.observe(forward_seconds)
+        refresh_engine_gauges(engine)
+
+    engine.add_batch_listener(on_batch)
+    refresh_engine_gauges(engine)
+    if not engine.ready:
+        started = time.monotonic()
+
+        def await_load() -> None:
+            if engine.wait_ready(None):
+                MODEL_LOAD_SECONDS.set(time.monotonic() - started)
+            refresh_engine_gauges(engine)
+
+        threading.Thread(target=await_load, name="d3-metrics-model-load", daemon=True).start()
+
+
+# -- scrape ----------------------------------------------------------------------------------
+class VideoJobsCollector:
+    """Video jobs by status, counted in the database at scrape time (so every worker agrees)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self):
+        family = GaugeMetricFamily("d3_video_jobs", "Video predictions by status (from the database).",
+                                   labels=["status"])
+        query = (select(Prediction.status, func.count()).where(Prediction.media_type == "video")
+                 .group_by(Prediction.status))
+        try:
+            with self.db.session() as session:
+                counts = dict(session.execute(query).all())
+        except DatabaseUnavailable:
+            log.warning("metrics: database unavailable, d3_video_jobs left out of this scrape")
+            return
+        for status in VIDEO_STATUSES:
+            family.add_metric([status], counts.get(status, 0))
+        yield family
+
+
+class _Forward:
+    def __init__(self, source: CollectorRegistry) -> None:
+        self.source = source
+
+    def collect(self):
+        return self.source.collect()
+
+
+def exposition() -> bytes:
+    svc = services()
+    refresh_engine_gauges(svc.engine)
+    registry = CollectorRegistry()
+    if MULTIPROCESS:
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry.register(_Forward(REGISTRY))
+    registry.register(VideoJobsCollector(svc.db))
+    return generate_latest(registry)
+
+
+def _allowed(address: str | None, networks: list) -> bool:
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
+@bp.get("/metrics")
+def metrics():
+    caller = current_caller()
+    if not (caller.is_admin or _allowed(request.remote_addr, services().extra["metrics_allow"])):
+        if caller.owner is None:
+            return unauthorized(None)
+        return error_response(403, "forbidden", "/metrics needs an admin key or an allow-listed network")
+    return Response(exposition(), content_type=CONTENT_TYPE_LATEST)
+
+
+register_paths({"/metrics": {"get": {
+    "summary": "Prometheus metrics (allow-listed networks or an admin key)", "tags": ["service"],
+    "security": [{}, {"bearerAuth": []}, {"apiKeyHeader": []}],
+    "responses": {"200": {"description": "Prometheus text format", "content": {CONTENT_TYPE_LATEST.split(";")[0]: {
+                      "schema": {"type": "string"}}}},
+                  "401": error("Not from an allow-listed network, and no valid key"),
+                  "403": error("A valid key that is not an admin key, from a network not allow-listed")}}}})
+
+
+# -- wiring ----------------------------------------------------------------------------------
+def init_app(app: Flask) -> None:
+    svc = app.extensions["d3"]
+    svc.extra["metrics_allow"] = [ipaddress.ip_network(n.strip(), strict=False)
+                                  for n in svc.settings.metrics_allow.split(",") if n.strip()]
+    instrument_engine(svc.engine)
+    app.register_blueprint(bp)
+
+    @app.before_request
+    def _start_timer() -> None:
+        g._d3_metrics_started = time.perf_counter()
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        started = g.get("_d3_metrics_started")
+        endpoint = request.endpoint or "unmatched"  # never the raw path: bounded label values
+        method = request.method if request.method in METHODS else "other"
+        REQUESTS.labels(endpoint, method, str(response.status_code)).inc()
+        if started is not None:
+            LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+        for result in prediction_results(response):
+            PREDICTIONS.labels(result["label"], result["media_type"]).inc()
+            probability = result.get("fake_probability")
+            if isinstance(probability, (int, float)):
+                FAKE_PROBABILITY.labels(result["media_type"]).observe(float(probability))
+        return response

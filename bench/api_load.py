@@ -1,0 +1,173 @@
+"""Load benchmark of the HTTP API: requests/s and latency percentiles for /predict and /predict/batch.
+
+Starts a real Gunicorn (gunicorn_config.py) on a free loopback port on the embedded defaults, drives
+it with 1, 8 and 32 concurrent clients, and measures the engine alone in this process for the same
+model, so the service's own cost per request (API p50 - engine p50 at one client) can be read off.
+
+    .venv/bin/python bench/api_load.py --tiny                  # the service's own cost
+    .venv/bin/python bench/api_load.py --requests 16 --concurrency 1 8   # real ViT-L/14 architecture
+
+Prints a markdown table; nothing here asserts a target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_images(count: int, size: int = 256) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def start_service(env: dict[str, str], workdir: Path, port: int) -> subprocess.Popen:
+    subprocess.run([sys.executable, "-m", "api.cli", "db", "upgrade"], env=env, cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn_config.py", "api.app:app"],
+                               env=env, cwd=ROOT, stdout=open(workdir / "gunicorn.log", "w"),  # noqa: SIM115 - lives with the process
+                               stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None:
+            raise SystemExit(f"gunicorn exited; see {workdir / 'gunicorn.log'}")
+        time.sleep(0.5)
+    process.terminate()
+    raise SystemExit("service not ready in 600 s")
+
+
+def drive(url: str, images: list[bytes], requests_total: int, concurrency: int, batch: int) -> dict:
+    session_per_thread: dict[int, requests.Session] = {}
+
+    def one(index: int) -> float:
+        import threading
+
+        session = session_per_thread.setdefault(threading.get_ident(), requests.Session())
+        started = time.perf_counter()
+        if batch == 1:
+            files = {"file": (f"{index}.jpg", images[index % len(images)], "image/jpeg")}
+            response = session.post(f"{url}/predict", files=files, params={"reuse": "false"}, timeout=600)
+        else:
+            files = [("files", (f"{index}-{j}.jpg", images[(index + j) % len(images)], "image/jpeg"))
+                     for j in range(batch)]
+            response = session.post(f"{url}/predict/batch", files=files, params={"reuse": "false"}, timeout=600)
+        response.raise_for_status()
+        return (time.perf_counter() - started) * 1000.0
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = list(pool.map(one, range(requests_total)))
+    elapsed = time.perf_counter() - started
+    return {"rps": requests_total / elapsed, "images_s": requests_total * batch / elapsed,
+            "p50": percentile(latencies, 50), "p95": percentile(latencies, 95), "p99": percentile(latencies, 99)}
+
+
+def engine_latency(env: dict[str, str], images: list[bytes], repeats: int) -> float:
+    """p50 of the model alone (preprocessed tensor in, probability out) in this process."""
+    from api.config import load_settings
+    from api.detector import DetectorConfig, InferenceEngine, preprocess_image
+
+    engine = InferenceEngine(DetectorConfig.from_settings(load_settings(env, environ={})))
+    engine.start()
+    if not engine.wait_ready(600):
+        raise SystemExit(f"engine failed: {engine.load_error}")
+    tensor = preprocess_image(Image.open(io.BytesIO(images[0])))
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        engine.predict([tensor])
+        timings.append((time.perf_counter() - started) * 1000.0)
+    engine.stop()
+    return statistics.median(timings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (the service's own cost)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--batch-size", type=int, default=8, help="images per /predict/batch request")
+    parser.add_argument("--workers", default="1")
+    parser.add_argument("--threads", default="32")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="d3-bench-"))
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("D3_", "MINIO_"))},
+           "BIND": f"127.0.0.1:{port}", "AUTH_REQUIRED": "false", "INSTANCE_DIR": str(workdir / "instance"),
+           "GUNICORN_WORKERS": args.workers, "GUNICORN_THREADS": args.threads, "GUNICORN_LOG_DIR": str(workdir),
+           "D3_BACKBONE": "d3-tiny" if args.tiny else "ViT-L-14-quickgelu", "D3_CLIP_WEIGHTS": "random:0",
+           "D3_HEAD_WEIGHTS": "random:0", "D3_DEVICE": args.device, "D3_PRECISION": args.precision,
+           "RATE_LIMIT_DEFAULT": "1000000/second", "LOG_LEVEL": "WARNING"}
+    images = make_images(64)
+    model_env = {k: env[k] for k in env if k.startswith("D3_")}
+    engine_p50 = engine_latency(model_env, images, repeats=50 if args.tiny else 5)
+    process = start_service(env, workdir, port)
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        drive(url, images, min(10, args.requests), 1, 1)  # warm the connections and the model
+        for endpoint, batch in (("/predict", 1), ("/predict/batch", args.batch_size)):
+            for concurrency in args.concurrency:
+                total = max(concurrency, args.requests // (batch if batch > 1 else 1))
+                rows.append((endpoint, concurrency, batch, drive(url, images, total, concurrency, batch)))
+    finally:
+        process.terminate()
+        process.wait(30)
+
+    model = "d3-tiny (random)" if args.tiny else "ViT-L/14 architecture (random weights)"
+    print(f"\nAPI load: {model}, device {args.device}, precision {args.precision}, "
+          f"gunicorn {args.workers} worker(s) x {args.threads} threads; {platform.processor() or platform.machine()},"
+          f" {os.cpu_count()} CPUs\n")
+    print(f"engine alone, one image, p50: {engine_p50:.1f} ms\n")
+    print("| endpoint | clients | images/request | requests/s | images/s | p50 ms | p95 ms | p99 ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for endpoint, concurrency, batch, r in rows:
+        print(f"| {endpoint} | {concurrency} | {batch} | {r['rps']:.1f} | {r['images_s']:.1f} | {r['p50']:.1f} | "
+              f"{r['p95']:.1f} | {r['p99']:.1f} |")
+    single = next(r for e, c, b, r in rows if e == "/predict" and c == 1)
+    print(f"\nservice overhead at p50, one client: {single['p50'] - engine_p50:.1f} ms "
+          "(API p50 minus engine-alone p50)")
+
+
+if __name__ == "__main__":
+    main()

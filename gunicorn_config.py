@@ -1,0 +1,151 @@
+"""Gunicorn settings for d3-api (`gunicorn --config gunicorn_config.py api.app:app`).
+
+Every knob comes from the environment (systemd passes the deployment's `.env` through
+`EnvironmentFile=`); when a variable is not in the environment, the `.env` beside this file is
+read too, so a hand-started Gunicorn in the app directory behaves like the service.
+
+    BIND                       host:port to listen on (the app's own setting; default 127.0.0.1:6000)
+    GUNICORN_WORKERS           worker processes, each with its own copy of the model (default 2)
+    GUNICORN_THREADS           threads per worker, gthread worker class (default 2)
+    GUNICORN_TIMEOUT           seconds a request may run before the worker is killed (default 600)
+    GUNICORN_GRACEFUL_TIMEOUT  seconds in-flight requests get to finish on stop/restart (default 120)
+    GUNICORN_KEEPALIVE         seconds an idle keep-alive connection from nginx is kept (default 75)
+    GUNICORN_MAX_REQUESTS      recycle a worker after this many requests; 0 = never (default 0)
+    GUNICORN_LOG_DIR           folder of access.log and error.log (default logs/ beside this file)
+    GUNICORN_ACCESS_LOG        access log file, or "-" for stdout (overrides the two rules above)
+    GUNICORN_ERROR_LOG         error log file, or "-" for stderr
+    GUNICORN_LOG_LEVEL         Gunicorn's own log level (default: LOG_LEVEL, else info)
+    FORWARDED_ALLOW_IPS        proxies whose X-Forwarded-* headers are trusted (default 127.0.0.1,::1)
+
+Logs: under systemd (INVOCATION_ID or JOURNAL_STREAM in the environment) both logs go to
+stdout/stderr and so to the journal (`journalctl -u d3-api`); otherwise to logs/access.log and
+logs/error.log. The access log line ends with the request time in milliseconds and the
+X-Request-ID that nginx sets, so a slow request can be found in both nginx's and Gunicorn's logs.
+
+How many workers fit on one GPU
+-------------------------------
+`preload_app` is off: the app, and with it the model and the CUDA context, is created in each
+worker *after* the fork. A CUDA context cannot survive fork(), so loading in the master would
+break every worker; it also means every worker holds its own copy of the model in GPU memory:
+
+    per worker ~= CUDA context (~0.5 GB) + weights (ViT-L/14 backbone + head: ~0.9 GB fp16,
+                  ~1.8 GB fp32) + activations for one batch (D3_MAX_BATCH_SIZE images,
+                  ~1-3 GB at 32 images fp16)  ~= 3-5 GB
+
+    workers per GPU = floor((GPU memory - 10 % headroom) / per-worker memory)
+
+A 24 GB card fits 4, a 16 GB card 3, an 8 GB card 1 or 2 (lower D3_MAX_BATCH_SIZE). More
+workers than that end in "CUDA out of memory". More workers do not make one GPU faster: within
+a worker, requests on its threads are batched together (D3_MAX_BATCH_SIZE / D3_MAX_WAIT_MS),
+which uses the GPU better than several workers competing for it. Two workers (the default) keep
+the service answering while one is busy with a long video or being restarted. Threads mostly
+wait on uploads, decoding and the database, so 2-4 per worker is enough. With several GPUs, run
+one service per GPU (CUDA_VISIBLE_DEVICES / D3_DEVICE=cuda:N) on different ports behind the
+same nginx upstream; see DEPLOYMENT.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _dotenv() -> dict[str, str]:
+    path = HERE / ".env"
+    if not path.is_file():
+        return {}
+    try:
+        from dotenv import dotenv_values
+    except ImportError:  # pragma: no cover - python-dotenv is a runtime requirement
+        return {}
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+_FILE_ENV = _dotenv()
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    if value is None:
+        value = _FILE_ENV.get(name)
+    value = (value or "").strip()
+    return value or default
+
+
+def _int(name: str, default: int, minimum: int) -> int:
+    raw = _env(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SystemExit(f"gunicorn_config: {name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise SystemExit(f"gunicorn_config: {name} must be at least {minimum}, got {value}")
+    return value
+
+
+def under_systemd() -> bool:
+    """True when started by systemd (it sets INVOCATION_ID; JOURNAL_STREAM when stdout is the journal)."""
+    return bool(os.environ.get("INVOCATION_ID") or os.environ.get("JOURNAL_STREAM"))
+
+
+# --- socket ---------------------------------------------------------------------------------
+bind = [_env("BIND", "127.0.0.1:6000")]
+backlog = 256
+
+# --- workers --------------------------------------------------------------------------------
+worker_class = "gthread"
+workers = _int("GUNICORN_WORKERS", 2, 1)
+threads = _int("GUNICORN_THREADS", 2, 1)
+# Never load the app in the master: the model and the CUDA context must be created after fork.
+preload_app = False
+timeout = _int("GUNICORN_TIMEOUT", 600, 1)  # long videos: nginx's proxy_read_timeout matches
+graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 120, 1)
+keepalive = _int("GUNICORN_KEEPALIVE", 75, 0)  # longer than nginx's upstream keepalive_timeout
+max_requests = _int("GUNICORN_MAX_REQUESTS", 0, 0)  # each new worker reloads the model: keep off
+max_requests_jitter = max_requests // 10
+# Heartbeat files on tmpfs, so a slow disk never makes the master think a worker hangs.
+# gunicorn creates them unlinked (mkstemp + unlink), so a shared folder is safe here.
+_SHM = "/dev/shm"  # noqa: S108
+worker_tmp_dir = _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else None
+
+# --- proxy ----------------------------------------------------------------------------------
+# nginx on the same host is the one trusted hop (X-Forwarded-Proto decides https URLs).
+forwarded_allow_ips = _env("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+proc_name = "d3-api"
+
+# --- logging --------------------------------------------------------------------------------
+if under_systemd():
+    _access_default, _error_default = "-", "-"
+else:
+    _log_dir = Path(_env("GUNICORN_LOG_DIR", str(HERE / "logs")))
+    _log_dir.mkdir(parents=True, exist_ok=True)
+    _access_default, _error_default = str(_log_dir / "access.log"), str(_log_dir / "error.log")
+
+accesslog = _env("GUNICORN_ACCESS_LOG", _access_default)
+errorlog = _env("GUNICORN_ERROR_LOG", _error_default)
+loglevel = _env("GUNICORN_LOG_LEVEL", _env("LOG_LEVEL", "info")).lower()
+capture_output = not under_systemd()  # stray prints land in error.log (the journal has them anyway)
+# client, time, request line, status, bytes, referer, user agent, request time in ms, request id
+access_log_format = ('%(h)s %(t)s "%(r)s" %(s)s %(B)s "%(f)s" "%(a)s" '
+                     "rt_ms=%(M)s rid=%({x-request-id}i)s pid=%(p)s")
+
+
+# --- hooks ----------------------------------------------------------------------------------
+def when_ready(server) -> None:
+    server.log.info("d3-api: %d worker(s) x %d thread(s) on %s, timeout %ss, logs: %s",
+                    workers, threads, ", ".join(bind), timeout, accesslog)
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch.cuda, "is_initialized", lambda: False)():
+        server.log.warning("CUDA was initialised in the Gunicorn master; workers cannot use it after fork")
+
+
+def post_fork(server, worker) -> None:
+    server.log.info("worker %s started; it loads the model now", worker.pid)
+
+
+def worker_abort(worker) -> None:
+    worker.log.error("worker %s timed out after %ss (GUNICORN_TIMEOUT); the request was aborted",
+                     worker.pid, timeout)

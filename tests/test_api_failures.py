@@ -1,0 +1,72 @@
+"""Dependencies failing mid-request: stop the real server, expect 503 + Retry-After and nothing half-written."""
+
+from __future__ import annotations
+
+import io
+
+from sqlalchemy import func, select
+
+from api.models import Prediction
+from tests.conftest import image_bytes, make_app
+
+
+def post(client, seed: int):
+    return client.post("/predict", data={"file": (io.BytesIO(image_bytes(seed=seed)), "x.png")},
+                       content_type="multipart/form-data")
+
+
+def count_rows(app) -> int:
+    with app.extensions["d3"].db.session() as session:
+        return session.scalar(select(func.count()).select_from(Prediction))
+
+
+def test_object_store_down_gives_503_and_no_row(tmp_path, tiny_engine, s3_server, s3_server_process):
+    app = make_app(tmp_path, tiny_engine, **s3_server["settings"])
+    client = app.test_client()
+    assert post(client, 1).status_code == 200
+    s3_server_process.stop()
+    try:
+        response = post(client, 2)
+        assert response.status_code == 503
+        assert response.headers["Retry-After"].isdigit()
+        assert "object store" in response.get_json()["error"]["message"]
+        assert count_rows(app) == 1  # only the earlier, complete prediction
+        health = client.get("/health")
+        assert health.status_code == 503 and health.get_json()["object_store"]["reachable"] is False
+    finally:
+        s3_server_process.start()
+    assert post(client, 3).status_code == 200
+
+
+def test_database_down_gives_503_and_no_orphan_object(tmp_path, tiny_engine, postgres_url, postgres_server):
+    app = make_app(tmp_path, tiny_engine, DATABASE_URL=postgres_url)
+    client = app.test_client()
+    assert post(client, 1).status_code == 200
+    results_dir = app.extensions["d3"].store.root / app.extensions["d3"].settings.bucket_results
+    objects_before = sorted(p for p in results_dir.rglob("*.json"))
+    postgres_server.stop()
+    try:
+        response = post(client, 2)
+        assert response.status_code == 503
+        assert response.headers["Retry-After"].isdigit()
+        assert "database" in response.get_json()["error"]["message"]
+        assert sorted(p for p in results_dir.rglob("*.json")) == objects_before  # the object was removed
+        assert client.get("/health").get_json()["database"]["reachable"] is False
+        listing = client.get("/predictions")
+        assert listing.status_code == 503 and listing.is_json
+    finally:
+        postgres_server.start()
+    assert count_rows(app) == 1
+    assert post(client, 3).status_code == 200
+
+
+def test_unmigrated_database_refuses_to_start(tmp_path, tiny_engine, postgres_server):
+    import pytest
+
+    from api import create_app
+    from api.database import SchemaNotMigrated
+    from tests.conftest import app_settings
+
+    url = postgres_server.create_database()  # empty: never migrated
+    with pytest.raises(SchemaNotMigrated, match="d3 db upgrade"):
+        create_app(app_settings(tmp_path, DATABASE_URL=url), engine=tiny_engine)
