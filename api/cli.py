@@ -57,10 +57,7 @@ def _register_command_groups() -> None:
     register_model_commands(cli)
 
 
-try:  # TODO(lead): drop the guard once api.detector.commands has landed
-    _register_command_groups()
-except ImportError:
-    pass
+_register_command_groups()
 
 
 def main() -> None:

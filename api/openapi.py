@@ -215,9 +215,37 @@ def _paths(settings: Settings) -> dict[str, Any]:
     }
 
 
+# Access control and limits (api/auth.py, api/limits.py): every operation without its own
+# `security` needs a key; every operation but the exempt ones can answer 429.
+SECURITY_SCHEMES = {
+    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer d3_<id>_<secret>"},
+    "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+UNAUTHORIZED = {"description": "Missing, malformed, unknown or revoked API key",
+                "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+                "content": json_content(ref("Error"))}
+RATE_LIMITED = {"description": "Rate limit exceeded (per key, or per client address without one); see Retry-After.",
+                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                "content": json_content(ref("Error"))}
+NOT_RATE_LIMITED = frozenset({"/health", "/metrics"})
+
+
+def _add_access_responses(paths: dict[str, Any]) -> None:
+    for path, item in paths.items():
+        for method, operation in item.items():
+            if method not in ("get", "put", "post", "delete", "patch", "head", "options"):
+                continue
+            responses = operation.setdefault("responses", {})
+            if "security" not in operation:
+                responses.setdefault("401", copy.deepcopy(UNAUTHORIZED))
+            if path not in NOT_RATE_LIMITED:
+                responses.setdefault("429", copy.deepcopy(RATE_LIMITED))
+
+
 def build_spec(settings: Settings) -> dict[str, Any]:
     paths = _paths(settings)
     paths.update(copy.deepcopy(_EXTRA_PATHS))
+    _add_access_responses(paths)
     schemas = _schemas()
     schemas.update(copy.deepcopy(_EXTRA_SCHEMAS))
     return {
@@ -226,5 +254,6 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                  "description": "Tells whether an image or a video is AI-generated, with the D3 detector "
                                 "(CVPR 2025). Every error is JSON: {\"error\": {\"code\", \"message\"}}."},
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {"schemas": schemas, "securitySchemes": copy.deepcopy(SECURITY_SCHEMES)},
+        "security": [{"bearerAuth": []}, {"apiKeyHeader": []}],
     }

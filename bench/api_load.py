@@ -64,7 +64,7 @@ def start_service(env: dict[str, str], workdir: Path, port: int) -> subprocess.P
         try:
             if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return process
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or still booting
             pass
         if process.poll() is not None:
             raise SystemExit(f"gunicorn exited; see {workdir / 'gunicorn.log'}")

@@ -16,7 +16,14 @@ from sqlalchemy import select
 
 from api.config import Settings
 from api.database import Database, DatabaseUnavailable
-from api.detector import EngineNotReady, EngineOverloaded, EngineTimeout, InferenceEngine, preprocess_image
+from api.detector import (
+    EngineNotReady,
+    EngineOverloaded,
+    EngineTimeout,
+    InferenceEngine,
+    InferenceError,
+    preprocess_image,
+)
 from api.models import Prediction
 from api.services.errors import PayloadTooLarge, ServiceError, Unavailable
 from api.storage import ObjectStore, StoreUnavailable, object_key
@@ -66,6 +73,9 @@ def run_engine(engine: InferenceEngine, tensors: Sequence) -> list[float]:
         raise Unavailable("the model is still loading; retry shortly", retry_after=10) from None
     except EngineTimeout:
         raise Unavailable("the detector did not answer in time; retry shortly", retry_after=5) from None
+    except InferenceError as exc:
+        log.error("inference failed: %s", exc)
+        raise Unavailable("the detector failed on this request; retry shortly", retry_after=5) from None
 
 
 class PredictionService:

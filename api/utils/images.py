@@ -46,8 +46,9 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
             if width < 1 or height < 1:
                 raise UnprocessableMedia("image has no pixels")
             fmt = image.format or "unknown"
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)  # animated GIF/WebP/TIFF: the first frame only
+            # Animated GIF/WebP/TIFF: Image.open stands on the first frame and load() reads only
+            # that one. Never count frames: n_frames walks every frame, and a 20 MB GIF can
+            # hold a million of them (seconds of CPU per request).
             image.load()
     except (PayloadTooLarge, UnprocessableMedia):
         raise
