@@ -201,13 +201,24 @@ setting() { # setting NAME DEFAULT: the value the service will see
     printf '%s' "${value:-$2}"
 }
 
-# Run Python in the app's environment: the venv, the code on the path, nothing downloaded.
+# Run Python in the app's environment: the venv, the code on the path, nothing downloaded. Run as
+# root against a deployment, the probes run as the service user (the owner of instance/), so they
+# see the permissions the service has and never leave root-owned files behind.
+RUN_AS=""
+if [ "$(id -u)" -eq 0 ] && [ -d "$APP_DIR/instance" ]; then
+    RUN_AS="$(stat -c %U "$APP_DIR/instance" 2>/dev/null || true)"
+    [ "$RUN_AS" != root ] && [ "$RUN_AS" != UNKNOWN ] || RUN_AS=""
+fi
 app_python() {
+    local envs=(PYTHONPATH="$CODE_DIR${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1)
     if [ -L "$APP_DIR/current" ]; then  # a deploy.sh layout: the service's HOME and caches
-        export HOME="$APP_DIR" XDG_CACHE_HOME="$APP_DIR/.cache"
+        envs+=(HOME="$APP_DIR" XDG_CACHE_HOME="$APP_DIR/.cache" MPLCONFIGDIR="$APP_DIR/.cache/matplotlib")
     fi
-    (cd "$CODE_DIR" && PYTHONPATH="$CODE_DIR${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 \
-        timeout "$PROBE_TIMEOUT" "$PY" "$@")
+    if [ -n "$RUN_AS" ]; then
+        (cd "$CODE_DIR" && runuser -u "$RUN_AS" -- env "${envs[@]}" timeout "$PROBE_TIMEOUT" "$PY" "$@")
+    else
+        (cd "$CODE_DIR" && env "${envs[@]}" timeout "$PROBE_TIMEOUT" "$PY" "$@")
+    fi
 }
 
 # The d3 command of this deployment (deploy.sh installs APP_DIR/bin/d3; a checkout has .venv/bin/d3).
@@ -452,14 +463,21 @@ check_database() {
     need_env_and_venv database || return
     local out rc current
     out="$(app_python - <<'PYEOF' 2>&1
+import os
+
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from api.config import load_settings
 
 url = load_settings().resolved_database_url
-shown = make_url(url).render_as_string(hide_password=True)
+parsed = make_url(url)
+shown = parsed.render_as_string(hide_password=True)
 args = {"connect_timeout": 5} if url.startswith("postgres") else {}
+if parsed.get_backend_name() == "sqlite" and parsed.database and not os.path.exists(parsed.database):
+    print(f"WARN\t{shown} does not exist yet\tdeploy.sh creates it with 'd3 db upgrade' (PostgreSQL is "
+          "recommended in production: DATABASE_URL)")
+    raise SystemExit(0)
 try:
     with create_engine(url, connect_args=args).connect() as conn:
         conn.execute(text("SELECT 1"))
@@ -507,7 +525,7 @@ hint = ("start MinIO and check MINIO_ENDPOINT / MINIO_SECURE and the keys; the k
         if settings.uses_minio else "create the folder and make it writable by the service user")
 try:
     store.ensure_buckets()
-    key = f"check-deployment/{uuid.uuid4().hex}.txt"
+    key = f"check-deployment-{uuid.uuid4().hex}.txt"
     for bucket in buckets:
         store.put_bytes(bucket, key, b"probe", "text/plain")
         if store.get_bytes(bucket, key) != b"probe":

@@ -135,6 +135,13 @@ run() {
     fi
 }
 dry() { [ "$DRY_RUN" -eq 1 ]; }
+quietly() { # run a chatty command; show its output only when it fails
+    local out
+    if ! out="$("$@" 2>&1)"; then
+        printf '%s\n' "$out" | tail -n 20 | sed 's/^/    /' >&2
+        return 1
+    fi
+}
 prefixed() { [ -n "$PREFIX" ]; }
 
 on_error() {
@@ -495,7 +502,7 @@ do_nginx() {
         warn "no Let's Encrypt certificate for $domain yet: using a self-signed one ($cert); run certbot (DEPLOYMENT.md, 'TLS') and re-run deploy.sh"
         if [ ! -f "$cert" ]; then
             run mkdir -p "$TLS_DIR"
-            run openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=$domain" \
+            run quietly openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=$domain" \
                 -addext "subjectAltName=DNS:$domain" -keyout "$key" -out "$cert"
             dry || chmod 0600 "$key"
         fi
@@ -563,7 +570,13 @@ nginx_test() {
 
 do_activate() {
     step activate "switch to release $RELEASE_ID, install the unit, (re)start, reload nginx"
-    local unit_changed=0 env_hash
+    local unit_changed=0 env_hash have_systemd=1
+    local by_hand="start it by hand: $VENV/bin/gunicorn --config $APP_DIR/current/gunicorn_config.py api.app:app"
+    if ! prefixed && { ! command -v systemctl >/dev/null 2>&1 || [ ! -d /run/systemd/system ]; }; then
+        have_systemd=0
+        dry || fail "systemd is not running on this host (nothing was switched); $by_hand"
+        say "note: systemd is not running on this host, so a real run stops here ($by_hand)"
+    fi
     env_hash="$( (cat "$APP_DIR/.env" 2>/dev/null || true) | sha256sum | cut -c1-16)"
     if [ "$PREVIOUS_RELEASE" = "$RELEASE_ID" ]; then
         say "current is already release $RELEASE_ID"
@@ -587,18 +600,15 @@ do_activate() {
         write_state "$env_hash"
         return
     fi
-    if ! command -v systemctl >/dev/null 2>&1 || [ ! -d /run/systemd/system ]; then
-        fail "systemd is not running on this host: start the service by hand ($VENV/bin/gunicorn --config $APP_DIR/current/gunicorn_config.py api.app:app)"
-    fi
     [ "$unit_changed" -eq 0 ] || run systemctl daemon-reload
     run systemctl enable "$SERVICE"
-    if [ "$RESTART_NEEDED" -eq 1 ] || ! systemctl is-active --quiet "$SERVICE"; then
+    if [ "$RESTART_NEEDED" -eq 1 ] || [ "$have_systemd" -eq 0 ] || ! systemctl is-active --quiet "$SERVICE"; then
         run systemctl restart "$SERVICE"
     else
         say "release, unit and settings unchanged and $SERVICE is running: not restarted"
     fi
     if [ "$NO_NGINX" -eq 0 ]; then
-        if systemctl is-active --quiet nginx; then
+        if [ "$have_systemd" -eq 1 ] && systemctl is-active --quiet nginx; then
             run systemctl reload nginx
         else
             run systemctl enable --now nginx

@@ -21,7 +21,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     """
     from api import errors
     from api.context import build_services
-    from api.routes import docs, health, objects, predict, predictions
+    from api.routes import docs, health, objects, predict, predictions, video
 
     settings = load_settings(test_config)
     logging.basicConfig(level=settings.log_level)
@@ -38,7 +38,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     app.extensions["d3"] = build_services(settings, engine)
 
     errors.init_app(app)
-    for module in (health, predict, predictions, objects, docs):
+    for module in (health, predict, predictions, video, objects, docs):
         app.register_blueprint(module.bp)
     # Cross-cutting concerns attach here with init_app (access control, limits, metrics, logs).
     from api import auth, limits, metrics, request_log
@@ -47,6 +47,9 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     metrics.init_app(app)
     auth.init_app(app)  # before limits: a verified key decides the rate-limit bucket
     limits.init_app(app)
+    from api import tasks
+
+    tasks.init_app(app)  # video service, background job pool, recovery of interrupted jobs
     # Exactly one trusted proxy hop (nginx on the same host) tells the client address.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from flask import Flask, g, request
+from werkzeug.routing import RequestRedirect
 
 from api.context import services
 from api.errors import error_response
@@ -79,6 +80,8 @@ def init_app(app: Flask) -> None:
     @app.before_request
     def _authenticate():
         if request.method == "OPTIONS":  # CORS preflight carries no credentials by design
+            return None
+        if isinstance(request.routing_exception, RequestRedirect):  # /docs -> /docs/: reveals nothing
             return None
         public = is_public(request.endpoint)
         key = presented_key()

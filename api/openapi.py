@@ -211,7 +211,8 @@ def _paths(settings: Settings) -> dict[str, Any]:
                                   "content": json_content({"type": "object"})}}}},
         "/docs": {"get": {
             "summary": "Human-readable API documentation", "tags": ["service"], "security": [],
-            "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}}}}},
+            "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}},
+                          "308": {"description": "Redirect to /docs/, where the page is"}}}},
     }
 
 

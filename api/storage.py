@@ -144,7 +144,9 @@ class LocalObjectStore:
             return False
         if expires_at < time.time():
             return False
-        return hmac.compare_digest(self._signature(bucket, key, expires_at), signature or "")
+        # Bytes, not str: compare_digest refuses non-ASCII strings (a hostile link must be a 404, not a 500).
+        return hmac.compare_digest(self._signature(bucket, key, expires_at).encode(),
+                                   (signature or "").encode("utf-8", "surrogateescape"))
 
 
 class MinioObjectStore:

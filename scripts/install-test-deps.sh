@@ -36,25 +36,38 @@ if [ ! -e "$policy" ]; then
     chmod 0755 "$policy"
     created_policy=1
 fi
+log=""
 cleanup() {
     if [ "$created_policy" -eq 1 ]; then
         rm -f "$policy"
     fi
+    if [ -n "$log" ]; then
+        rm -f "$log"
+    fi
 }
 trap cleanup EXIT
 
+log="$(mktemp -t install-test-deps.XXXXXX.log)"
 export DEBIAN_FRONTEND=noninteractive
 apt_opts=(-q -y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold --no-install-recommends)
 
-# Refresh the package lists when they are missing or a first attempt cannot find a package.
-if ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then
-    apt-get -qq update >/dev/null
+update_lists() {
+    if ! apt-get -q update >"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        echo "install-test-deps: apt-get update failed" >&2
+        exit 1
+    fi
+}
+
+# Refresh the package lists when they are missing, or when a first attempt cannot find a package.
+if ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; then
+    update_lists
 fi
-if ! apt-get "${apt_opts[@]}" install "${missing[@]}" >/tmp/install-test-deps.log 2>&1; then
-    apt-get -qq update >/dev/null
-    if ! apt-get "${apt_opts[@]}" install "${missing[@]}" >/tmp/install-test-deps.log 2>&1; then
-        tail -n 30 /tmp/install-test-deps.log >&2
-        echo "install-test-deps: apt-get install failed (full log: /tmp/install-test-deps.log)" >&2
+if ! apt-get "${apt_opts[@]}" install "${missing[@]}" >"$log" 2>&1; then
+    update_lists
+    if ! apt-get "${apt_opts[@]}" install "${missing[@]}" >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        echo "install-test-deps: apt-get install ${missing[*]} failed" >&2
         exit 1
     fi
 fi

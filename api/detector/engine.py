@@ -116,6 +116,9 @@ class InferenceEngine:
             self.ready = not self._stopping
         self._settled.set()
         log.info("model ready: %s on %s", self.model_version, self.device)
+        if not self.trained:
+            log.warning("THIS MODEL HAS RANDOM (UNTRAINED) WEIGHTS: its verdicts mean nothing. "
+                        "Set D3_CLIP_WEIGHTS and D3_HEAD_WEIGHTS to real checkpoints for real use.")
         self._serve()
 
     def _load(self) -> None:

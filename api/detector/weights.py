@@ -12,9 +12,11 @@ import os
 import pickle
 import pickletools
 import re
+import socket
 import tempfile
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -201,6 +203,11 @@ def download_pretrained(config: DetectorConfig) -> Path:
     cache_dir = config.resolved_cache_dir / "huggingface"
     if offline_mode():
         raise WeightsError(f"offline (HF_HUB_OFFLINE is set): cannot download {repo_id} from Hugging Face")
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    if not _resolves(endpoint):
+        # Fail in a second: huggingface_hub would retry with backoff for about a minute.
+        raise WeightsError(f"cannot resolve {urllib.parse.urlsplit(endpoint).hostname}: this machine looks "
+                           f"offline, so {repo_id} cannot be downloaded")
     errors = []
     for filename in filenames:  # safetensors first: no pickle at all
         try:
@@ -208,6 +215,15 @@ def download_pretrained(config: DetectorConfig) -> Path:
         except Exception as exc:  # network down, file absent in the repo, ...
             errors.append(f"{filename}: {type(exc).__name__}: {_first_line(exc)}")
     raise WeightsError(f"could not download {repo_id} from Hugging Face into {cache_dir}: " + "; ".join(errors))
+
+
+def _resolves(url: str) -> bool:
+    """True when the URL's host name resolves (a quick, cheap offline check)."""
+    try:
+        socket.getaddrinfo(urllib.parse.urlsplit(url).hostname or "", 443)
+        return True
+    except OSError:
+        return False
 
 
 def download_file(url: str, dest: Path) -> Path:
@@ -308,7 +324,9 @@ def read_checkpoint(path: Path, part: str) -> Any:
     if is_torchscript_archive(path):
         try:
             # TorchScript is no pickle of Python objects; it is how OpenAI ships ViT-L-14.pt.
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, the archives are not
+                return torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception as exc:
             raise WeightsError(f"{part} weights {path} is corrupt: unreadable TorchScript archive "
                                f"({_first_line(exc)})") from exc

@@ -368,7 +368,7 @@ class VideoReader:
             reason = f"the video decoder crashed ({name})"
         else:
             reason = f"the video decoder stopped unexpectedly (exit status {code})"
-        if "MemoryError" in tail or "bad_alloc" in tail or "Insufficient memory" in tail or "Failed to allocate" in tail:
+        if any(sign in tail for sign in ("MemoryError", "bad_alloc", "Insufficient memory", "Failed to allocate")):
             return VideoDecodeError("memory", f"decoding the video needed more than the memory limit of "
                                               f"{self.memory_mb} MB")
         return VideoDecodeError("crashed", f"{reason} while reading this file; it may be malformed "
@@ -504,7 +504,8 @@ def _child_main() -> None:  # pragma: no cover - runs in the child; exercised by
     except VideoDecodeError as exc:
         channel.json({"type": "error", "kind": exc.kind, "message": exc.message})
     except OSError as exc:
-        channel.json({"type": "error", "kind": "undecodable", "message": f"the file could not be read ({exc.strerror})"})
+        channel.json({"type": "error", "kind": "undecodable",
+                      "message": f"the file could not be read ({exc.strerror})"})
     except MemoryError:
         channel.json({"type": "error", "kind": "memory",
                       "message": f"decoding the video needed more than the memory limit of {job['memory_mb']} MB"})

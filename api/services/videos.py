@@ -1,0 +1,703 @@
+"""Video predictions: upload spooling, probing, frame sampling, inference, aggregation, storage, jobs.
+
+The flow of POST /predict/video:
+1. the upload is streamed to a temporary file (never held in memory) with a byte counter and hash;
+2. the container is recognised from its first bytes, then a child process probes it
+   (api/utils/video_probe.py: time and memory limits, a hostile file kills only the child);
+3. short videos are analysed at once (sync); long or big ones, or `async=true`, become a job
+   (status queued) that a bounded pool of background workers runs (api/tasks.py);
+4. frames sampled uniformly go through exactly the image preprocessing (spec §1) and the shared
+   engine in small batches, while the child keeps decoding;
+5. aggregates, segments and top frames are computed, and everything is stored all or nothing:
+   the video (d3-videos, unless KEEP_VIDEOS=false), the per-frame JSON (d3-frames), the summary
+   and the timeline picture (d3-results), then one `predictions` row and one `video_predictions` row.
+
+Sampling (documented in the API): `frames=n` takes min(n, frame_count) frames, the centre frame of
+each of n equal slices: index_i = floor((i + 1/2) * frame_count / n). `fps=r` takes
+floor(duration * r) frames (at least 1, at most MAX_VIDEO_FRAMES) the same way. A sampled frame
+stands for its slice, so a fake segment (a run of consecutive sampled frames over the threshold)
+spans from the start of its first frame's slice to the end of its last frame's slice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import IO, Any
+
+from PIL import Image
+from sqlalchemy import func, select, update
+
+from api.config import Settings
+from api.database import Database, DatabaseUnavailable
+from api.detector import InferenceEngine, preprocess_image
+from api.detector.preprocess import INPUT_SIZE
+from api.models import Prediction, VideoPrediction
+from api.services.errors import (
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    TooManyJobs,
+    Unavailable,
+    UnprocessableMedia,
+)
+from api.services.predictions import run_engine, safe_filename, serialize_prediction, verdict
+from api.services.timeline import render_timeline
+from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable, object_key
+from api.tasks import check_callback_url
+from api.utils.video_probe import ProbeInfo, VideoDecodeError, VideoReader, sample_indices, sniff
+
+log = logging.getLogger(__name__)
+
+AGGREGATIONS = ("mean", "vote", "max")
+TOP_FRAMES = 5
+INFERENCE_CHUNK = 8  # frames per engine call: inference starts while the child still decodes
+MAX_SAMPLE_FPS = 1000.0
+COPY_CHUNK = 1024 * 1024
+CONTAINER_SUFFIX = {"mp4": ".mp4", "mov": ".mov", "3gp": ".3gp", "avi": ".avi", "webm": ".webm",
+                    "matroska": ".mkv", "mpegts": ".ts", "mpeg": ".mpg", "flv": ".flv", "ogg": ".ogv",
+                    "asf": ".wmv"}
+
+
+# -- request parameters -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VideoParams:
+    threshold: float
+    frames: int | None = None
+    fps: float | None = None
+    aggregation: str = "mean"
+    run_async: bool = False
+    callback_url: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"frames": self.frames, "fps": self.fps, "aggregation": self.aggregation,
+                "async": self.run_async}
+
+    @classmethod
+    def from_row(cls, row: Prediction) -> VideoParams:
+        stored = row.video.params or {}
+        return cls(threshold=row.threshold, frames=stored.get("frames"), fps=stored.get("fps"),
+                   aggregation=stored.get("aggregation", row.video.aggregation),
+                   run_async=bool(stored.get("async", True)), callback_url=row.video.callback_url)
+
+
+def _parse_bool(name: str, raw: str | None) -> bool:
+    if raw is None or raw == "":
+        return False
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise InvalidInput(f"{name} must be true or false, got {raw!r}", parameter=name)
+
+
+# -- the upload on disk ---------------------------------------------------------------------------
+@dataclass
+class SpooledUpload:
+    path: str
+    size: int
+    sha256: str
+    filename: str | None
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def spool_upload(stream: IO[bytes], filename: str | None, limit: int, directory: str | None = None) -> SpooledUpload:
+    """Copy a stream to a new temporary file, counting and hashing; over `limit` bytes -> 413.
+
+    The temporary file's name carries no client text and no extension, so nothing downstream
+    (FFmpeg probes by extension too) can be steered by the filename.
+    """
+    fd, path = tempfile.mkstemp(prefix="d3-video-", suffix=".upload", dir=directory)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while True:
+                chunk = stream.read(COPY_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the video is larger than the limit of {limit} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return SpooledUpload(path=path, size=size, sha256=digest.hexdigest(), filename=safe_filename(filename))
+
+
+# -- pure computations (tested directly) --------------------------------------------------------------
+def plan_indices(info: ProbeInfo, params: VideoParams, max_frames: int, default_frames: int) -> tuple[list[int], dict]:
+    """The frame indices to analyse and a description of how they were chosen."""
+    if params.fps is not None:
+        wanted = max(1, math.floor(info.duration_s * params.fps + 1e-9))
+        sampling = {"mode": "fps", "fps": params.fps}
+    else:
+        wanted = params.frames or default_frames
+        sampling = {"mode": "frames", "frames": wanted}
+    capped = min(wanted, max_frames)
+    indices = sample_indices(info.frame_count, capped)
+    sampling.update({"requested_frames": wanted, "planned_frames": len(indices),
+                     "capped": wanted > max_frames, "rule": "index_i = floor((i + 0.5) * frame_count / n)"})
+    return indices, sampling
+
+
+def aggregate(probabilities: list[float], threshold: float) -> dict[str, float]:
+    """mean, vote (share of frames over the threshold) and max of the frame probabilities."""
+    count = len(probabilities)
+    return {"mean": math.fsum(probabilities) / count,
+            "vote": sum(1 for p in probabilities if p > threshold) / count,
+            "max": max(probabilities)}
+
+
+def find_segments(frames: list[dict], threshold: float, duration_s: float, planned: int) -> list[dict]:
+    """Runs of consecutive sampled frames over the threshold.
+
+    Each frame carries its `position` in the plan; frame k stands for the k-th of `planned` equal
+    slices of the video, so a run spans [first slice start, last slice end]. A frame that could
+    not be decoded breaks a run.
+    """
+    slice_s = duration_s / planned if planned else 0.0
+    segments: list[dict] = []
+    run: list[dict] = []
+
+    def close() -> None:
+        if run:
+            probabilities = [f["fake_probability"] for f in run]
+            segments.append({
+                "start_s": round(run[0]["position"] * slice_s, 6),
+                "end_s": round(min(duration_s, (run[-1]["position"] + 1) * slice_s), 6),
+                "start_frame": run[0]["index"], "end_frame": run[-1]["index"],
+                "first_timestamp_s": run[0]["timestamp_s"], "last_timestamp_s": run[-1]["timestamp_s"],
+                "frames": len(run), "mean_probability": math.fsum(probabilities) / len(run),
+                "max_probability": max(probabilities)})
+            run.clear()
+
+    previous = None
+    for frame in frames:
+        consecutive = previous is not None and frame["position"] == previous + 1
+        if frame["fake_probability"] > threshold:
+            if run and not consecutive:
+                close()
+            run.append(frame)
+        else:
+            close()
+        previous = frame["position"]
+    close()
+    return segments
+
+
+def top_frames(frames: list[dict], count: int = TOP_FRAMES) -> list[dict]:
+    """The most suspicious frames, highest probability first (earlier frame first on ties)."""
+    ranked = sorted(frames, key=lambda f: (-f["fake_probability"], f["index"]))[:count]
+    return [{"index": f["index"], "timestamp_s": f["timestamp_s"], "fake_probability": f["fake_probability"]}
+            for f in ranked]
+
+
+@dataclass
+class Analysis:
+    info: ProbeInfo
+    frames: list[dict]  # index, timestamp_s, fake_probability, position
+    sampling: dict
+    decoding: dict
+    timings_ms: dict = field(default_factory=dict)
+
+
+# -- the service ------------------------------------------------------------------------------------
+class VideoService:
+    def __init__(self, db: Database, store: ObjectStore, engine: InferenceEngine, settings: Settings) -> None:
+        self.db = db
+        self.store = store
+        self.engine = engine
+        self.settings = settings
+        self.keep_warm_decoder = True
+        # Set by api.tasks: called after a job row is committed so a worker picks it up.
+        self.on_job_queued: Callable[[], None] | None = None
+        self._submit_lock = threading.Lock()
+
+    # ---------------------------------------------------------------- parameters and upload
+    def parse_params(self, values: Mapping[str, str], threshold: float) -> VideoParams:
+        """Form/query values -> VideoParams; InvalidInput names the bad parameter."""
+        raw_frames, raw_fps = values.get("frames") or None, values.get("fps") or None
+        if raw_frames is not None and raw_fps is not None:
+            raise InvalidInput("give either frames or fps, not both", parameter="frames")
+        frames = fps = None
+        limit = self.settings.max_video_frames
+        if raw_frames is not None:
+            try:
+                frames = int(raw_frames)
+            except ValueError:
+                raise InvalidInput(f"frames must be an integer, got {raw_frames!r}", parameter="frames") from None
+            if not 1 <= frames <= limit:
+                raise InvalidInput(f"frames must be between 1 and {limit}, got {frames}", parameter="frames")
+        if raw_fps is not None:
+            try:
+                fps = float(raw_fps)
+            except ValueError:
+                raise InvalidInput(f"fps must be a number, got {raw_fps!r}", parameter="fps") from None
+            if not (math.isfinite(fps) and 0 < fps <= MAX_SAMPLE_FPS):
+                raise InvalidInput(f"fps must be above 0 and at most {MAX_SAMPLE_FPS:g}, got {raw_fps!r}",
+                                   parameter="fps")
+        aggregation = (values.get("aggregation") or "mean").strip().lower()
+        if aggregation not in AGGREGATIONS:
+            raise InvalidInput(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}",
+                               parameter="aggregation")
+        run_async = _parse_bool("async", values.get("async"))
+        callback_url = (values.get("callback_url") or "").strip() or None
+        if callback_url is not None:
+            check_callback_url(callback_url, self.settings.callback_allow_http, self.settings.callback_allow_private)
+            run_async = True  # a callback only makes sense for a job
+        return VideoParams(threshold=threshold, frames=frames, fps=fps, aggregation=aggregation,
+                           run_async=run_async, callback_url=callback_url)
+
+    def spool(self, stream: IO[bytes], filename: str | None) -> SpooledUpload:
+        return spool_upload(stream, filename, self.settings.max_video_bytes)
+
+    # ---------------------------------------------------------------- submit (request thread)
+    def submit(self, upload: SpooledUpload, params: VideoParams, owner: str | None,
+               base_url: str | None = None) -> tuple[int, dict[str, Any]]:
+        """Analyse now (200 + result) or queue a job (202 + job). The caller removes the upload."""
+        started = time.perf_counter()
+        container = self._sniff(upload.path)
+        reader = self.open_reader(upload.path)
+        try:
+            info = self.probe(reader, container)
+            as_job = (params.run_async or upload.size > self.settings.video_async_bytes
+                      or info.duration_s > self.settings.video_async_seconds)
+            if as_job:
+                reader.close()
+                row = self._create_job(upload, info, params, owner, base_url, container)
+                return 202, self.public_body(row, None)
+            analysis = self._analyze(reader, info, params)
+        finally:
+            reader.close()
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        row = self._store_result(upload, analysis, params, owner, container, elapsed_ms)
+        return 200, self.public_body(row, analysis.frames, analysis)
+
+    # ---------------------------------------------------------------- probing and analysis
+    def open_reader(self, path: str, timeout_s: float | None = None) -> VideoReader:
+        """A decoding session in a child process with this server's time and memory limits."""
+        return VideoReader(path, timeout_s or self.settings.video_decode_timeout_s,
+                           self.settings.video_decode_memory_mb, keep_warm=self.keep_warm_decoder)
+
+    @staticmethod
+    def _sniff(path: str) -> str:
+        try:
+            return sniff(path)
+        except VideoDecodeError as exc:
+            raise UnprocessableMedia(exc.message, reason=exc.kind) from None
+
+    def probe(self, reader: VideoReader, container: str) -> ProbeInfo:
+        """Probe facts, or the 422/413 that says why this file cannot be analysed."""
+        try:
+            info = reader.probe()
+        except VideoDecodeError as exc:
+            raise UnprocessableMedia(exc.message, reason=exc.kind) from None
+        if info.duration_s > self.settings.max_video_seconds:
+            raise PayloadTooLarge(f"the video is {info.duration_s:.1f} s long, over the limit of "
+                                  f"{self.settings.max_video_seconds:g} s", reason="too_long")
+        pixels = info.width * info.height
+        if pixels > self.settings.max_image_pixels:
+            raise PayloadTooLarge(f"video frames are {info.width}x{info.height} = {pixels} pixels, over the limit "
+                                  f"of {self.settings.max_image_pixels}", reason="too_many_pixels")
+        return info
+
+    def _analyze(self, reader: VideoReader, info: ProbeInfo, params: VideoParams,
+                 progress: Callable[[int, int], None] | None = None) -> Analysis:
+        indices, sampling = plan_indices(info, params, self.settings.max_video_frames,
+                                         self.settings.default_video_frames)
+        total = len(indices)
+        frames: list[dict] = []
+        pending: list[tuple[int, int, Any]] = []  # position, index, tensor
+        counters = {"done": 0, "skipped": 0, "inference_s": 0.0, "preprocess_s": 0.0}
+
+        def flush() -> None:
+            if pending:
+                started = time.perf_counter()
+                probabilities = run_engine(self.engine, [tensor for _, _, tensor in pending])
+                counters["inference_s"] += time.perf_counter() - started
+                for (position, index, _), probability in zip(pending, probabilities, strict=True):
+                    frames.append({"index": index, "timestamp_s": round(index / info.fps, 6),
+                                   "fake_probability": float(probability), "position": position})
+                counters["done"] += len(pending)
+                pending.clear()
+            if progress is not None:
+                progress(counters["done"] + counters["skipped"], total)
+
+        decode_started = time.perf_counter()
+        try:
+            for frame in reader.frames(indices, INPUT_SIZE):
+                if frame.rgb is None:
+                    counters["skipped"] += 1
+                    continue
+                started = time.perf_counter()
+                # The child squashed the frame to 224x224 with Pillow's bilinear filter (spec §1 step 2);
+                # preprocess_image's own resize to the same size is then an exact copy.
+                image = Image.frombytes("RGB", (frame.width, frame.height), frame.rgb)
+                pending.append((frame.position, frame.index, preprocess_image(image)))
+                counters["preprocess_s"] += time.perf_counter() - started
+                if len(pending) >= INFERENCE_CHUNK:
+                    flush()
+            flush()
+        except VideoDecodeError as exc:
+            raise UnprocessableMedia(exc.message, reason=exc.kind) from None
+        if not frames:
+            raise UnprocessableMedia("none of the sampled frames could be decoded", reason="no_frames")
+        wall_s = time.perf_counter() - decode_started
+        decoding = dict(reader.stats)
+        decoding["skipped_frames"] = counters["skipped"]
+        timings = {"probe_ms": round(info.probe_s * 1000, 3), "decode_and_infer_ms": round(wall_s * 1000, 3),
+                   "decode_ms": round(float(decoding.get("decode_s", 0.0)) * 1000, 3),
+                   "preprocess_ms": round(counters["preprocess_s"] * 1000, 3),
+                   "inference_ms": round(counters["inference_s"] * 1000, 3)}
+        return Analysis(info=info, frames=frames, sampling=sampling, decoding=decoding, timings_ms=timings)
+
+    # ---------------------------------------------------------------- results
+    def _result_fields(self, analysis: Analysis, params: VideoParams) -> dict[str, Any]:
+        probabilities = [f["fake_probability"] for f in analysis.frames]
+        aggregates = aggregate(probabilities, params.threshold)
+        chosen = aggregates[params.aggregation]
+        label, confidence = verdict(chosen, params.threshold)
+        segments = find_segments(analysis.frames, params.threshold, analysis.info.duration_s,
+                                 analysis.sampling["planned_frames"])
+        return {"aggregates": aggregates, "fake_probability": chosen, "prediction": label, "confidence": confidence,
+                "segments": segments, "top_frames": top_frames(analysis.frames)}
+
+    def _documents(self, row: Prediction, analysis: Analysis) -> list[tuple[str, str, bytes, str]]:
+        """The frames JSON, the summary JSON and the timeline PNG of a finished row."""
+        video = row.video
+        frames_doc = {"id": str(row.id), "fps": analysis.info.fps, "frame_count": analysis.info.frame_count,
+                      "duration_s": analysis.info.duration_s, "threshold": row.threshold,
+                      "sampling": analysis.sampling, "frames": _public_frames(analysis.frames)}
+        summary = serialize_prediction(row, None, self.settings)
+        summary.update(self.video_fields(row, None, urls=False))
+        summary["trained_model"] = self.engine.trained
+        png = render_timeline(analysis.frames, video.segments or [], analysis.info.duration_s, row.threshold,
+                              title=f"{(row.filename or str(row.id))[:60]}: {row.prediction} "
+                                    f"({video.aggregation} {row.fake_probability:.3f})")
+        return [(self.settings.bucket_frames, video.frames_object, json.dumps(frames_doc).encode(), "application/json"),
+                (self.settings.bucket_results, row.result_object, json.dumps(summary).encode(), "application/json"),
+                (self.settings.bucket_results, timeline_key(row), png, "image/png")]
+
+    def _fill(self, row: Prediction, analysis: Analysis, params: VideoParams, elapsed_ms: float) -> None:
+        fields = self._result_fields(analysis, params)
+        video = row.video
+        row.prediction, row.confidence = fields["prediction"], fields["confidence"]
+        row.fake_probability = fields["fake_probability"]
+        row.model_version = self.engine.model_version
+        row.processing_ms = round(elapsed_ms, 3)
+        row.width, row.height = analysis.info.width, analysis.info.height
+        row.status, row.error = "done", None
+        row.result_object = row.result_object or object_key(str(row.id), ".json", row.created_at)
+        video.duration_s, video.fps = analysis.info.duration_s, analysis.info.fps
+        video.frame_count, video.codec = analysis.info.frame_count, analysis.info.codec[:32]
+        video.frames_analyzed = len(analysis.frames)
+        video.mean_probability = fields["aggregates"]["mean"]
+        video.vote_share = fields["aggregates"]["vote"]
+        video.max_probability = fields["aggregates"]["max"]
+        video.segments, video.top_frames = fields["segments"], fields["top_frames"]
+        video.frames_object = video.frames_object or object_key(str(row.id), ".frames.json", row.created_at)
+        video.progress_done = video.progress_total = analysis.sampling["planned_frames"]
+        video.params = {**(video.params or {}), "sampling": analysis.sampling, "decoding": analysis.decoding,
+                        "timings_ms": analysis.timings_ms}
+
+    def _store_result(self, upload: SpooledUpload, analysis: Analysis, params: VideoParams, owner: str | None,
+                      container: str, elapsed_ms: float) -> Prediction:
+        """Sync path: objects first, then both rows in one transaction; on failure nothing remains."""
+        prediction_id = uuid.uuid4()
+        now = datetime.now(timezone.utc)
+        row = Prediction(id=prediction_id, created_at=now, media_type="video", filename=upload.filename,
+                         sha256=upload.sha256, size_bytes=upload.size, threshold=params.threshold,
+                         model_version=self.engine.model_version, owner=owner, status="done")
+        row.video = VideoPrediction(container=container, aggregation=params.aggregation, params=params.as_dict(),
+                                    progress_done=0, progress_total=0)
+        self._fill(row, analysis, params, elapsed_ms)
+        objects = self._documents(row, analysis)
+        if self.settings.keep_videos:
+            row.media_object = object_key(str(prediction_id), CONTAINER_SUFFIX.get(container, ".bin"), now)
+            objects.insert(0, (self.settings.bucket_videos, row.media_object, upload.path, "video/octet-stream"))
+        written = self._put_objects(objects)
+        try:
+            with self.db.session() as session:
+                session.add(row)
+        except DatabaseUnavailable as exc:
+            log.error("video prediction rows not stored: %s", exc)
+            self._delete_objects(written)
+            raise Unavailable("the database is unavailable; nothing was stored, retry shortly") from None
+        return row
+
+    def _put_objects(self, objects: list[tuple[str, str, Any, str]]) -> list[tuple[str, str]]:
+        written: list[tuple[str, str]] = []
+        try:
+            for bucket, key, payload, content_type in objects:
+                if isinstance(payload, bytes):
+                    self.store.put_bytes(bucket, key, payload, content_type)
+                else:
+                    self.store.put_file(bucket, key, payload, content_type)
+                written.append((bucket, key))
+        except StoreUnavailable as exc:
+            log.error("video result not stored: %s", exc)
+            self._delete_objects(written)
+            raise Unavailable("the object store is unavailable; nothing was stored, retry shortly") from None
+        return written
+
+    def _delete_objects(self, objects: list[tuple[str, str]]) -> None:
+        for bucket, key in objects:
+            try:
+                self.store.delete(bucket, key)
+            except (StoreUnavailable, ObjectNotFound, ValueError):
+                log.warning("could not remove object %s/%s", bucket, key)
+
+    # ---------------------------------------------------------------- jobs
+    def active_jobs(self, owner: str | None) -> int:
+        query = (select(func.count()).select_from(Prediction)
+                 .where(Prediction.media_type == "video", Prediction.status.in_(("queued", "running")),
+                        Prediction.owner.is_(None) if owner is None else Prediction.owner == owner))
+        try:
+            with self.db.session() as session:
+                return int(session.scalar(query) or 0)
+        except DatabaseUnavailable:
+            raise Unavailable("the database is unavailable; retry shortly") from None
+
+    def _create_job(self, upload: SpooledUpload, info: ProbeInfo, params: VideoParams, owner: str | None,
+                    base_url: str | None, container: str) -> Prediction:
+        limit = self.settings.video_jobs_per_key
+        with self._submit_lock:  # check-then-insert is atomic within this process
+            active = self.active_jobs(owner)
+            if active >= limit:
+                raise TooManyJobs(f"{active} video jobs of this caller are already queued or running (limit {limit}); "
+                                  "wait for one to finish", limit=limit)
+            prediction_id = uuid.uuid4()
+            now = datetime.now(timezone.utc)
+            indices, sampling = plan_indices(info, params, self.settings.max_video_frames,
+                                             self.settings.default_video_frames)
+            upload_key = object_key(str(prediction_id), CONTAINER_SUFFIX.get(container, ".bin"), now)
+            row = Prediction(id=prediction_id, created_at=now, media_type="video", filename=upload.filename,
+                             sha256=upload.sha256, size_bytes=upload.size, width=info.width, height=info.height,
+                             threshold=params.threshold, model_version=self.engine.model_version or "pending",
+                             owner=owner, status="queued")
+            row.video = VideoPrediction(
+                container=container, codec=info.codec[:32], duration_s=info.duration_s, fps=info.fps,
+                frame_count=info.frame_count, aggregation=params.aggregation, upload_object=upload_key,
+                progress_done=0, progress_total=len(indices), callback_url=params.callback_url,
+                callback_status="pending" if params.callback_url else None,
+                params={**params.as_dict(), "async": True, "base_url": base_url, "sampling": sampling})
+            written = self._put_objects([(self.settings.bucket_videos, upload_key, upload.path, "video/octet-stream")])
+            try:
+                with self.db.session() as session:
+                    session.add(row)
+            except DatabaseUnavailable as exc:
+                log.error("video job not stored: %s", exc)
+                self._delete_objects(written)
+                raise Unavailable("the database is unavailable; nothing was stored, retry shortly") from None
+        if self.on_job_queued is not None:
+            self.on_job_queued()
+        return row
+
+    def load(self, prediction_id: uuid.UUID) -> Prediction | None:
+        with self.db.session() as session:
+            return session.get(Prediction, prediction_id)
+
+    def set_progress(self, prediction_id: uuid.UUID, done: int, total: int) -> None:
+        """Also the job's heartbeat: video_predictions.updated_at moves with every update."""
+        try:
+            with self.db.session() as session:
+                session.execute(update(VideoPrediction).where(VideoPrediction.prediction_id == prediction_id)
+                                .values(progress_done=done, progress_total=total,
+                                        updated_at=datetime.now(timezone.utc)))
+        except DatabaseUnavailable:
+            log.warning("could not record progress of video job %s", prediction_id)
+
+    def run_job(self, prediction_id: uuid.UUID, worker: str) -> Prediction | None:
+        """Analyse a claimed job (status running, claimed by `worker`) to done or failed.
+
+        Returns the final row, or None when the job was taken from this worker meanwhile.
+        """
+        row = self.load(prediction_id)
+        if row is None or row.video is None:
+            return None
+        upload_key = row.video.upload_object
+        if not upload_key:
+            return self.fail_job(prediction_id, worker, "the uploaded video is no longer stored")
+        fd, path = tempfile.mkstemp(prefix="d3-job-", suffix=".upload")
+        os.close(fd)
+        started = time.perf_counter()
+        try:
+            try:
+                self.store.download_file(self.settings.bucket_videos, upload_key, path)
+            except ObjectNotFound:
+                return self.fail_job(prediction_id, worker, "the uploaded video is no longer stored")
+            except StoreUnavailable:
+                return self.fail_job(prediction_id, worker, "the object store was unavailable; resubmit the video")
+            params = VideoParams.from_row(row)
+            container = self._sniff(path)
+            with self.open_reader(path) as reader:
+                info = self.probe(reader, container)
+                analysis = self._analyze(reader, info, params,
+                                         progress=lambda done, total: self.set_progress(prediction_id, done, total))
+            return self._complete_job(prediction_id, worker, analysis, params,
+                                      (time.perf_counter() - started) * 1000.0)
+        except ServiceError as exc:
+            return self.fail_job(prediction_id, worker, exc.message)
+        except Exception:
+            log.exception("video job %s failed", prediction_id)
+            return self.fail_job(prediction_id, worker, "internal error while analysing the video; it has been logged")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def _claimed(self, session, prediction_id: uuid.UUID, worker: str) -> Prediction | None:
+        row = session.get(Prediction, prediction_id)
+        if row is None or row.status != "running" or (row.video.params or {}).get("worker") != worker:
+            return None  # re-queued and taken by someone else, or deleted: not ours to finish
+        return row
+
+    def _complete_job(self, prediction_id: uuid.UUID, worker: str, analysis: Analysis, params: VideoParams,
+                      elapsed_ms: float) -> Prediction | None:
+        """Objects first, then the rows in one transaction; if the rows fail, the objects go."""
+        written: list[tuple[str, str]] = []
+        try:
+            with self.db.session() as session:
+                row = self._claimed(session, prediction_id, worker)
+                if row is None:
+                    return None
+                self._fill(row, analysis, params, elapsed_ms)
+                upload_key = row.video.upload_object
+                if self.settings.keep_videos:
+                    row.media_object = upload_key  # the upload becomes the kept video: no second copy
+                row.video.upload_object = None
+                written = self._put_objects(self._documents(row, analysis))
+        except DatabaseUnavailable as exc:
+            log.error("video job %s not stored: %s", prediction_id, exc)
+            self._delete_objects(written)
+            raise Unavailable("the database is unavailable; the job's results were not stored") from None
+        if not self.settings.keep_videos and upload_key:
+            self._delete_objects([(self.settings.bucket_videos, upload_key)])
+        return row
+
+    def fail_job(self, prediction_id: uuid.UUID, worker: str | None, message: str) -> Prediction | None:
+        """Mark a job failed with a reason and drop its upload; `worker=None` skips the claim check."""
+        with self.db.session() as session:
+            row = session.get(Prediction, prediction_id) if worker is None else \
+                self._claimed(session, prediction_id, worker)
+            if row is None:
+                return None
+            upload_key = row.video.upload_object if row.video is not None else None
+            row.status, row.error = "failed", message[:2000]
+            if row.video is not None:
+                row.video.upload_object = None
+        if upload_key:
+            self._delete_objects([(self.settings.bucket_videos, upload_key)])
+        return row
+
+    # ---------------------------------------------------------------- reading back
+    def public_body(self, row: Prediction, frames: list[dict] | None, analysis: Analysis | None = None) -> dict:
+        body = serialize_prediction(row, self.store, self.settings)
+        body.update(self.video_fields(row, frames))
+        if analysis is not None:
+            body["timings_ms"] = analysis.timings_ms
+        return body
+
+    def video_fields(self, row: Prediction, frames: list[dict] | None, urls: bool = True) -> dict[str, Any]:
+        """The video part of a prediction's JSON (added to the image-shaped fields)."""
+        video = row.video
+        if video is None:
+            return {}
+        params = video.params or {}
+        done = row.status == "done"
+        body: dict[str, Any] = {
+            "aggregation": video.aggregation,
+            "aggregates": {"mean": video.mean_probability, "vote": video.vote_share, "max": video.max_probability}
+            if done else None,
+            "frames_analyzed": video.frames_analyzed,
+            "duration_s": video.duration_s,
+            "fps": video.fps,
+            "frame_count": video.frame_count,
+            "codec": video.codec,
+            "container": video.container,
+            "sampling": params.get("sampling"),
+            "decoding": params.get("decoding"),
+            "progress": {"done": video.progress_done, "total": video.progress_total},
+            "top_frames": video.top_frames,
+            "segments": video.segments,
+        }
+        if frames is not None:
+            body["frames"] = _public_frames(frames)
+        if video.callback_url:
+            body["callback"] = {"url": video.callback_url, "status": video.callback_status}
+        if urls:
+            body["timeline_url"] = None
+            if done and row.result_object:
+                try:
+                    body["timeline_url"] = self.store.presigned_get_url(
+                        self.settings.bucket_results, timeline_key(row), self.settings.result_url_expiry_s)
+                except StoreUnavailable:
+                    log.warning("could not sign timeline URL for %s", row.id)
+        return body
+
+    def detail(self, row: Prediction) -> dict[str, Any]:
+        """GET /predictions/<id> for a video: progress while queued/running, everything once done."""
+        if row.media_type != "video" or row.video is None:
+            return {}
+        frames = None
+        if row.status == "done" and row.video.frames_object:
+            try:
+                document = json.loads(self.store.get_bytes(self.settings.bucket_frames, row.video.frames_object))
+                frames = document.get("frames")
+            except (ObjectNotFound, StoreUnavailable, ValueError):
+                log.warning("per-frame results of %s could not be read", row.id)
+        body = self.video_fields(row, frames)
+        if row.status == "done" and frames is None:
+            body["frames"] = None
+        return body
+
+    def timeline_png(self, row: Prediction) -> bytes:
+        """The stored timeline picture; re-drawn from the per-frame results if the object is gone."""
+        if row.media_type != "video" or row.video is None:
+            raise NotFound(f"prediction {row.id} is not a video: it has no timeline")
+        if row.status != "done":
+            raise NotFound(f"the timeline of prediction {row.id} is not ready: the job is {row.status}",
+                           job_status=row.status)
+        try:
+            return self.store.get_bytes(self.settings.bucket_results, timeline_key(row))
+        except ObjectNotFound:
+            pass
+        except StoreUnavailable:
+            raise Unavailable("the object store is unavailable; retry shortly") from None
+        try:
+            document = json.loads(self.store.get_bytes(self.settings.bucket_frames, row.video.frames_object))
+        except (ObjectNotFound, ValueError):
+            raise NotFound(f"the results of prediction {row.id} are no longer stored") from None
+        except StoreUnavailable:
+            raise Unavailable("the object store is unavailable; retry shortly") from None
+        return render_timeline(document["frames"], row.video.segments or [], row.video.duration_s or 0.0,
+                               row.threshold)
+
+
+def timeline_key(row: Prediction) -> str:
+    """The timeline picture lives beside the summary: `<date>/<id>-timeline.png` in the results bucket."""
+    base = row.result_object or object_key(str(row.id), ".json", row.created_at)
+    return base.removesuffix(".json") + "-timeline.png"
+
+
+def _public_frames(frames: list[dict]) -> list[dict]:
+    return [{"index": f["index"], "timestamp_s": f["timestamp_s"], "fake_probability": f["fake_probability"]}
+            for f in frames]

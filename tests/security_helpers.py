@@ -1,0 +1,53 @@
+"""Helpers shared by the tests/test_security_*.py modules."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from tests.conftest import make_app
+
+
+def secure_app(tmp_path: Path, engine, **overrides: str):
+    """An app with auth on (the production default) on the embedded backends."""
+    return make_app(tmp_path, engine, AUTH_REQUIRED="true", **overrides)
+
+
+def new_key(app, name: str, admin: bool = False) -> str:
+    """A real key, created by the same service the `d3 keys create` command uses."""
+    _, plaintext = app.extensions["d3"].extra["keys"].create(name, admin)
+    return plaintext
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def api_key(key: str) -> dict[str, str]:
+    return {"X-API-Key": key}
+
+
+def post_image(client, data: bytes, filename: str = "x.png", headers: dict | None = None, **form):
+    return client.post("/predict", data={"file": (io.BytesIO(data), filename), **form},
+                       content_type="multipart/form-data", headers=headers or {})
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in MB, from /proc/self/status."""
+    values = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                values[name] = int(rest.split()[0]) / 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux clear_refs 5); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
