@@ -128,9 +128,14 @@ quote() {
 # run CMD...: execute and echo, or only print under --dry-run.
 run() {
     if [ "$DRY_RUN" -eq 1 ]; then
+        [ "$1" != quietly ] || shift
         printf '    would run: %s\n' "$(quote "$@")"
     else
-        printf '    + %s\n' "$(quote "$@")"
+        if [ "$1" = quietly ]; then
+            printf '    + %s\n' "$(quote "${@:2}")"
+        else
+            printf '    + %s\n' "$(quote "$@")"
+        fi
         "$@"
     fi
 }
@@ -528,7 +533,8 @@ do_nginx() {
 
 # nginx -t with the new site in place; the old file is put back when the test fails.
 nginx_test() {
-    local backup=""
+    local backup="" had_site=0
+    [ ! -f "$NGINX_SITE" ] || had_site=1
     if [ -f "$NGINX_SITE" ]; then
         backup="$WORK/nginx-site.previous"
         cp "$NGINX_SITE" "$backup"
@@ -562,6 +568,9 @@ nginx_test() {
         if [ -n "$backup" ]; then
             cp "$backup" "$NGINX_SITE"
             say "restored the previous $NGINX_SITE"
+        elif [ "$had_site" -eq 0 ]; then
+            rm -f "$NGINX_SITE" "$NGINX_DIR/sites-enabled/$SERVICE.conf"
+            say "removed the new $NGINX_SITE again, so the next nginx reload is not broken"
         fi
         fail "nginx -t fails with the new site"
     fi

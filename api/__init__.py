@@ -25,6 +25,9 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
 
     settings = load_settings(test_config)
     logging.basicConfig(level=settings.log_level)
+    from api.request_log import use_json_logging
+
+    use_json_logging()  # every line this process logs is JSON, start-up included
     app = Flask(__name__, instance_path=settings.instance_dir)
     app.config.from_mapping(
         SETTINGS=settings,

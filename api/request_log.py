@@ -85,9 +85,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if has_request_context() and g.get("request_id"):
-            # Lines logged while serving a request (an error's cause and traceback) carry its id.
-            entry["request_id"] = g.request_id
+        request_id_ = getattr(record, "request_id", None)
+        if request_id_:  # lines logged while serving a request (an error's cause) carry its id
+            entry["request_id"] = request_id_
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             entry.update(fields)
@@ -105,12 +105,28 @@ def _incoming_id() -> str:
     return raw if _SAFE_ID.match(raw) else uuid.uuid4().hex
 
 
-def _use_json_on_root() -> None:
-    # The plain stream handler logging.basicConfig made (Gunicorn workers, `flask run`); test
-    # runners' capture handlers are subclasses and stay as they are.
+_factory_installed = False
+
+
+def use_json_logging() -> None:
+    """JSON on the plain stream handler logging.basicConfig made (Gunicorn workers, `flask run`),
+    and every record made while serving a request remembers that request's id. Idempotent.
+    Test runners' capture handlers are subclasses and keep their own format."""
+    global _factory_installed
     for handler in logging.getLogger().handlers:
         if type(handler) is logging.StreamHandler and not isinstance(handler.formatter, JsonFormatter):
             handler.setFormatter(JsonFormatter())
+    if not _factory_installed:
+        _factory_installed = True
+        previous = logging.getLogRecordFactory()
+
+        def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = previous(*args, **kwargs)
+            if has_request_context():
+                record.request_id = g.get("request_id")
+            return record
+
+        logging.setLogRecordFactory(factory)
 
 
 def _verdict(results: list[dict[str, Any]]) -> Any:
@@ -151,7 +167,7 @@ def request_fields(response: Response, duration_ms: float) -> dict[str, Any]:
 
 def init_app(app: Flask) -> None:
     REDACT.add_settings(app.config["SETTINGS"])
-    _use_json_on_root()
+    use_json_logging()
 
     @app.before_request
     def _begin() -> None:
@@ -166,7 +182,9 @@ def init_app(app: Flask) -> None:
         started = g.get("_d3_log_started")
         duration_ms = (time.perf_counter() - started) * 1000.0 if started is not None else 0.0
         fields = request_fields(response, duration_ms)
-        level = logging.ERROR if response.status_code >= 500 else logging.INFO
+        # 503 is "busy or loading, retry": expected while starting; other 5xx are bugs or outages.
+        status = response.status_code
+        level = logging.WARNING if status == 503 else logging.ERROR if status >= 500 else logging.INFO
         log.log(level, "%s %s %s %.1fms", request.method, request.path, response.status_code, duration_ms,
                 extra={"fields": fields})
         return response

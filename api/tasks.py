@@ -384,6 +384,11 @@ class VideoJobs:
         now = datetime.now(timezone.utc)
         try:
             with self.db.session() as session:
+                # A delivery whose process died mid-way ("sending", silent since) is due again.
+                session.execute(update(VideoPrediction)
+                                .where(VideoPrediction.callback_status == "sending",
+                                       VideoPrediction.updated_at < now - timedelta(seconds=STALE_AFTER_S))
+                                .values(callback_status="pending"))
                 rows = list(session.scalars(select(Prediction).where(
                     Prediction.media_type == "video", Prediction.status.in_(("queued", "running")))))
                 pending_callbacks = list(session.scalars(

@@ -55,7 +55,10 @@ def make_clip(path: Path, width: int, height: int, fps: float, seconds: float) -
     """A textured, moving picture (so the codec has real work): a shifting noise texture, a gradient,
     a bouncing square. Returns seconds spent writing."""
     rng = np.random.default_rng(0)
-    texture = rng.integers(0, 64, (height, width + 256), dtype=np.uint8)
+    # Smooth blobs (noise upscaled 8x): detail a codec must encode, yet compressible like camera footage.
+    coarse = rng.integers(0, 64, ((height + 7) // 8, (width + 256 + 7) // 8), dtype=np.uint8)
+    texture = cv2.resize(coarse, ((width + 256 + 7) // 8 * 8, (height + 7) // 8 * 8),
+                         interpolation=cv2.INTER_LINEAR)[:height, :width + 256]
     yy, xx = np.mgrid[0:height, 0:width]
     gradient = ((xx * 255) // max(1, width - 1)).astype(np.uint8)
     frame = np.empty((height, width, 3), np.uint8)

@@ -697,13 +697,22 @@ def test_deploy_into_a_prefix(tmp_path):
     verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), verify.stdout + verify.stderr
 
-    # Idempotent: the same source again changes nothing.
+    # Idempotent: the same source again changes nothing; this time with the nginx site as well.
     before_env, before_release = env_file.read_text(), os.readlink(current)
-    second = subprocess.run([*deploy, "--no-preflight"], capture_output=True, text=True, timeout=600, env=clean_env())
+    second = subprocess.run([*deploy[:-1], "--no-preflight", "--domain", "d3.test.invalid"], capture_output=True,
+                            text=True, timeout=600, env=clean_env())
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "unchanged: " in second.stdout and "exists, not modified" in second.stdout
+    assert f"unchanged: {app}/releases/" in second.stdout and "exists, not modified" in second.stdout
     assert "unchanged: " + str(unit) in second.stdout
     assert env_file.read_text() == before_env and os.readlink(current) == before_release
+    site = (prefix / "etc" / "nginx" / "sites-available" / "d3-api.conf").read_text()
+    assert "server_name d3.test.invalid;" in site and "d3.example.com" not in site
+    assert f"ssl_certificate     {prefix}/etc/d3-api/tls/d3.test.invalid.crt;" in site  # self-signed until certbot
+    assert "server 127.0.0.1:6000 " in site and "client_max_body_size 501m;" in site  # from BIND, MAX_VIDEO_BYTES
+    enabled = prefix / "etc" / "nginx" / "sites-enabled" / "d3-api.conf"
+    assert os.readlink(enabled).endswith("sites-available/d3-api.conf")
+    assert "nginx -t passes" in second.stdout
+    assert "domain=d3.test.invalid" in (app / ".deploy-state").read_text()
 
     # A failing step stops the deploy, says what failed and how to retry, and switches nothing.
     env_file.write_text(before_env.replace(settings["SECRET_KEY"], "change-me"))

@@ -17,7 +17,7 @@ from tests.conftest import image_bytes
 from tests.security_helpers import bearer, new_key, post_image, secure_app
 
 CHECKS = (not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance)
-EXAMPLES = 25  # per operation and per test: about 600 requests in all
+EXAMPLES = 20  # per operation and per test: about 500 requests in all
 
 
 @pytest.fixture

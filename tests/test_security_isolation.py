@@ -123,9 +123,7 @@ def _expected(records: list[dict], query: dict) -> set[str]:
             return False
         if ("min_probability" in query or "max_probability" in query) and r.get("fake_probability") is None:
             return False
-        if "filename" in query and query["filename"].lower() not in (r.get("filename") or "").lower():
-            return False
-        return True
+        return "filename" not in query or query["filename"].lower() in (r.get("filename") or "").lower()
 
     return {r["id"] for r in records if keep(r)}
 

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -315,3 +316,32 @@ def test_sync_and_async_on_real_backends(request, tmp_path, brightness_engine, b
 
         with urllib.request.urlopen(done["timeline_url"]) as fetched:
             assert fetched.read().startswith(b"\x89PNG")
+
+
+def test_a_callback_cut_off_by_a_restart_is_sent_again(tmp_path, brightness_engine):
+    receiver = Receiver(failures=0)
+    try:
+        settings = dict(VIDEO_APP_SETTINGS, CALLBACK_ALLOW_HTTP="true", CALLBACK_ALLOW_PRIVATE="true")
+        first = make_app(tmp_path, brightness_engine, **settings)
+        job_id = post_video(first.test_client(), clip(tmp_path, 12), frames="4").get_json()["id"]
+        s = first.extensions["d3"]
+        with s.db.session() as session:  # the process died while it was sending the callback
+            video = session.get(Prediction, uuid.UUID(job_id)).video
+            video.callback_url, video.callback_status = receiver.url, "sending"
+        with s.db.session() as session:
+            session.execute(update(type(video)).where(type(video).prediction_id == uuid.UUID(job_id))
+                            .values(updated_at=datetime.now(timezone.utc) - timedelta(hours=1)))
+        restarted = make_app(tmp_path, brightness_engine, **settings)
+        deadline = time.monotonic() + 10
+        while not receiver.statuses and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert receiver.statuses == [200] and receiver.bodies[0]["id"] == job_id
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            status = restarted.test_client().get(f"/predictions/{job_id}").get_json()["callback"]["status"]
+            if status.startswith("delivered"):
+                break
+            time.sleep(0.05)
+        assert status == "delivered: HTTP 200 (attempt 1)"
+    finally:
+        receiver.close()

@@ -386,13 +386,6 @@ def _read_exactly(stream, count: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def probe_file(path: str | os.PathLike, timeout_s: float, memory_mb: int) -> ProbeInfo:
-    """Probe only (sniff + child), for callers that do not decode frames now."""
-    sniff(path)
-    with VideoReader(path, timeout_s, memory_mb) as reader:
-        return reader.probe()
-
-
 # -- child side ---------------------------------------------------------------------------------
 class _Channel:
     def __init__(self, fd: int) -> None:
