@@ -3,8 +3,9 @@
 With PROMETHEUS_MULTIPROC_DIR set (Gunicorn: set it in the environment before start), every
 worker writes its samples to files in that folder and a scrape of any worker reports the sum of
 all of them (prometheus_client's multiprocess mode). Without it, this process's own samples.
-The folder must be emptied when Gunicorn starts and each dead worker marked (see the
-`child_exit` hook in gunicorn_config.py), or gauges of dead workers linger.
+gunicorn_config.py must put the variable in os.environ before the workers fork, empty the folder
+when the master starts (`on_starting`) and mark each dead worker (`child_exit` calling
+prometheus_client.multiprocess.mark_process_dead), or stale samples are counted again.
 
 `/metrics` answers callers from METRICS_ALLOW networks (client address after the one trusted
 proxy hop) and callers with an admin key; others get 401 (no key) or 403 (a non-admin key).

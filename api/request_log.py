@@ -33,6 +33,8 @@ HEADER = "X-Request-ID"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 MIN_SECRET_LENGTH = 6  # shorter values would scrub ordinary words; validate() refuses them anyway outside loopback
 
+MEDIA_BY_BLUEPRINT = {"predict": "image", "video": "video"}  # for requests that produced no verdict
+
 log = logging.getLogger("d3.request")
 
 
@@ -154,7 +156,7 @@ def request_fields(response: Response, duration_ms: float) -> dict[str, Any]:
         "key_id": caller.owner,
         "client": request.remote_addr,
         "bytes_in": request.content_length,
-        "media_type": results[0]["media_type"] if results else None,
+        "media_type": results[0]["media_type"] if results else MEDIA_BY_BLUEPRINT.get(request.blueprint or ""),
         "verdict": _verdict(results),
     }
     if response.status_code >= 400 and response.is_json:

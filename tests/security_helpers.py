@@ -51,3 +51,21 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def video_bytes() -> bytes:
+    """A 2-second 64x48 MJPEG AVI made here with OpenCV."""
+    import tempfile
+
+    import cv2
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/clip.avi"
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+        rng = np.random.default_rng(0)
+        for _ in range(20):
+            writer.write(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+        writer.release()
+        with open(path, "rb") as handle:
+            return handle.read()

@@ -15,25 +15,7 @@ import uuid
 import pytest
 
 from tests.conftest import image_bytes
-from tests.security_helpers import bearer, new_key, post_image, secure_app
-
-
-def _video_bytes() -> bytes:
-    """A 2-second 64x48 MJPEG AVI made here with OpenCV."""
-    import tempfile
-
-    import cv2
-    import numpy as np
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = f"{folder}/clip.avi"
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
-        rng = np.random.default_rng(0)
-        for _ in range(20):
-            writer.write(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
-        writer.release()
-        with open(path, "rb") as handle:
-            return handle.read()
+from tests.security_helpers import bearer, new_key, post_image, secure_app, video_bytes
 
 
 @pytest.fixture
@@ -64,7 +46,7 @@ def world(tmp_path, tiny_engine):
 
     if "video" in app.blueprints:  # the video route, once it exists: bob owns one video too
         response = client.post("/predict/video", headers=bearer(keys["bob"]), content_type="multipart/form-data",
-                               data={"file": (io.BytesIO(_video_bytes()), "bob-clip.avi"), "frames": "4"})
+                               data={"file": (io.BytesIO(video_bytes()), "bob-clip.avi"), "frames": "4"})
         assert response.status_code in (200, 202), response.get_json()
         made["bob"].append(response.get_json())
     return app, client, keys, made

@@ -3,6 +3,7 @@ reset after the window; in memory and in a real Redis shared by two app instance
 
 from __future__ import annotations
 
+import io
 import time
 
 import pytest
@@ -10,7 +11,7 @@ import redis
 from flask import Blueprint, jsonify
 
 from tests.conftest import free_port, make_app
-from tests.security_helpers import bearer, new_key, secure_app
+from tests.security_helpers import bearer, new_key, secure_app, video_bytes
 
 WINDOW_S = 3
 
@@ -123,3 +124,20 @@ def test_bad_rate_settings_are_refused_by_name(tmp_path, tiny_engine, value):
         return
     with pytest.raises(ConfigError, match="RATE_LIMIT_DEFAULT"):
         make_app(tmp_path, tiny_engine, RATE_LIMIT_DEFAULT=value)
+
+
+def test_video_jobs_are_limited_per_key(tmp_path, tiny_engine):
+    app = secure_app(tmp_path, tiny_engine, VIDEO_JOBS_PER_KEY="1", RATE_LIMIT_VIDEO="1000/minute")
+    app.extensions["d3"].extra["video_jobs"].stop()  # jobs stay queued, as behind a long video
+    alice, bob = new_key(app, "alice"), new_key(app, "bob")
+    client = app.test_client()
+    clip = video_bytes()
+
+    def submit(key: str):
+        return client.post("/predict/video", headers=bearer(key), content_type="multipart/form-data",
+                           data={"file": (io.BytesIO(clip), "clip.avi"), "async": "true"})
+
+    assert submit(alice).status_code == 202
+    refused = submit(alice)
+    assert refused.status_code == 429 and refused.get_json()["error"]["code"] == "too_many_jobs"
+    assert submit(bob).status_code == 202  # bob's jobs are counted on his own key

@@ -290,10 +290,15 @@ def test_metrics_are_counted_across_two_gunicorn_workers(gunicorn_service):
                                 | _pids_by_path(folder / "access.log", "/predict?threshold=1")) >= 2:
             break
     total = sent["fake"] + sent["real"]
-    served = {}
-    for path in ("/predict?threshold=0", "/predict?threshold=1"):
-        for pid, count in _pids_by_path(folder / "access.log", path, status=200).items():
-            served[pid] = served.get(pid, 0) + count
+    deadline = time.monotonic() + 10
+    while True:  # a worker writes its access line just after the response: let the last one land
+        served: dict[str, int] = {}
+        for path in ("/predict?threshold=0", "/predict?threshold=1"):
+            for pid, count in _pids_by_path(folder / "access.log", path, status=200).items():
+                served[pid] = served.get(pid, 0) + count
+        if sum(served.values()) >= total or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert len(served) == 2 and sum(served.values()) == total, served  # two worker processes did the work
 
     status, text = _http(f"{base}/metrics")
@@ -319,6 +324,8 @@ def test_metrics_are_counted_across_two_gunicorn_workers(gunicorn_service):
     lines = (folder / "error.log").read_text().splitlines()
     app_lines = [json.loads(line) for line in lines if line.startswith("{")]
     requests = [line for line in app_lines if line.get("logger") == "d3.request" and line["path"] == "/predict"]
+    assert len(requests) == total + sent["unavailable"]
+    requests = [line for line in requests if line["status"] == 200]
     assert len(requests) == total
     assert all(line["key"] == "gunicorn-client" and line["verdict"] in ("fake", "real") for line in requests)
     assert {line["request_id"] for line in requests}.__len__() == total

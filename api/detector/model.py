@@ -123,8 +123,12 @@ def resolve_precision(spec: str, device: torch.device) -> str:
 
 
 class _DropOpenClipRandomInitWarning(logging.Filter):
-    # open_clip warns "initialized randomly" before we load our own weights: misleading in logs.
+    # open_clip logs through the root logger while building: its INFO lines (e.g. its own bicubic
+    # preprocessing, which we do not use) and its "initialized randomly" warning (we load our own
+    # weights next) only mislead operators.
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "root" and record.levelno < logging.WARNING:
+            return False
         return not str(record.msg).startswith("No pretrained weights loaded")
 
 
