@@ -47,6 +47,7 @@ same nginx upstream; see DEPLOYMENT.md.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -133,7 +134,29 @@ access_log_format = ('%(h)s %(t)s "%(r)s" %(s)s %(B)s "%(f)s" "%(a)s" '
                      "rt_ms=%(M)s rid=%({x-request-id}i)s pid=%(p)s")
 
 
+# --- metrics --------------------------------------------------------------------------------
+# Prometheus multiprocess mode: each worker writes its samples under this folder and /metrics
+# adds them up. prometheus_client reads os.environ when a worker imports it, so a value found
+# only in .env is exported here for the workers.
+PROMETHEUS_DIR = _env("PROMETHEUS_MULTIPROC_DIR", "")
+if PROMETHEUS_DIR:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = PROMETHEUS_DIR
+
+
 # --- hooks ----------------------------------------------------------------------------------
+def on_starting(server) -> None:
+    if PROMETHEUS_DIR:  # samples left by a previous run would be counted again
+        shutil.rmtree(PROMETHEUS_DIR, ignore_errors=True)
+        os.makedirs(PROMETHEUS_DIR, exist_ok=True)
+
+
+def child_exit(server, worker) -> None:
+    if PROMETHEUS_DIR:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # drop the dead worker's live gauges
+
+
 def when_ready(server) -> None:
     server.log.info("d3-api: %d worker(s) x %d thread(s) on %s, timeout %ss, logs: %s",
                     workers, threads, ", ".join(bind), timeout, accesslog)
