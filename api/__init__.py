@@ -19,19 +19,16 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
 
     `engine` lets tests and benchmarks share one already-started InferenceEngine.
     """
-    from api import errors
+    from api import auth, errors, limits, metrics, request_log, tasks
     from api.context import build_services
     from api.routes import docs, health, objects, predict, predictions, video
 
     settings = load_settings(test_config)
     logging.basicConfig(level=settings.log_level)
-    from api.request_log import use_json_logging
-
-    use_json_logging()  # every line this process logs is JSON, start-up included
+    request_log.use_json_logging()  # every line this process logs is JSON, start-up included
     app = Flask(__name__, instance_path=settings.instance_dir)
     app.config.from_mapping(
         SETTINGS=settings,
-        JSON_SORT_KEYS=False,
         # The largest body any route accepts; routes lower it for themselves.
         MAX_CONTENT_LENGTH=max(settings.max_video_bytes,
                                settings.max_image_bytes * settings.max_batch_files) + 1024 * 1024,
@@ -43,15 +40,12 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     errors.init_app(app)
     for module in (health, predict, predictions, video, objects, docs):
         app.register_blueprint(module.bp)
-    # Cross-cutting concerns attach here with init_app (access control, limits, metrics, logs).
-    from api import auth, limits, metrics, request_log
-
-    request_log.init_app(app)  # first: the request id and timing cover every hook below
+    # Cross-cutting concerns, in order: the request id and timing cover every later hook, and a
+    # verified key decides the rate-limit bucket.
+    request_log.init_app(app)
     metrics.init_app(app)
-    auth.init_app(app)  # before limits: a verified key decides the rate-limit bucket
+    auth.init_app(app)
     limits.init_app(app)
-    from api import tasks
-
     tasks.init_app(app)  # video service, background job pool, recovery of interrupted jobs
     # Exactly one trusted proxy hop (nginx on the same host) tells the client address.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)

@@ -17,6 +17,8 @@ from typing import Any
 
 from dotenv import dotenv_values
 
+from api.utils.parsing import bool_word
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INSTANCE_DIR = PROJECT_ROOT / "instance"
 
@@ -29,12 +31,10 @@ class ConfigError(ValueError):
 
 
 def _bool(name: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+    value = bool_word(raw)
+    if value is None:
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")
+    return value
 
 
 def _number(kind: type, name: str, raw: str, minimum: float | None, maximum: float | None) -> Any:
@@ -67,7 +67,7 @@ class Settings:
     d3_precision: str = setting("auto", choices=("auto", "fp32", "fp16", "bf16"))
     d3_cache_dir: str = setting("", doc="weights cache; default ~/.cache/d3")
     d3_max_batch_size: int = setting(32, minimum=1, maximum=4096)
-    d3_max_wait_ms: float = setting(5.0, minimum=0, maximum=10_000)
+    d3_max_wait_ms: float = setting(2.0, minimum=0, maximum=10_000, doc="how long a batch waits for more images")
     d3_queue_size: int = setting(1024, minimum=1)
     d3_infer_timeout_s: float = setting(120.0, minimum=0.1)
 

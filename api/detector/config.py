@@ -21,7 +21,7 @@ class DetectorConfig:
     precision: str = "auto"
     cache_dir: str = ""
     max_batch_size: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 2.0
     queue_size: int = 1024
     infer_timeout_s: float = 120.0
 

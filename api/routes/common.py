@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from flask import g, request
 
 from api.services.errors import InvalidInput
+from api.utils.parsing import bool_word
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,10 @@ def parse_bool(name: str, default: bool) -> bool:
     raw = request.values.get(name)
     if raw is None or raw == "":
         return default
-    value = raw.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off"}:
-        return False
-    raise InvalidInput(f"{name} must be true or false, got {raw!r}", parameter=name)
+    value = bool_word(raw)
+    if value is None:
+        raise InvalidInput(f"{name} must be true or false, got {raw!r}", parameter=name)
+    return value
 
 
 def absolute_url(url: str | None) -> str | None:

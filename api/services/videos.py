@@ -57,6 +57,7 @@ from api.services.predictions import run_engine, safe_filename, serialize_predic
 from api.services.timeline import render_timeline
 from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable, object_key
 from api.tasks import check_callback_url
+from api.utils.parsing import bool_word
 from api.utils.video_probe import ProbeInfo, VideoDecodeError, VideoReader, sample_indices, sniff
 
 log = logging.getLogger(__name__)
@@ -96,12 +97,10 @@ class VideoParams:
 def _parse_bool(name: str, raw: str | None) -> bool:
     if raw is None or raw == "":
         return False
-    value = raw.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off"}:
-        return False
-    raise InvalidInput(f"{name} must be true or false, got {raw!r}", parameter=name)
+    value = bool_word(raw)
+    if value is None:
+        raise InvalidInput(f"{name} must be true or false, got {raw!r}", parameter=name)
+    return value
 
 
 # -- the upload on disk ---------------------------------------------------------------------------

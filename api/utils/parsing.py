@@ -1,0 +1,16 @@
+"""Parsing of the plain words people type into settings, forms and query strings."""
+
+from __future__ import annotations
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def bool_word(raw: str) -> bool | None:
+    """True/False for the usual spellings, None for anything else (the caller names the error)."""
+    value = raw.strip().lower()
+    if value in TRUE_WORDS:
+        return True
+    if value in FALSE_WORDS:
+        return False
+    return None
