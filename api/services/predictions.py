@@ -26,6 +26,7 @@ from api.detector import (
 )
 from api.models import Prediction
 from api.services.errors import PayloadTooLarge, ServiceError, Unavailable
+from api.services.records import insert_with_objects
 from api.storage import ObjectStore, StoreUnavailable, object_key
 from api.utils.images import decode_image
 
@@ -156,23 +157,8 @@ class PredictionService:
         return serialize_prediction(row, self.store, self.settings)
 
     def save(self, row: Prediction, document: dict[str, Any]) -> None:
-        """Object first, then the row; if the row fails the object goes, so nothing dangles."""
-        bucket = self.settings.bucket_results
-        try:
-            self.store.put_bytes(bucket, row.result_object, json.dumps(document).encode(), "application/json")
-        except StoreUnavailable as exc:
-            log.error("result not stored: %s", exc)
-            raise Unavailable("the object store is unavailable; nothing was stored, retry shortly") from None
-        try:
-            with self.db.session() as session:
-                session.add(row)
-        except DatabaseUnavailable as exc:
-            log.error("prediction row not stored: %s", exc)
-            try:
-                self.store.delete(bucket, row.result_object)
-            except StoreUnavailable:
-                log.warning("could not remove orphaned result object %s", row.result_object)
-            raise Unavailable("the database is unavailable; nothing was stored, retry shortly") from None
+        insert_with_objects(self.db, self.store, row, [
+            (self.settings.bucket_results, row.result_object, json.dumps(document).encode(), "application/json")])
 
 
 def serialize_prediction(row: Prediction, store: ObjectStore | None, settings: Settings) -> dict[str, Any]:

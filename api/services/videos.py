@@ -54,6 +54,7 @@ from api.services.errors import (
     UnprocessableMedia,
 )
 from api.services.predictions import run_engine, safe_filename, serialize_prediction, verdict
+from api.services.records import delete_objects, insert_with_objects, put_objects
 from api.services.timeline import render_timeline
 from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable, object_key
 from api.tasks import check_callback_url
@@ -433,37 +434,8 @@ class VideoService:
         if self.settings.keep_videos:
             row.media_object = object_key(str(prediction_id), CONTAINER_SUFFIX.get(container, ".bin"), now)
             objects.insert(0, (self.settings.bucket_videos, row.media_object, upload.path, "video/octet-stream"))
-        written = self._put_objects(objects)
-        try:
-            with self.db.session() as session:
-                session.add(row)
-        except DatabaseUnavailable as exc:
-            log.error("video prediction rows not stored: %s", exc)
-            self._delete_objects(written)
-            raise Unavailable("the database is unavailable; nothing was stored, retry shortly") from None
+        insert_with_objects(self.db, self.store, row, objects)
         return row
-
-    def _put_objects(self, objects: list[tuple[str, str, Any, str]]) -> list[tuple[str, str]]:
-        written: list[tuple[str, str]] = []
-        try:
-            for bucket, key, payload, content_type in objects:
-                if isinstance(payload, bytes):
-                    self.store.put_bytes(bucket, key, payload, content_type)
-                else:
-                    self.store.put_file(bucket, key, payload, content_type)
-                written.append((bucket, key))
-        except StoreUnavailable as exc:
-            log.error("video result not stored: %s", exc)
-            self._delete_objects(written)
-            raise Unavailable("the object store is unavailable; nothing was stored, retry shortly") from None
-        return written
-
-    def _delete_objects(self, objects: list[tuple[str, str]]) -> None:
-        for bucket, key in objects:
-            try:
-                self.store.delete(bucket, key)
-            except (StoreUnavailable, ObjectNotFound, ValueError):
-                log.warning("could not remove object %s/%s", bucket, key)
 
     # ---------------------------------------------------------------- jobs
     def active_jobs(self, owner: str | None) -> int:
@@ -499,14 +471,8 @@ class VideoService:
                 progress_done=0, progress_total=len(indices), callback_url=params.callback_url,
                 callback_status="pending" if params.callback_url else None,
                 params={**params.as_dict(), "async": True, "base_url": base_url, "sampling": sampling})
-            written = self._put_objects([(self.settings.bucket_videos, upload_key, upload.path, "video/octet-stream")])
-            try:
-                with self.db.session() as session:
-                    session.add(row)
-            except DatabaseUnavailable as exc:
-                log.error("video job not stored: %s", exc)
-                self._delete_objects(written)
-                raise Unavailable("the database is unavailable; nothing was stored, retry shortly") from None
+            insert_with_objects(self.db, self.store, row,
+                                [(self.settings.bucket_videos, upload_key, upload.path, "video/octet-stream")])
         if self.on_job_queued is not None:
             self.on_job_queued()
         return row
@@ -583,13 +549,13 @@ class VideoService:
                 if self.settings.keep_videos:
                     row.media_object = upload_key  # the upload becomes the kept video: no second copy
                 row.video.upload_object = None
-                written = self._put_objects(self._documents(row, analysis))
+                written = put_objects(self.store, self._documents(row, analysis))
         except DatabaseUnavailable as exc:
             log.error("video job %s not stored: %s", prediction_id, exc)
-            self._delete_objects(written)
+            delete_objects(self.store, written)
             raise Unavailable("the database is unavailable; the job's results were not stored") from None
         if not self.settings.keep_videos and upload_key:
-            self._delete_objects([(self.settings.bucket_videos, upload_key)])
+            delete_objects(self.store, [(self.settings.bucket_videos, upload_key)])
         return row
 
     def fail_job(self, prediction_id: uuid.UUID, worker: str | None, message: str) -> Prediction | None:
@@ -604,7 +570,7 @@ class VideoService:
             if row.video is not None:
                 row.video.upload_object = None
         if upload_key:
-            self._delete_objects([(self.settings.bucket_videos, upload_key)])
+            delete_objects(self.store, [(self.settings.bucket_videos, upload_key)])
         return row
 
     # ---------------------------------------------------------------- reading back
