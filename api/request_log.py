@@ -183,7 +183,6 @@ def init_app(app: Flask) -> None:
         response.headers[HEADER] = g.request_id
         started = g.get("_d3_log_started")
         duration_ms = (time.perf_counter() - started) * 1000.0 if started is not None else 0.0
-        response.headers["Server-Timing"] = f"app;dur={duration_ms:.1f}"  # the service's own time
         fields = request_fields(response, duration_ms)
         # 503 is "busy or loading, retry": expected while starting; other 5xx are bugs or outages.
         status = response.status_code

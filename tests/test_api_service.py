@@ -24,8 +24,6 @@ def test_health_ready_body(client, tiny_engine):
     assert body["queue_depth"] == 0
     assert "verdicts mean nothing" in body["warning"]
     assert "verdicts mean nothing" in response.headers["X-D3-Warning"]
-    timing = response.headers["Server-Timing"]  # the service's own time, for clients and benchmarks
-    assert timing.startswith("app;dur=") and float(timing.split("=")[1]) >= 0
 
 
 class _BlockedModel(torch.nn.Module):
