@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from flask import g, request
 
 from api.services.errors import InvalidInput
-from api.utils.parsing import bool_word
+from api.utils.parsing import bool_param
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,7 @@ def parse_threshold(default: float) -> float:
 
 
 def parse_bool(name: str, default: bool) -> bool:
-    raw = request.values.get(name)
-    if raw is None or raw == "":
-        return default
-    value = bool_word(raw)
-    if value is None:
-        raise InvalidInput(f"{name} must be true or false, got {raw!r}", parameter=name)
-    return value
+    return bool_param(name, request.values.get(name), default)
 
 
 def absolute_url(url: str | None) -> str | None:

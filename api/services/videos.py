@@ -58,7 +58,7 @@ from api.services.records import delete_objects, insert_with_objects, put_object
 from api.services.timeline import render_timeline
 from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable, object_key
 from api.tasks import check_callback_url
-from api.utils.parsing import bool_word
+from api.utils.parsing import bool_param
 from api.utils.video_probe import ProbeInfo, VideoDecodeError, VideoReader, sample_indices, sniff
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,7 @@ class VideoParams:
 
 
 def _parse_bool(name: str, raw: str | None) -> bool:
-    if raw is None or raw == "":
-        return False
-    value = bool_word(raw)
-    if value is None:
-        raise InvalidInput(f"{name} must be true or false, got {raw!r}", parameter=name)
-    return value
+    return bool_param(name, raw, False)
 
 
 # -- the upload on disk ---------------------------------------------------------------------------

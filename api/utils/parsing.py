@@ -14,3 +14,15 @@ def bool_word(raw: str) -> bool | None:
     if value in FALSE_WORDS:
         return False
     return None
+
+
+def bool_param(name: str, raw: str | None, default: bool) -> bool:
+    """A yes/no request parameter: the default when absent or empty, 400 naming it when unreadable."""
+    from api.services.errors import InvalidInput
+
+    if raw is None or raw.strip() == "":
+        return default
+    value = bool_word(raw)
+    if value is None:
+        raise InvalidInput(f"{name} must be true or false, got {raw!r}", parameter=name)
+    return value
