@@ -207,7 +207,6 @@ class VideoJobs:
         self._dirty = False
         self._stopped = False
         self._last_reap = time.monotonic()
-        self._idle = threading.Condition(self._lock)
 
     # ---------------------------------------------------------------- lifecycle
     def notify(self) -> None:
@@ -228,17 +227,6 @@ class VideoJobs:
         """Let running jobs finish but start no new ones (tests; a stopping process)."""
         with self._lock:
             self._stopped = True
-
-    def wait_idle(self, timeout: float) -> bool:
-        """True once no worker thread is running (tests)."""
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._active:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
 
     def _loop(self) -> None:
         db_errors = 0
@@ -276,7 +264,6 @@ class VideoJobs:
         finally:
             with self._lock:
                 self._active -= 1
-                self._idle.notify_all()
 
     # ---------------------------------------------------------------- claiming and running
     def claim(self) -> uuid.UUID | None:

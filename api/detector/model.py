@@ -29,7 +29,6 @@ IMAGE_SIZE = 224
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 256: the 16x16 grid of ViT-L/14's tokens
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 PRECISIONS = ("fp32", "fp16", "bf16")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 _registered = False
 

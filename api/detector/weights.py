@@ -34,8 +34,6 @@ from api.detector.model import backbone_config, materialize_visual, uses_quick_g
 AUTHORS_HEAD_URL = "https://github.com/BigAandSmallq/D3/raw/main/ckpt/classifier.pth"
 HEAD_FILENAME = "classifier.pth"  # where `d3 fetch-weights` puts the authors' head in the cache
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-HEAD_KEYS = ("query.weight", "query.bias", "key.weight", "key.bias", "value.weight", "value.bias",
-             "fc.weight", "fc.bias")
 FETCH_HINT = "run `d3 fetch-weights` to download it"
 _RANDOM = re.compile(r"^random:(\d+)$")
 _DOWNLOAD_TIMEOUT_S = 60

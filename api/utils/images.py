@@ -13,8 +13,6 @@ from api.services.errors import PayloadTooLarge, UnprocessableMedia, Unsupported
 # Pillow's format names, read from the bytes. Restricting `Image.open(formats=...)` to these means
 # Pillow never even tries other plugins: no EPS (Ghostscript), no SVG, nothing exotic.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-MIME_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp",
-              "GIF": "image/gif", "TIFF": "image/tiff"}
 
 # A truncated file is an error, never a silently grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -231,7 +231,6 @@ class VideoReader:
         self._timed_out = threading.Event()
         self._stderr_tail = b""
         self._child = SPARES.take(keep_warm)
-        self._started = time.monotonic()
         self._watchdog = threading.Timer(timeout_s, self._expire)
         self._watchdog.daemon = True
         self._watchdog.start()
@@ -295,10 +294,6 @@ class VideoReader:
                 return
             else:
                 raise VideoDecodeError("crashed", f"video decoder sent an unexpected reply: {message!r:.200}")
-
-    @property
-    def elapsed_s(self) -> float:
-        return time.monotonic() - self._started
 
     # -- internals ------------------------------------------------------------------------
     def _expire(self) -> None:
