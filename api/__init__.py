@@ -10,6 +10,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from api.config import load_settings
+from api.utils.multipart import Request
 
 UNTRAINED_WARNING = "model has random (untrained) weights: its verdicts mean nothing"
 
@@ -27,6 +28,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     logging.basicConfig(level=settings.log_level)
     request_log.use_json_logging()  # every line this process logs is JSON, start-up included
     app = Flask(__name__, instance_path=settings.instance_dir)
+    app.request_class = Request  # python-multipart parses uploads (see api/utils/multipart.py)
     app.config.from_mapping(
         SETTINGS=settings,
         # The largest body any route accepts; routes lower it for themselves.

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from tests.conftest import make_app
+from tests.conftest import make_app, post_form
 
 
 def secure_app(tmp_path: Path, engine, **overrides: str):
@@ -28,8 +27,7 @@ def api_key(key: str) -> dict[str, str]:
 
 
 def post_image(client, data: bytes, filename: str = "x.png", headers: dict | None = None, **form):
-    return client.post("/predict", data={"file": (io.BytesIO(data), filename), **form},
-                       content_type="multipart/form-data", headers=headers or {})
+    return post_form(client, "/predict", [("file", (filename, data)), *form.items()], headers)
 
 
 def rss_mb() -> tuple[float, float]:

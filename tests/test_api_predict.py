@@ -14,12 +14,11 @@ import torch
 from PIL import Image
 
 from api.detector import preprocess_image
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, post_form
 
 
 def post_image(client, data: bytes, filename: str = "x.png", **form):
-    return client.post("/predict", data={"file": (io.BytesIO(data), filename), **form},
-                       content_type="multipart/form-data")
+    return post_form(client, "/predict", [("file", (filename, data)), *form.items()])
 
 
 def expected_probability(engine, data: bytes) -> float:

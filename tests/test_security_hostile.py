@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, post_form
 from tests.security_corpus import hostile_files, many_frame_gif, tiny_mp4, unusual_but_valid, zip_bomb
 from tests.security_helpers import bearer, new_key, post_image, reset_peak_rss, rss_mb, secure_app
 
@@ -115,9 +115,9 @@ def test_hostile_files_get_documented_4xx_bounded_memory_and_the_service_keeps_w
 
 def test_the_whole_corpus_in_one_batch_gets_one_error_entry_per_file(hostile, corpus):
     app, client, headers = hostile
-    files = [(io.BytesIO(data), filename) for _, filename, data, _ in corpus[:60]]
-    files.append((io.BytesIO(image_bytes(seed=77)), "the-good-one.png"))
-    response = client.post("/predict/batch", data={"files": files}, headers=headers, content_type="multipart/form-data")
+    files = [("files", (filename, data)) for _, filename, data, _ in corpus[:60]]
+    files.append(("files", ("the-good-one.png", image_bytes(seed=77))))
+    response = post_form(client, "/predict/batch", files, headers)
     assert response.status_code == 200
     body = response.get_json()
     assert body["count"] == len(files) and body["succeeded"] == 1 and body["failed"] == len(files) - 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from api.detector.preprocess import CLIP_MEAN, CLIP_STD
+from tests.conftest import post_form
 
 # fourcc -> (container suffix, description). OpenCV's own writers; H.264 needs an encoder the
 # OpenCV wheel may lack, so it is checked at run time.
@@ -102,8 +102,7 @@ def make_brightness_engine():
 
 
 def post_video(client, data: bytes, filename: str = "clip.avi", **form):
-    return client.post("/predict/video", data={"file": (io.BytesIO(data), filename), **form},
-                       content_type="multipart/form-data")
+    return post_form(client, "/predict/video", [("file", (filename, data)), *form.items()])
 
 
 # Video endpoints are rate limited per client (10/minute by default); tests post more than that.
