@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, g, has_request_context, request
 
 from api.config import Settings
+from api.detector.timing import model_time_ms, reset_model_time
 from api.metrics import prediction_results
 from api.routes.common import current_caller
 from api.services.keys import KEY_LIKE
@@ -159,6 +160,9 @@ def request_fields(response: Response, duration_ms: float) -> dict[str, Any]:
         "media_type": results[0]["media_type"] if results else MEDIA_BY_BLUEPRINT.get(request.blueprint or ""),
         "verdict": _verdict(results),
     }
+    model_ms = model_time_ms()
+    if model_ms:  # the part of duration_ms spent waiting on the model (queue, batch window, forward)
+        fields["model_ms"] = round(model_ms, 2)
     if response.status_code >= 400 and response.is_json:
         body = response.get_json(silent=True)
         problem = body.get("error") if isinstance(body, dict) else None
@@ -175,6 +179,7 @@ def init_app(app: Flask) -> None:
     def _begin() -> None:
         g._d3_log_started = time.perf_counter()
         g.request_id = _incoming_id()
+        reset_model_time()
 
     @app.after_request
     def _finish(response: Response) -> Response:

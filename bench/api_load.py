@@ -1,8 +1,10 @@
 """Load benchmark of the HTTP API: requests/s and latency percentiles for /predict and /predict/batch.
 
 Starts a real Gunicorn (gunicorn_config.py) on a free loopback port on the embedded defaults, drives
-it with 1, 8 and 32 concurrent clients, and measures the engine alone in this process for the same
-model, so the service's own cost per request (API p50 - engine p50 at one client) can be read off.
+it with 1, 8 and 32 concurrent clients, and reads the service's own cost per single-image request
+from the service's request log: duration_ms - model_ms (the time that request spent waiting on the
+model), request by request. For comparison it also measures the model alone in this process, through
+the engine and as a bare forward, and prints the service's time beyond each.
 
     .venv/bin/python bench/api_load.py --tiny                  # the service's own cost
     .venv/bin/python bench/api_load.py --requests 16 --concurrency 1 8   # real ViT-L/14 architecture
@@ -105,9 +107,10 @@ def drive(url: str, images: list[bytes], requests_total: int, concurrency: int, 
             "request_ids": request_ids}
 
 
-def server_durations(log_file: Path, request_ids: list[str]) -> list[float]:
-    """The service's own time per request, from its JSON request log (duration_ms by request id)."""
-    wanted, durations = set(request_ids), []
+def server_timings(log_file: Path, request_ids: list[str]) -> tuple[list[float], list[float]]:
+    """Per request, from the service's JSON request log (matched by request id): its whole time
+    (duration_ms) and its own time beyond the model (duration_ms - model_ms)."""
+    wanted, whole, own = set(request_ids), [], []
     for line in log_file.read_text().splitlines():
         if '"request_id"' not in line:
             continue
@@ -116,12 +119,20 @@ def server_durations(log_file: Path, request_ids: list[str]) -> list[float]:
         except json.JSONDecodeError:
             continue
         if record.get("request_id") in wanted:
-            durations.append(float(record["duration_ms"]))
-    return durations
+            whole.append(float(record["duration_ms"]))
+            own.append(float(record["duration_ms"]) - float(record.get("model_ms", 0.0)))
+    return whole, own
 
 
-def engine_latency(env: dict[str, str], images: list[bytes], repeats: int) -> float:
-    """p50 of the model alone (preprocessed tensor in, probability out) in this process."""
+def engine_latency(env: dict[str, str], images: list[bytes], repeats: int) -> tuple[float, float]:
+    """p50s of the model alone in this process, one image: (through the engine, the bare forward).
+
+    Through the engine: preprocessed tensor in, probability out, so its batching window
+    (D3_MAX_WAIT_MS) and thread hand-off count as the model's. The bare forward is the stricter
+    baseline: the model's own computation and nothing else.
+    """
+    import torch
+
     from api.config import load_settings
     from api.detector import DetectorConfig, InferenceEngine, preprocess_image
 
@@ -130,13 +141,19 @@ def engine_latency(env: dict[str, str], images: list[bytes], repeats: int) -> fl
     if not engine.wait_ready(600):
         raise SystemExit(f"engine failed: {engine.load_error}")
     tensor = preprocess_image(Image.open(io.BytesIO(images[0])))
-    timings = []
+    through_engine, bare = [], []
     for _ in range(repeats):
         started = time.perf_counter()
         engine.predict([tensor])
-        timings.append((time.perf_counter() - started) * 1000.0)
+        through_engine.append((time.perf_counter() - started) * 1000.0)
     engine.stop()
-    return statistics.median(timings)
+    batch = tensor.unsqueeze(0).to(engine.device)
+    with torch.inference_mode():
+        for _ in range(repeats):
+            started = time.perf_counter()
+            engine.model(batch).float().cpu()
+            bare.append((time.perf_counter() - started) * 1000.0)
+    return statistics.median(through_engine), statistics.median(bare)
 
 
 def main() -> None:
@@ -147,6 +164,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--batch-size", type=int, default=8, help="images per /predict/batch request")
+    parser.add_argument("--max-wait-ms", help="D3_MAX_WAIT_MS, the batching window (default: the service's)")
     parser.add_argument("--workers", default="1")
     parser.add_argument("--threads", default="32")
     args = parser.parse_args()
@@ -159,9 +177,11 @@ def main() -> None:
            "D3_BACKBONE": "d3-tiny" if args.tiny else "ViT-L-14-quickgelu", "D3_CLIP_WEIGHTS": "random:0",
            "D3_HEAD_WEIGHTS": "random:0", "D3_DEVICE": args.device, "D3_PRECISION": args.precision,
            "RATE_LIMIT_DEFAULT": "1000000/second", "LOG_LEVEL": "INFO"}
+    if args.max_wait_ms is not None:
+        env["D3_MAX_WAIT_MS"] = args.max_wait_ms
     images = make_images(64)
     model_env = {k: env[k] for k in env if k.startswith("D3_")}
-    engine_p50 = engine_latency(model_env, images, repeats=50 if args.tiny else 5)
+    engine_p50, forward_p50 = engine_latency(model_env, images, repeats=50 if args.tiny else 5)
     process = start_service(env, workdir, port)
     url = f"http://127.0.0.1:{port}"
     rows = []
@@ -179,17 +199,19 @@ def main() -> None:
     print(f"\nAPI load: {model}, device {args.device}, precision {args.precision}, "
           f"gunicorn {args.workers} worker(s) x {args.threads} threads; {platform.processor() or platform.machine()},"
           f" {os.cpu_count()} CPUs\n")
-    print(f"engine alone, one image, p50: {engine_p50:.1f} ms\n")
+    print(f"engine alone, one image, p50: {engine_p50:.1f} ms (bare forward: {forward_p50:.1f} ms)\n")
     print("| endpoint | clients | images/request | requests/s | images/s | p50 ms | p95 ms | p99 ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for endpoint, concurrency, batch, r in rows:
         print(f"| {endpoint} | {concurrency} | {batch} | {r['rps']:.1f} | {r['images_s']:.1f} | {r['p50']:.1f} | "
               f"{r['p95']:.1f} | {r['p99']:.1f} |")
     single = next(r for e, c, b, r in rows if e == "/predict" and c == 1)
-    single["server_p50"] = percentile(server_durations(workdir / "error.log", single["request_ids"]), 50)
-    print(f"\nservice overhead at p50, one client: {single['server_p50'] - engine_p50:.1f} ms in the service "
-          f"(server-side p50 {single['server_p50']:.1f} ms, from the request log, minus engine-alone p50); "
-          f"{single['p50'] - engine_p50:.1f} ms as the client sees it (HTTP and the client's own work included)")
+    whole, own = server_timings(workdir / "error.log", single["request_ids"])
+    server_p50 = percentile(whole, 50)
+    print(f"\n/predict, one client, p50: the service's own time {percentile(own, 50):.1f} ms per request "
+          f"(duration_ms - model_ms of its request log, request by request); server-side {server_p50:.1f} ms "
+          f"= engine-alone + {server_p50 - engine_p50:.1f} ms = bare forward + {server_p50 - forward_p50:.1f} ms; "
+          f"client-side {single['p50']:.1f} ms = engine-alone + {single['p50'] - engine_p50:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -164,14 +164,18 @@ def test_one_json_line_per_request_with_id_key_name_verdict_and_never_the_key(tm
         refused = post_image(client, b"%!PS-Adobe-3.0 EPSF-3.0", headers=bearer(key))
         bad_key = client.get("/predictions", headers=bearer(key[:-1] + "x"))
         key_in_path = client.get(f"/{key}", headers=bearer(key))
+        reused = post_image(client, image_bytes(seed=500), headers=bearer(key), threshold="0")
     requests = [line for line in _lines(caplog) if line["logger"] == "d3.request"]
-    assert len(requests) == 5
-    first, second, third, fourth, fifth = requests
+    assert len(requests) == 6
+    first, second, third, fourth, fifth, sixth = requests
     assert first["request_id"] == ok.headers["X-Request-ID"] and re.fullmatch(r"[0-9a-f]{32}", first["request_id"])
     assert first.items() >= {"method": "POST", "path": "/predict", "endpoint": "predict.predict", "status": 200,
                              "key": "alice", "key_id": key.split("_")[1], "media_type": "image",
                              "verdict": "fake", "client": "127.0.0.1"}.items()
     assert first["duration_ms"] > 0 and first["level"] == "INFO" and first["ts"].endswith("Z")
+    # The model's share of the request, counted for this request only (the thread is reused).
+    assert 0 < first["model_ms"] < first["duration_ms"]
+    assert reused.get_json()["reused"] and "model_ms" not in sixth and "model_ms" not in second
     assert second["request_id"] == given.headers["X-Request-ID"] == "req-from-nginx-42"
     assert third["status"] == 415 and third["error"]["code"] == "unsupported_media_type" and refused.status_code == 415
     assert "%!PS" not in json.dumps(third)  # error text, never file contents

@@ -29,6 +29,7 @@ from api.detector.errors import (
     EngineTimeout,
     InferenceError,
 )
+from api.detector.timing import add_model_time
 
 log = logging.getLogger(__name__)
 INPUT_SHAPE = (3, 224, 224)
@@ -175,6 +176,13 @@ class InferenceEngine:
                 raise ValueError(f"expected preprocessed images of shape {INPUT_SHAPE}, got {tuple(tensor.shape)}")
         if len(tensors) > self.config.queue_size:
             raise ValueError(f"{len(tensors)} images exceed the queue size ({self.config.queue_size})")
+        started = time.perf_counter()
+        try:
+            return self._submit_and_wait(tensors, timeout)
+        finally:
+            add_model_time(time.perf_counter() - started)
+
+    def _submit_and_wait(self, tensors: Sequence[torch.Tensor], timeout: float | None) -> list[float]:
         request = _Request(len(tensors))
         items = [_Item(request, i, t) for i, t in enumerate(tensors)]
         with self._cond:
