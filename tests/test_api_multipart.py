@@ -68,6 +68,19 @@ def test_part_and_field_limits_are_werkzeugs_413():
     assert parse(MultipartFormDataParser, body, content_type, max_form_memory_size=1001)[0]["note"] == "x" * 1001
 
 
+def test_part_headers_are_bounded_not_buffered():
+    endless = b"--b\r\nContent-Disposition: form-data; name=\"file\"\r\nX-Pad: " + b"a" * (4 * READ_SIZE)
+    with pytest.raises(InvalidInput):
+        parse(MultipartFormDataParser, endless, "multipart/form-data; boundary=b")
+    many = b"--b\r\nContent-Disposition: form-data; name=\"note\"\r\n" + b"X-Pad: 1\r\n" * 100
+    with pytest.raises(InvalidInput):
+        parse(MultipartFormDataParser, many + b"\r\nhello\r\n--b--\r\n", "multipart/form-data; boundary=b")
+    # Ordinary headers, a few kB of them, still pass.
+    padded = b"".join(f"X-Pad-{i}: {'a' * 1000}\r\n".encode() for i in range(5))
+    body = b"--b\r\nContent-Disposition: form-data; name=\"note\"\r\n" + padded + b"\r\nhello\r\n--b--\r\n"
+    assert parse(MultipartFormDataParser, body, "multipart/form-data; boundary=b")[0]["note"] == "hello"
+
+
 @pytest.mark.parametrize(("body", "words"), [
     (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\nabc", "closing boundary"),
     (b"--b\r\nContent-Type: image/png\r\n\r\nabc\r\n--b--\r\n", "Content-Disposition"),

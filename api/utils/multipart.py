@@ -13,7 +13,8 @@ of `str` and `FileStorage`). One difference, on purpose: where Werkzeug silently
 an empty form for a malformed body (so the client reads "field required"), this says what is
 wrong with the body (400, `invalid_input`).
 
-python-multipart is stricter than Werkzeug in one corner: an empty part must carry its blank
+Part headers are bounded by python-multipart itself (8 per part, about 4 kB each); more is a 400.
+python-multipart is also stricter than Werkzeug in one corner: an empty part must carry its blank
 line (headers, CRLF, CRLF, CRLF, delimiter), as curl, browsers and `requests` send it. Werkzeug's
 test client leaves that CRLF out for an empty file; such a body gets the 400 above.
 """
