@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from api.detector import preprocess_image
-from tests.conftest import image_bytes, post_form
+from tests.helpers import image_bytes, post_form
 
 
 def post_image(client, data: bytes, filename: str = "x.png", **form):
@@ -119,7 +119,7 @@ def test_truncated_image_is_422(client):
 
 
 def test_pixel_and_size_limits_are_413(tmp_path, tiny_engine):
-    from tests.conftest import make_app
+    from tests.helpers import make_app
 
     client = make_app(tmp_path, tiny_engine, MAX_IMAGE_PIXELS="1000", MAX_IMAGE_BYTES="5000").test_client()
     too_many_pixels = post_image(client, image_bytes(size=(40, 40)))
@@ -172,7 +172,7 @@ def test_batch_keeps_order_and_isolates_bad_files(backend_app, tiny_engine):
 
 
 def test_batch_limits(tmp_path, tiny_engine):
-    from tests.conftest import make_app
+    from tests.helpers import make_app
 
     client = make_app(tmp_path, tiny_engine, MAX_BATCH_FILES="2").test_client()
     files = [(io.BytesIO(image_bytes(seed=i)), f"{i}.png") for i in range(3)]

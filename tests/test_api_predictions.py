@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from api.models import Prediction
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 
 
 def seed_rows(app, rows: list[dict]) -> list[str]:

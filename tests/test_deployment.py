@@ -30,7 +30,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import image_bytes
 from tests.deploy_helpers import (
     INSTALL_DEPS,
     NGINX_SITE,
@@ -47,6 +46,7 @@ from tests.deploy_helpers import (
     stop_process,
     wait_for,
 )
+from tests.helpers import image_bytes
 
 DEPLOY = REPO / "deploy.sh"
 CHECK = REPO / "check_deployment.sh"

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.detector import DetectorConfig, InferenceEngine
 from api.models import Prediction
 from api.request_log import JsonFormatter
-from tests.conftest import ROOT, TINY_MODEL, free_port, image_bytes, make_app, wait_for_port
+from tests.helpers import ROOT, TINY_MODEL, free_port, image_bytes, make_app, wait_for_port
 from tests.security_helpers import api_key, bearer, new_key, post_image, secure_app
 
 

@@ -19,7 +19,7 @@ from api.models import Prediction
 from api.services.errors import InvalidInput
 from api.services.queries import Filters
 from api.tasks import check_callback_url, deliver_callback
-from tests.conftest import make_app
+from tests.helpers import make_app
 from tests.video_clips import VIDEO_APP_SETTINGS, clip_bytes, make_brightness_engine, post_video
 
 
