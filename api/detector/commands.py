@@ -317,7 +317,8 @@ def fetch_weights(if_missing: bool, **options: Any) -> None:
     for part, entry in report.items():
         # The error's own hint is "run `d3 fetch-weights`": this command, which just tried; the
         # instructions below say what to do instead.
-        error = (entry.get("error") or "").replace(f"To fix: {weights.FETCH_HINT}, or", "To fix: place it by hand as below, or")
+        error = (entry.get("error") or "").replace(f"To fix: {weights.FETCH_HINT}, or",
+                                                   "To fix: place it by hand as below, or")
         status = "OK" if entry.get("loadable") else f"NOT USABLE: {error}"
         click.echo(f"{part}: {entry.get('path') or entry.get('value')}  {status}")
     if _all_loadable(report):
