@@ -16,11 +16,15 @@ read too, so a hand-started Gunicorn in the app directory behaves like the servi
     GUNICORN_ERROR_LOG         error log file, or "-" for stderr
     GUNICORN_LOG_LEVEL         Gunicorn's own log level (default: LOG_LEVEL, else info)
     FORWARDED_ALLOW_IPS        proxies whose X-Forwarded-* headers are trusted (default 127.0.0.1,::1)
+    PROMETHEUS_MULTIPROC_DIR   where workers' metrics are added up (default: a fresh temporary folder)
+
+(`make run` / `make demo` set BIND=127.0.0.1:8000: browsers refuse port 6000, which is fine behind nginx.)
 
 Logs: under systemd (INVOCATION_ID or JOURNAL_STREAM in the environment) both logs go to
 stdout/stderr and so to the journal (`journalctl -u d3-api`); otherwise to logs/access.log and
 logs/error.log. The access log line ends with the request time in milliseconds and the
-X-Request-ID that nginx sets, so a slow request can be found in both nginx's and Gunicorn's logs.
+X-Request-ID the app answered with (nginx's, when nginx set one), so a slow request can be found in
+nginx's, Gunicorn's and the app's logs alike.
 
 How many workers fit on one GPU
 -------------------------------
