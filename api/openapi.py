@@ -73,8 +73,10 @@ def invalid_input(error: ValidationError) -> InvalidInput:
     first = error.errors(include_url=False)[0]
     parameter = ".".join(str(part) for part in first.get("loc", ()) if not isinstance(part, int)) or None
     message = first.get("msg", "invalid value")
+    parameter = first.get("ctx", {}).get("parameter", parameter)  # a rule across fields names its parameter
     if first.get("type") == "missing":
-        message = "this field is required" + (" (a multipart file part)" if parameter in ("file", "files") else "")
+        kind = "multipart file part" if parameter in ("file", "files") else "parameter"
+        return InvalidInput(f"{kind} '{parameter}' is required", parameter=parameter)
     elif "input" in first and isinstance(first["input"], (str, int, float)):
         message = f"{message}, got {_shown(first['input'])}"
     return InvalidInput(f"{parameter}: {message}" if parameter else message, parameter=parameter)
@@ -125,12 +127,33 @@ def _to_openapi30(node: Any, settings: Settings) -> Any:
     return node
 
 
+# Response headers spectree's Response cannot declare.
+RESPONSE_HEADERS: dict[Any, dict[str, Any]] = {
+    "503": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait before retrying"}},
+    ("/predict/video", "post", "202"): {"Location": {"schema": {"type": "string"},
+                                                     "description": "GET /predictions/{id} of the job"}},
+}
+
+
 def _generated(app: Flask, settings: Settings) -> dict[str, Any]:
-    with app.app_context():
-        spec = api_spec._generate_spec()  # per app: the settings differ between apps (tests)
+    # Per app (the settings differ between apps, in tests). spectree's generator moves nested
+    # models out of its registry as it goes, so it works on a copy each time.
+    models = api_spec.models
+    api_spec.models = copy.deepcopy(models)
+    try:
+        with app.app_context():
+            spec = api_spec._generate_spec()
+    finally:
+        api_spec.models = models
     spec = _to_openapi30(spec, settings)
-    for item in spec["paths"].values():
-        for operation in item.values():
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            for status, response in operation.get("responses", {}).items():
+                headers = {**RESPONSE_HEADERS.get(status, {}), **RESPONSE_HEADERS.get((path, method, status), {})}
+                if headers:
+                    response["headers"] = copy.deepcopy(headers)
+                if status == "400" and response.get("description") == "Bad Request":
+                    response["description"] = "A missing or invalid parameter or field; error.parameter names it"
             if not operation.get("description"):
                 operation.pop("description", None)
             if not operation.get("tags"):
