@@ -16,12 +16,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from api.config import EXAMPLE_SECRETS, ConfigError, Settings, load_settings
+from api.config import ConfigError, Settings, load_settings, secret_problem
 
 CHECKS = ("settings", "weights", "database", "objectstore", "inference")
-# Outside a throwaway loopback setup a secret must be long and not a value from an example file.
-MIN_DEPLOYED_SECRET_LENGTH = 32
-PLACEHOLDERS = EXAMPLE_SECRETS | {"change_me", "secret", "password", "example", "todo", "placeholder"}
 CREDENTIALS_HINT = ("a secret from 'openssl rand -hex 32' for SECRET_KEY, the real MinIO/PostgreSQL credentials "
                "for the others")
 
@@ -35,9 +32,8 @@ class Check:
 
 
 def is_placeholder(value: str) -> bool:
-    lowered = value.strip().lower()
-    return (lowered in PLACEHOLDERS or lowered.startswith(("xxx", "your-"))
-            or (lowered.startswith("<") and lowered.endswith(">")))
+    """A value from an example file, not a credential (the app's own rule, without the length)."""
+    return secret_problem(value) in ("it is empty", "it is a placeholder")
 
 
 # -- the checks ---------------------------------------------------------------------------------------
@@ -45,17 +41,18 @@ def check_settings(settings: Settings) -> Check:
     """Secrets a deployment may not keep; the rest was validated by load_settings() already."""
     from sqlalchemy.engine import make_url
 
+    # A deployment is judged by the rule the app applies outside loopback (api.config.secret_problem),
+    # whatever BIND says: it is about to be served.
+    # The MinIO keys are the store's to judge (it refuses wrong ones): only placeholders are caught here.
     problems = []
-    value = settings.secret_key
-    if is_placeholder(value):
-        problems.append(f"SECRET_KEY is {'the placeholder ' if value else ''}'{value or 'empty'}'")
-    elif len(value) < MIN_DEPLOYED_SECRET_LENGTH:
-        problems.append(f"SECRET_KEY is only {len(value)} characters (at least {MIN_DEPLOYED_SECRET_LENGTH})")
+    problem = secret_problem(settings.secret_key.get_secret_value())
+    if problem:
+        problems.append(f"SECRET_KEY is not a real secret: {problem}")
     if settings.uses_minio:
         for name in ("minio_access_key", "minio_secret_key"):
-            value = getattr(settings, name)
+            value = getattr(settings, name).get_secret_value()
             if is_placeholder(value):
-                problems.append(f"{name.upper()} is {'the placeholder ' if value else ''}'{value or 'empty'}'")
+                problems.append(f"{name.upper()} is {'a placeholder' if value else 'empty'}")
     if settings.database_url:
         try:
             password = make_url(settings.database_url).password

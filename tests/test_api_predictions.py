@@ -179,7 +179,7 @@ def test_cursor_encoding_round_trip_and_tampering():
     import base64
     import json
 
-    from api.services.errors import InvalidInput
+    from api.exceptions import InvalidInput
     from api.services.queries import Filters, decode_cursor, encode_cursor
 
     created = datetime(2026, 11, 5, 12, 30, 1, 123456, tzinfo=timezone.utc)
