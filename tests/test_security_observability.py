@@ -265,8 +265,15 @@ def gunicorn_service(tmp_path):
     try:
         wait_for_port(port, 60)
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while _http(f"{base}/health")[0] != 200:
+        deadline = time.monotonic() + 180
+
+        def healthy() -> bool:
+            try:  # a worker still importing the app accepts nothing yet: a timeout is "not ready"
+                return _http(f"{base}/health")[0] == 200
+            except (TimeoutError, urllib.error.URLError, ConnectionError):
+                return False
+
+        while not healthy():
             assert time.monotonic() < deadline, (tmp_path / "error.log").read_text()[-3000:]
             assert process.poll() is None, (tmp_path / "error.log").read_text()[-3000:]
             time.sleep(0.2)
