@@ -20,7 +20,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
 
     `engine` lets tests and benchmarks share one already-started InferenceEngine.
     """
-    from api import auth, errors, limits, metrics, request_log, tasks
+    from api import auth, errors, limits, metrics, request_log
     from api.context import build_services
     from api.routes import docs, health, objects, predict, predictions, video
 
@@ -48,7 +48,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     metrics.init_app(app)
     auth.init_app(app)
     limits.init_app(app)
-    tasks.init_app(app)  # video service, background job pool, recovery of interrupted jobs
+    app.extensions["d3"].executor.start()  # in-process executor: recovery of interrupted jobs
     # Exactly one trusted proxy hop (nginx on the same host) tells the client address.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)
 

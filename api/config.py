@@ -110,6 +110,16 @@ class Settings:
     callback_allow_http: bool = setting(False)
     callback_allow_private: bool = setting(False)
 
+    # --- video job queue (api/services/jobs.py, api/tasks.py, api/worker.py) ---
+    celery_broker_url: str = setting("", secret=True, doc="Celery broker; default REDIS_URL")
+    video_executor: str = setting("auto", choices=("auto", "threads", "celery"),
+                                  doc="auto: Celery when a broker is set, else threads in the API process")
+    job_max_attempts: int = setting(3, minimum=1, maximum=100, doc="claims of a job before it is failed")
+    job_heartbeat_s: float = setting(20.0, minimum=0.05, doc="how often a running job says it is alive")
+    job_stale_after_s: float = setting(300.0, minimum=0.2, doc="silence after which a running job is re-queued")
+    celery_visibility_timeout_s: float = setting(3600.0, minimum=1.0,
+                                                 doc="unacknowledged messages go back to the queue after this")
+
     # --- access control and limits ---
     auth_required: bool = setting(True)
     rate_limit_default: str = setting("120/minute")
@@ -150,6 +160,17 @@ class Settings:
     @property
     def uses_minio(self) -> bool:
         return bool(self.minio_endpoint)
+
+    @property
+    def broker_url(self) -> str:
+        return self.celery_broker_url or self.redis_url
+
+    @property
+    def uses_celery(self) -> bool:
+        """Video jobs go to the Celery worker tier (else: threads in the API process)."""
+        if self.video_executor == "auto":
+            return bool(self.broker_url)
+        return self.video_executor == "celery"
 
     def public_view(self) -> dict[str, Any]:
         """Every setting, with secrets masked: safe to print or log."""
@@ -215,6 +236,10 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"D3_DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}")
     if settings.default_video_frames > settings.max_video_frames:
         raise ConfigError("DEFAULT_VIDEO_FRAMES must not exceed MAX_VIDEO_FRAMES")
+    if settings.video_executor == "celery" and not settings.broker_url:
+        raise ConfigError("VIDEO_EXECUTOR=celery needs CELERY_BROKER_URL or REDIS_URL")
+    if settings.job_stale_after_s <= 2 * settings.job_heartbeat_s:
+        raise ConfigError("JOB_STALE_AFTER_S must be more than twice JOB_HEARTBEAT_S")
     if settings.uses_minio and not (settings.minio_access_key and settings.minio_secret_key):
         raise ConfigError("MINIO_ACCESS_KEY and MINIO_SECRET_KEY are required when MINIO_ENDPOINT is set")
     if not settings.binds_loopback:

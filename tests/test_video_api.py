@@ -363,7 +363,7 @@ def test_a_decode_over_the_time_limit_is_killed_and_reported(vapp, vclient, tmp_
 
     fifo = tmp_path / "stalls.mp4"  # a read that never returns: the child hangs in FFmpeg
     os.mkfifo(fifo)
-    videos = svc(vapp).extra["videos"]
+    videos = svc(vapp).videos
     reader = videos.open_reader(str(fifo), timeout_s=1.0)
     with pytest.raises(UnprocessableMedia) as caught:
         videos.probe(reader, "mp4")

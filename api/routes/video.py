@@ -24,7 +24,7 @@ def _absolute(body: dict) -> dict:
 
 def prediction_detail(row) -> dict:
     """The `prediction_detail` hook of GET /predictions/<id>: frames, progress, aggregates, timeline."""
-    return _absolute(services().extra["videos"].detail(row))
+    return _absolute(services().videos.detail(row))
 
 
 @bp.record_once
@@ -35,7 +35,7 @@ def _attach_detail_hook(state) -> None:
 @bp.post("/predict/video")
 def predict_video():
     svc = services()
-    videos = svc.extra["videos"]
+    videos = svc.videos
     request.max_content_length = svc.settings.max_video_bytes + MULTIPART_OVERHEAD
     threshold = parse_threshold(svc.settings.default_threshold)
     params = videos.parse_params(request.values, threshold)
@@ -65,7 +65,7 @@ def timeline(prediction_id: str):
     caller = current_caller()
     svc = services()
     row = svc.queries.get(prediction_id, caller.owner, caller.is_admin)  # another owner's id: 404
-    png = svc.extra["videos"].timeline_png(row)
+    png = svc.videos.timeline_png(row)
     return Response(png, content_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
 
