@@ -39,6 +39,7 @@ EOF
 SRC_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 ORIG_ARGS=("$@")
 SERVICE=d3-api
+WORKER_SERVICE=d3-worker  # the video worker tier, installed when a job queue broker is configured
 SERVICE_USER=d3
 DOMAIN=""
 PREFIX=""
@@ -83,6 +84,7 @@ APP_DIR="$PREFIX/opt/d3-api"
 VENV="$APP_DIR/.venv"
 SYSTEMD_DIR="$PREFIX/etc/systemd/system"
 UNIT_PATH="$SYSTEMD_DIR/$SERVICE.service"
+WORKER_UNIT_PATH="$SYSTEMD_DIR/$WORKER_SERVICE.service"
 NGINX_DIR="$PREFIX/etc/nginx"
 ACME_ROOT="$PREFIX/var/www/letsencrypt"
 LE_DIR="$PREFIX/etc/letsencrypt/live"
@@ -450,12 +452,34 @@ do_database() {
     as_service_user "$APP_DIR/bin/d3" db upgrade
 }
 
+# True when video jobs go to the Celery worker tier: a broker in .env, unless VIDEO_EXECUTOR=threads.
+worker_wanted() {
+    local executor broker
+    executor="$(dotenv_get "$APP_DIR/.env" VIDEO_EXECUTOR)"
+    broker="$(dotenv_get "$APP_DIR/.env" CELERY_BROKER_URL)"
+    [ -n "$broker" ] || broker="$(dotenv_get "$APP_DIR/.env" REDIS_URL)"
+    case "$executor" in
+        threads) return 1 ;;
+        celery) return 0 ;;
+    esac
+    [ -n "$broker" ]
+}
+
 UNIT_STAGED=""
+WORKER_STAGED=""
 do_unit() {
     step unit "systemd unit $UNIT_PATH"
     UNIT_STAGED="$WORK/$SERVICE.service"
+    local units=("$UNIT_STAGED") unit
     sed -e "s#/opt/d3-api#$APP_DIR#g" -e "s/^User=d3\$/User=$SERVICE_USER/" -e "s/^Group=d3\$/Group=$SERVICE_USER/" \
         "$SRC_DIR/$SERVICE.service" >"$UNIT_STAGED"
+    if worker_wanted; then
+        WORKER_STAGED="$WORK/$WORKER_SERVICE.service"
+        sed -e "s#/opt/d3-api#$APP_DIR#g" -e "s/^User=d3\$/User=$SERVICE_USER/" -e "s/^Group=d3\$/Group=$SERVICE_USER/" \
+            "$SRC_DIR/$WORKER_SERVICE.service" >"$WORKER_STAGED"
+        units+=("$WORKER_STAGED")
+        say "a job queue broker is configured: video jobs run in $WORKER_SERVICE ($WORKER_UNIT_PATH)"
+    fi
     if ! command -v systemd-analyze >/dev/null 2>&1; then
         skip "systemd-analyze not installed: unit not verified"
         return
@@ -465,11 +489,13 @@ do_unit() {
         return
     fi
     local out
-    out="$(systemd-analyze verify "$UNIT_STAGED" 2>&1)" || true
-    if [ -n "$out" ]; then
-        printf '%s\n' "$out" | sed 's/^/    /'
-        fail "systemd-analyze verify complains about the unit"
-    fi
+    for unit in "${units[@]}"; do
+        out="$(systemd-analyze verify "$unit" 2>&1)" || true
+        if [ -n "$out" ]; then
+            printf '%s\n' "$out" | sed 's/^/    /'
+            fail "systemd-analyze verify complains about $(basename "$unit")"
+        fi
+    done
     say "verified: systemd-analyze verify passes"
 }
 
@@ -603,11 +629,31 @@ do_activate() {
         ACTIVATED=1
         RESTART_NEEDED=1
     fi
+    local worker_changed=0 worker_removed=0
+    if [ -n "$WORKER_STAGED" ]; then
+        if [ -f "$WORKER_UNIT_PATH" ] && ! dry; then
+            cp "$WORKER_UNIT_PATH" "$APP_DIR/.worker-unit-previous"
+        fi
+        if install_file "$WORKER_STAGED" "$WORKER_UNIT_PATH" 0644; then
+            worker_changed=1
+            unit_changed=1
+            ACTIVATED=1
+        fi
+    elif [ -f "$WORKER_UNIT_PATH" ]; then
+        say "no job queue broker configured any more: $WORKER_SERVICE is removed (the API runs video jobs itself)"
+        worker_removed=1
+    fi
     [ "$env_hash" = "$(state_get env_hash)" ] || RESTART_NEEDED=1
     if prefixed; then
-        skip "--prefix: would run systemctl daemon-reload, enable and restart $SERVICE, reload nginx"
+        [ "$worker_removed" -eq 0 ] || run rm -f "$WORKER_UNIT_PATH"
+        skip "--prefix: would run systemctl daemon-reload, enable and restart $SERVICE${WORKER_STAGED:+ and $WORKER_SERVICE}, reload nginx"
         write_state "$env_hash"
         return
+    fi
+    if [ "$worker_removed" -eq 1 ]; then
+        run systemctl disable --now "$WORKER_SERVICE"
+        run rm -f "$WORKER_UNIT_PATH"
+        unit_changed=1
     fi
     [ "$unit_changed" -eq 0 ] || run systemctl daemon-reload
     run systemctl enable "$SERVICE"
@@ -615,6 +661,16 @@ do_activate() {
         run systemctl restart "$SERVICE"
     else
         say "release, unit and settings unchanged and $SERVICE is running: not restarted"
+    fi
+    if [ -n "$WORKER_STAGED" ]; then
+        run systemctl enable "$WORKER_SERVICE"
+        # A restart is a warm shutdown: running jobs finish, or are run again by the new worker.
+        if [ "$RESTART_NEEDED" -eq 1 ] || [ "$worker_changed" -eq 1 ] || [ "$have_systemd" -eq 0 ] ||
+            ! systemctl is-active --quiet "$WORKER_SERVICE"; then
+            run systemctl restart "$WORKER_SERVICE"
+        else
+            say "$WORKER_SERVICE unchanged and running: not restarted"
+        fi
     fi
     if [ "$NO_NGINX" -eq 0 ]; then
         if [ "$have_systemd" -eq 1 ] && systemctl is-active --quiet nginx; then
@@ -638,8 +694,13 @@ rollback() {
         ln -sfn "releases/$PREVIOUS_RELEASE" "$APP_DIR/current.new"
         mv -T "$APP_DIR/current.new" "$APP_DIR/current"
         [ ! -f "$APP_DIR/.unit-previous" ] || cp "$APP_DIR/.unit-previous" "$UNIT_PATH"
+        [ ! -f "$APP_DIR/.worker-unit-previous" ] || [ ! -f "$WORKER_UNIT_PATH" ] ||
+            cp "$APP_DIR/.worker-unit-previous" "$WORKER_UNIT_PATH"
         systemctl daemon-reload || true
         systemctl restart "$SERVICE" || true
+        if [ -f "$WORKER_UNIT_PATH" ]; then
+            systemctl restart "$WORKER_SERVICE" || true
+        fi
         printf '    switched back to release %s and restarted %s\n' "$PREVIOUS_RELEASE" "$SERVICE" >&2
         write_state "$(state_get env_hash)"
         sed -i "s/^release=.*/release=$PREVIOUS_RELEASE/" "$STATE_FILE"
