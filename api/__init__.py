@@ -48,7 +48,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     metrics.init_app(app)
     auth.init_app(app)
     limits.init_app(app)
-    app.extensions["d3"].executor.start()  # in-process executor: recovery of interrupted jobs
+    app.extensions["d3"].video_jobs.start()  # in-process executor: recovery of interrupted jobs
     # Exactly one trusted proxy hop (nginx on the same host) tells the client address.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)
 

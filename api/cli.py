@@ -59,7 +59,7 @@ def worker(celery_args: tuple[str, ...]) -> None:
     services = build_services(settings)
     from api.worker import run_worker
 
-    run_worker(services.executor, services.video_jobs, celery_args)
+    run_worker(services.video_jobs, services.job_runner, celery_args)
 
 
 def _masked_url(url: str) -> str:

@@ -34,8 +34,8 @@ class Services:
     jobs: JobStore
     videos: VideoService
     callbacks: CallbackSender
-    video_jobs: JobRunner
-    executor: ThreadExecutor | CeleryExecutor  # runs video jobs: threads here, or the Celery worker tier
+    job_runner: JobRunner  # runs one claimed job (the same code under every executor)
+    video_jobs: ThreadExecutor | CeleryExecutor  # the executor: threads here, or the Celery worker tier
     extra: dict[str, Any] = field(default_factory=dict)  # later concerns attach here
 
 
@@ -62,7 +62,7 @@ def build_services(settings: Settings, engine: InferenceEngine | None = None) ->
     videos.queue = executor
     return Services(settings=settings, db=db, store=store, engine=engine,
                     predictions=PredictionService(db, store, engine, settings), queries=QueryService(db),
-                    jobs=jobs, videos=videos, callbacks=callbacks, video_jobs=runner, executor=executor)
+                    jobs=jobs, videos=videos, callbacks=callbacks, job_runner=runner, video_jobs=executor)
 
 
 def services() -> Services:

@@ -47,7 +47,7 @@ def clip(tmp_path, count: int = 40, name: str = "clip") -> bytes:
 
 def jobs_of(app):
     """The in-process executor (threads) of an app on the embedded defaults."""
-    return app.extensions["d3"].executor
+    return app.extensions["d3"].video_jobs
 
 
 # -- async ---------------------------------------------------------------------------------------------------

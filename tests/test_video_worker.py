@@ -116,7 +116,7 @@ def tier(tmp_path, postgres_url, redis_server, tiny_engine):
     yield Tier
     for worker in workers:
         worker.close()
-    Tier.app.extensions["d3"].executor.stop()
+    Tier.app.extensions["d3"].video_jobs.stop()
 
 
 def services(app):
