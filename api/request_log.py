@@ -48,7 +48,7 @@ class Redactor:
     def add_settings(self, settings: Settings) -> None:
         for value in (settings.secret_key, settings.minio_access_key, settings.minio_secret_key):
             self._add(value)
-        for url in (settings.database_url, settings.redis_url):
+        for url in (settings.database_url, settings.redis_url, settings.celery_broker_url):
             with contextlib.suppress(ValueError):  # not a URL: nothing to scrub
                 self._add(urlsplit(url).password or "")
 

@@ -128,6 +128,9 @@ def register_task(executor: CeleryExecutor, runner: JobRunner, token: str) -> No
             raise task.retry(countdown=REQUEUE_COUNTDOWN_S)
         claim = jobs.claim(job, token)
         if claim.outcome is ClaimOutcome.ENDED:
+            video = claim.row.video if claim.row is not None else None
+            if video is not None and video.callback_url and video.callback_status == "pending":
+                runner.callbacks.send(job)  # failed just now (out of attempts): say so
             return "ended"
         if claim.outcome is ClaimOutcome.BUSY:  # a live worker has it: look again when it could be lost
             raise task.retry(countdown=busy_countdown)
