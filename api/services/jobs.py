@@ -190,17 +190,17 @@ class JobStore:
                 why = worker_gone(video.worker, video.heartbeat_at, now, self.stale_after_s, worker)
                 if why is None:
                     return Claim(ClaimOutcome.BUSY, row)
-                held_by, beat = video.worker, video.heartbeat_at
+                takeover, held_by, beat = True, video.worker, video.heartbeat_at
                 attempts = video.attempts
                 reason = f"attempt {attempts} was interrupted: {why}"
             else:
-                held_by = beat = None
+                takeover, held_by, beat = False, None, None
                 attempts, reason = video.attempts, row.error
         if attempts >= self.max_attempts:
-            ended = self._give_up(job_id, held_by, beat, attempts, reason)
+            ended = self._give_up(job_id, takeover, held_by, beat, attempts, reason)
             return Claim(ClaimOutcome.ENDED if ended is not None else ClaimOutcome.BUSY, ended)
         with self.db.session() as session:
-            if held_by is None and beat is None:
+            if not takeover:
                 taken = session.execute(update(Prediction).where(Prediction.id == job_id,
                                                                  Prediction.status == "queued")
                                         .values(status="running")).rowcount == 1
@@ -236,11 +236,11 @@ class JobStore:
             conditions.append(VideoPrediction.heartbeat_at == beat)
         return conditions
 
-    def _give_up(self, job_id: uuid.UUID, held_by: str | None, beat: datetime | None, attempts: int,
-                 reason: str | None) -> Prediction | None:
+    def _give_up(self, job_id: uuid.UUID, takeover: bool, held_by: str | None, beat: datetime | None,
+                 attempts: int, reason: str | None) -> Prediction | None:
         message = f"gave up after {attempts} attempt{'s' if attempts != 1 else ''}"
         message += f"; the last one: {reason}" if reason else ""
-        return self._end_failed(job_id, self._held(job_id, held_by, beat) if held_by or beat else None, message)
+        return self._end_failed(job_id, self._held(job_id, held_by, beat) if takeover else None, message)
 
     # ---------------------------------------------------------------- while running
     def heartbeat(self, job_id: uuid.UUID, worker: str, done: int | None = None, total: int | None = None) -> bool:
