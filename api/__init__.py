@@ -12,16 +12,15 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from api.config import load_settings
 from api.utils.multipart import Request
 
-UNTRAINED_WARNING = "model has random (untrained) weights: its verdicts mean nothing"
-
 
 def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> Flask:
     """Build the app: settings from the environment (and `test_config` on top), then services.
 
     `engine` lets tests and benchmarks share one already-started InferenceEngine.
     """
-    from api import auth, errors, limits, metrics, request_log
+    from api import auth, errors, limits, metrics, request_log, tasks
     from api.context import build_services
+    from api.detector.config import UNTRAINED_WARNING
     from api.routes import docs, health, objects, predict, predictions, video
 
     settings = load_settings(test_config)
@@ -48,7 +47,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     metrics.init_app(app)
     auth.init_app(app)
     limits.init_app(app)
-    app.extensions["d3"].video_jobs.start()  # in-process executor: recovery of interrupted jobs
+    tasks.init_app(app)  # starts the video job executor (in-process: recovery of interrupted jobs)
     # Exactly one trusted proxy hop (nginx on the same host) tells the client address.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)
 

@@ -1,26 +1,34 @@
-"""The per-process service objects, built once by create_app and reached by routes via `services()`."""
+"""The composition root: every per-process service object, typed, built here and only here.
+
+create_app calls `build_services` once; routes and hooks reach the result with `services()`.
+Blueprints and init_app hooks read these fields, they never add to them. A new service is a new
+field here, built in `build_services` from the settings and the services it needs.
+"""
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flask import current_app
-
-if TYPE_CHECKING:
-    from api.worker import CeleryExecutor
+from flask_limiter import Limiter
 
 from api.config import Settings
 from api.database import Database
 from api.detector import DetectorConfig, InferenceEngine
+from api.limits import build_limiter
 from api.services.callbacks import CallbackSender
 from api.services.jobs import JobStore
+from api.services.keys import KeyService
 from api.services.predictions import PredictionService
 from api.services.queries import QueryService
 from api.services.videos import VideoService
 from api.storage import ObjectStore, make_object_store
 from api.tasks import JobRunner, ThreadExecutor
+
+if TYPE_CHECKING:
+    from api.worker import CeleryExecutor
 
 
 @dataclass
@@ -31,19 +39,20 @@ class Services:
     engine: InferenceEngine
     predictions: PredictionService
     queries: QueryService
-    jobs: JobStore
+    keys: KeyService
+    jobs: JobStore  # video job state (api/services/jobs.py): the only writer of job rows
     videos: VideoService
     callbacks: CallbackSender
-    job_runner: JobRunner  # runs one claimed job (the same code under every executor)
-    video_jobs: ThreadExecutor | CeleryExecutor  # the executor: threads here, or the Celery worker tier
-    extra: dict[str, Any] = field(default_factory=dict)  # later concerns attach here
+    job_runner: JobRunner  # runs one claimed job, the same code under every executor (api/tasks.py)
+    video_jobs: ThreadExecutor | CeleryExecutor  # the executor: threads here, or the Celery tier (api/worker.py)
+    limiter: Limiter
 
 
 def build_services(settings: Settings, engine: InferenceEngine | None = None) -> Services:
     db = Database(settings.resolved_database_url)
     db.require_migrated()
     # Without a configured secret, links signed by one process are valid only in that process.
-    signing_key = (settings.secret_key or secrets.token_hex(32)).encode()
+    signing_key = (settings.secret_key.get_secret_value() or secrets.token_hex(32)).encode()
     store = make_object_store(settings, signing_key)
     store.ensure_buckets()
     if engine is None:
@@ -54,15 +63,16 @@ def build_services(settings: Settings, engine: InferenceEngine | None = None) ->
     callbacks = CallbackSender(jobs, videos.final_body, settings.callback_allow_http, settings.callback_allow_private)
     runner = JobRunner(jobs, videos, callbacks, settings.job_heartbeat_s)
     if settings.uses_celery:
-        from api.worker import CeleryExecutor
+        from api.worker import CeleryExecutor  # imports Celery only where it is used
 
-        executor: ThreadExecutor | CeleryExecutor = CeleryExecutor(settings)
+        video_jobs: ThreadExecutor | CeleryExecutor = CeleryExecutor(settings)
     else:
-        executor = ThreadExecutor(runner, settings.video_workers)
-    videos.queue = executor
+        video_jobs = ThreadExecutor(runner, settings.video_workers)
+    videos.queue = video_jobs  # the service hands committed jobs to the executor, which runs them through it
     return Services(settings=settings, db=db, store=store, engine=engine,
                     predictions=PredictionService(db, store, engine, settings), queries=QueryService(db),
-                    jobs=jobs, videos=videos, callbacks=callbacks, job_runner=runner, video_jobs=executor)
+                    keys=KeyService(db), jobs=jobs, videos=videos, callbacks=callbacks, job_runner=runner,
+                    video_jobs=video_jobs, limiter=build_limiter(settings))
 
 
 def services() -> Services:

@@ -27,14 +27,17 @@ import tempfile
 import threading
 import time
 import uuid
+from typing import TYPE_CHECKING
 
-from api.database import DatabaseUnavailable
+from api.exceptions import DatabaseUnavailable, ServiceError, Unavailable, UnprocessableMedia
 from api.models import Prediction
 from api.services.callbacks import CallbackSender
-from api.services.errors import ServiceError, Unavailable, UnprocessableMedia
 from api.services.jobs import JobStore, worker_token
 from api.services.videos import VideoParams, VideoService
 from api.storage import ObjectNotFound, StoreUnavailable
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 log = logging.getLogger(__name__)
 
@@ -233,3 +236,8 @@ class ThreadExecutor:
         if startup and recovery.queued:
             self.notify()
         return counts
+
+
+def init_app(app: Flask) -> None:
+    """Start the executor built in api/context.py (in-process: recovery of interrupted jobs)."""
+    app.extensions["d3"].video_jobs.start()

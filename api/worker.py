@@ -34,7 +34,7 @@ from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 
 from api.config import Settings
-from api.services.errors import Unavailable
+from api.exceptions import QueueUnavailable, Unavailable
 from api.services.jobs import ClaimOutcome, worker_token
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def make_celery(settings: Settings) -> Celery:
 
 
 class CeleryExecutor:
-    """The API's side: publish a committed job's id; a broker that cannot take it -> Unavailable (503)."""
+    """The API's side: publish a committed job's id; a broker that cannot take it -> QueueUnavailable (503)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -100,7 +100,7 @@ class CeleryExecutor:
                                           retry=False, producer=producer)
         except (OperationalError, KombuError, OSError) as exc:
             log.warning("video job queue unavailable: %s: %s", type(exc).__name__, exc)
-            raise Unavailable("the video job queue is unavailable; retry shortly", retry_after=10) from None
+            raise QueueUnavailable() from None
 
     def start(self) -> None:
         """Nothing to do in the API: the workers recover interrupted jobs."""
@@ -126,15 +126,19 @@ def register_task(executor: CeleryExecutor, runner: JobRunner, token: str) -> No
             return "bad id"
         if not runner.videos.engine.wait_ready(settings.d3_infer_timeout_s):
             raise task.retry(countdown=REQUEUE_COUNTDOWN_S)
-        claim = jobs.claim(job, token)
-        if claim.outcome is ClaimOutcome.ENDED:
-            video = claim.row.video if claim.row is not None else None
-            if video is not None and video.callback_url and video.callback_status == "pending":
-                runner.callbacks.send(job)  # failed just now (out of attempts): say so
-            return "ended"
-        if claim.outcome is ClaimOutcome.BUSY:  # a live worker has it: look again when it could be lost
-            raise task.retry(countdown=busy_countdown)
-        result = runner.run(claim.row, token)
+        try:
+            claim = jobs.claim(job, token)
+            if claim.outcome is ClaimOutcome.ENDED:
+                video = claim.row.video if claim.row is not None else None
+                if video is not None and video.callback_url and video.callback_status == "pending":
+                    runner.callbacks.send(job)  # failed just now (out of attempts): say so
+                return "ended"
+            if claim.outcome is ClaimOutcome.BUSY:  # a live worker has it: look again when it could be lost
+                raise task.retry(countdown=busy_countdown)
+            result = runner.run(claim.row, token)
+        except Unavailable as exc:  # the database is down: the claim (if any) goes stale and is recovered
+            log.warning("video job %s: %s; trying again later", job_id, exc.message)
+            raise task.retry(countdown=busy_countdown) from None
         if result is RunResult.REQUEUED:
             raise task.retry(countdown=REQUEUE_COUNTDOWN_S * (claim.row.video.attempts or 1))
         return result.value

@@ -15,9 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from sqlalchemy import update
 
+from api.exceptions import InvalidInput
 from api.models import Prediction
 from api.services.callbacks import check_callback_url, deliver_callback
-from api.services.errors import InvalidInput
 from api.services.queries import Filters
 from tests.conftest import make_app
 from tests.video_clips import VIDEO_APP_SETTINGS, clip_bytes, make_brightness_engine, post_video

@@ -23,8 +23,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 
-from api.database import DatabaseUnavailable
-from api.services.errors import InvalidInput
+from api.exceptions import DatabaseUnavailable, InvalidInput
 from api.services.jobs import JobStore
 
 log = logging.getLogger(__name__)

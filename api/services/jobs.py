@@ -29,11 +29,11 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import delete, func, select, update
 
-from api.database import Database, DatabaseUnavailable
+from api.database import Database
+from api.exceptions import DatabaseUnavailable, StoreUnavailable
 from api.models import Prediction, VideoPrediction
-from api.services.errors import Unavailable
 from api.services.records import StoredObject, delete_objects, insert_with_objects, put_objects
-from api.storage import ObjectStore, StoreUnavailable
+from api.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,8 @@ class JobStore:
         query = (select(func.count()).select_from(Prediction)
                  .where(Prediction.media_type == "video", Prediction.status.in_(ACTIVE),
                         Prediction.owner.is_(None) if owner is None else Prediction.owner == owner))
-        try:
-            with self.db.session() as session:
-                return int(session.scalar(query) or 0)
-        except DatabaseUnavailable:
-            raise Unavailable("the database is unavailable; retry shortly") from None
+        with self.db.session() as session:
+            return int(session.scalar(query) or 0)
 
     def stats(self) -> QueueStats:
         """Jobs by status, and the queue an autoscaler watches: its length and its oldest job's age."""
@@ -280,10 +277,10 @@ class JobStore:
                     row.media_object = upload_key  # the upload becomes the kept video: no second copy
                 row.video.upload_object = None
                 written = put_objects(self.store, objects)
-        except DatabaseUnavailable as exc:
-            log.error("video job %s not stored: %s", job_id, exc)
+        except DatabaseUnavailable:
+            log.error("video job %s: the database is unavailable, its results were not stored", job_id)
             delete_objects(self.store, written)
-            raise Unavailable("the database is unavailable; the job's results were not stored") from None
+            raise
         if not keep_upload and upload_key:
             delete_objects(self.store, [(self.bucket_videos, upload_key)])
         return row
