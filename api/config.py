@@ -71,6 +71,20 @@ class Settings:
     d3_queue_size: int = setting(1024, minimum=1)
     d3_infer_timeout_s: float = setting(120.0, minimum=0.1)
 
+    # --- inference tier (Triton; see api/detector/triton_server.py, api/detector/remote_engine.py) ---
+    d3_inference_url: str = setting("", doc="grpc://host:8001 or http://host:8000 of a Triton tier; empty = in-process")
+    d3_inference_timeout_s: float = setting(5.0, minimum=0.1, doc="bound on one call to the tier (down or hung: 503)")
+    d3_inference_model: str = setting("d3", doc="model name on the tier")
+    d3_inference_host: str = setting("127.0.0.1", doc="address `d3 serve-inference` listens on")
+    d3_inference_http_port: int = setting(8000, minimum=1, maximum=65535)
+    d3_inference_grpc_port: int = setting(8001, minimum=1, maximum=65535)
+    d3_inference_metrics_port: int = setting(8002, minimum=1, maximum=65535)
+    d3_triton_max_batch_size: int = setting(64, minimum=1, maximum=4096, doc="images per forward on the tier")
+    d3_triton_preferred_batch_size: str = setting("", doc="comma-separated batch sizes Triton prefers; empty = largest")
+    d3_triton_max_queue_delay_microseconds: int = setting(2000, minimum=0, doc="how long a batch waits for more")
+    d3_triton_max_queue_size: int = setting(256, minimum=0, doc="requests waiting on the tier, more: 503; 0 = no bound")
+    d3_triton_queue_timeout_microseconds: int = setting(0, minimum=0, doc="longer in the queue: 503; 0 = no bound")
+
     # --- HTTP service ---
     bind: str = setting("127.0.0.1:6000", doc="host:port Gunicorn binds (also decides auth rules)")
     secret_key: str = setting("", secret=True, doc="signs local result URLs; generated per process if empty")
@@ -210,6 +224,9 @@ def validate(settings: Settings) -> None:
         settings.bind_port  # noqa: B018 - parse check
     except ValueError:
         raise ConfigError(f"BIND must end in a port number, got {settings.bind!r}") from None
+    url = settings.d3_inference_url
+    if url and not (url.startswith(("grpc://", "http://", "https://")) and url.split("://", 1)[1].strip("/")):
+        raise ConfigError(f"D3_INFERENCE_URL must be grpc://host:port or http(s)://host:port, got {url!r}")
     device = settings.d3_device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"D3_DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}")

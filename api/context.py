@@ -11,6 +11,7 @@ from flask import current_app
 from api.config import Settings
 from api.database import Database
 from api.detector import DetectorConfig, InferenceEngine
+from api.detector.remote_engine import RemoteConfig, RemoteEngine
 from api.services.predictions import PredictionService
 from api.services.queries import QueryService
 from api.storage import ObjectStore, make_object_store
@@ -21,7 +22,7 @@ class Services:
     settings: Settings
     db: Database
     store: ObjectStore
-    engine: InferenceEngine
+    engine: InferenceEngine | RemoteEngine
     predictions: PredictionService
     queries: QueryService
     extra: dict[str, Any] = field(default_factory=dict)  # later concerns (video jobs, ...) attach here
@@ -35,10 +36,17 @@ def build_services(settings: Settings, engine: InferenceEngine | None = None) ->
     store = make_object_store(settings, signing_key)
     store.ensure_buckets()
     if engine is None:
-        engine = InferenceEngine(DetectorConfig.from_settings(settings))
-        engine.start()  # loads in the background; /health says when it is ready
+        engine = build_engine(settings)
+        engine.start()  # loads (or connects) in the background; /health says when it is ready
     return Services(settings=settings, db=db, store=store, engine=engine,
                     predictions=PredictionService(db, store, engine, settings), queries=QueryService(db))
+
+
+def build_engine(settings: Settings) -> InferenceEngine | RemoteEngine:
+    """The model in this process, or the shared inference tier when D3_INFERENCE_URL is set."""
+    if settings.d3_inference_url:
+        return RemoteEngine(RemoteConfig.from_settings(settings))
+    return InferenceEngine(DetectorConfig.from_settings(settings))
 
 
 def services() -> Services:
