@@ -178,7 +178,7 @@ def start_tier(model_env: dict[str, str], workdir: Path, max_batch: int, queue_d
         if process.poll() is not None:
             raise SystemExit(f"the inference tier exited; see {workdir / 'tier.log'}")
         try:
-            if requests.get(f"http://127.0.0.1:{ports['http']}/v2/health/ready", timeout=2).status_code == 200:
+            if requests.get(f"http://127.0.0.1:{ports['http']}/v2/models/d3/ready", timeout=2).status_code == 200:
                 return {**ports, "process": process, "grpc": f"127.0.0.1:{ports['grpc']}"}
         except requests.RequestException:
             pass

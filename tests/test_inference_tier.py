@@ -303,3 +303,65 @@ def test_no_tier_leaves_files_behind():
     stale = [p.name for p in Path("/dev/shm").glob("pytrtion*")  # noqa: S108
              if p.name[len("pytrtion"):].split("-", 1)[0] not in live]
     assert stale == []
+
+
+# ------------------------------------------------------------------ production on one host
+TIER_UNIT = ROOT / "d3-inference.service"
+
+
+def directives(text: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "[")) and "=" in line:
+            key, _, value = line.partition("=")
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def test_the_tier_unit_is_hardened_like_the_api_and_the_api_waits_for_it(tmp_path):
+    tier, api = directives(TIER_UNIT.read_text()), directives((ROOT / "d3-api.service").read_text())
+    hardening = ("NoNewPrivileges", "CapabilityBoundingSet", "ProtectSystem", "ProtectHome", "PrivateTmp",
+                 "PrivateDevices", "DevicePolicy", "DeviceAllow", "ProtectKernelTunables", "ProtectKernelModules",
+                 "RestrictNamespaces", "RestrictAddressFamilies", "SystemCallFilter", "LockPersonality",
+                 "RemoveIPC", "User", "Group", "EnvironmentFile", "UMask")
+    for key in hardening:
+        assert tier[key] == api[key], key
+    assert tier["ExecStart"] == ["/opt/d3-api/bin/d3 serve-inference"] and tier["Type"] == ["notify"]
+    assert any("nvidiactl" in v for v in tier["DeviceAllow"])
+    assert "d3-inference.service" in api["Wants"][0] and "d3-inference.service" in api["After"][0]
+    # It verifies, pointed at a folder where what it runs exists.
+    app = tmp_path / "app"
+    for sub in ("instance", "logs", ".cache", "bin"):
+        (app / sub).mkdir(parents=True)
+    (app / "bin" / "d3").symlink_to(ROOT / ".venv" / "bin" / "d3")
+    (app / "current").symlink_to(ROOT)
+    (app / ".env").write_text("D3_INFERENCE_URL=grpc://127.0.0.1:8001\n")
+    unit = tmp_path / "d3-inference.service"
+    unit.write_text(TIER_UNIT.read_text().replace("/opt/d3-api", str(app)))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+
+
+def check_inference(tmp_path: Path, settings: dict[str, str]) -> dict:
+    env_file = tmp_path / "check.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+    result = subprocess.run(["bash", str(ROOT / "check_deployment.sh"), "--app-dir", str(ROOT), "--env-file",
+                             str(env_file), "--json", "--only", "inference"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    report = json.loads(result.stdout)
+    assert report["ok"] == (result.returncode == 0)
+    return report["checks"][0]
+
+
+def test_check_deployment_checks_the_tier_and_its_model_version(tmp_path, triton_tier):
+    settings = {**TINY_MODEL, "SECRET_KEY": "x" * 64, "INSTANCE_DIR": str(tmp_path / "instance")}
+    assert check_inference(tmp_path, settings)["status"] == "PASS"  # not used at all
+    good = check_inference(tmp_path, {**settings, "D3_INFERENCE_URL": triton_tier.grpc_url})
+    assert good["status"] == "PASS" and "d3/d3-tiny/random:0/head-random:0/seed0/fp32" in good["message"], good
+    other = check_inference(tmp_path, {**settings, "D3_INFERENCE_URL": triton_tier.http_url,
+                                       "D3_HEAD_WEIGHTS": "random:1"})
+    assert other["status"] == "FAIL" and "head-random:1" in other["message"] and other["hint"], other
+    down = check_inference(tmp_path, {**settings, "D3_INFERENCE_URL": f"grpc://127.0.0.1:{free_port()}",
+                                      "D3_INFERENCE_TIMEOUT_S": "2"})
+    assert down["status"] == "WARN" and "does not answer" in down["message"] and down["hint"], down

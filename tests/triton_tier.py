@@ -86,7 +86,7 @@ class TritonTier:
 
     def is_ready(self) -> bool:
         try:
-            return requests.get(f"{self.http_url}/v2/health/ready", timeout=2).status_code == 200
+            return requests.get(f"{self.http_url}/v2/models/d3/ready", timeout=2).status_code == 200
         except requests.RequestException:
             return False
 

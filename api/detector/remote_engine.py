@@ -158,12 +158,12 @@ class RemoteEngine:
                     if not self._client().is_model_ready(self.config.model_name, **kw):
                         self._mark_down("the tier reports the model is not ready")
                 else:
-                    self._connect(self.config.timeout_s)
+                    self.connect(self.config.timeout_s)
             except Exception as exc:  # any failure to reach the tier: down until the next poll says otherwise
                 self._mark_down(_describe(exc))
             self._stopping.wait(self.config.poll_interval_s if self.ready else min(1.0, self.config.poll_interval_s))
 
-    def _connect(self, timeout: float) -> None:
+    def connect(self, timeout: float) -> None:
         """Read the model's config (identity, tensors, max batch) and mark the tier ready."""
         client = self._client()
         kw = self._timeout_kw(timeout)
@@ -276,7 +276,7 @@ class RemoteEngine:
             raise EngineNotReady("the inference engine stopped")
         if not self.ready or self.tier_model is None:
             try:  # marked down: try the tier now rather than wait for the next poll
-                self._connect(max(0.1, deadline - time.monotonic()))
+                self.connect(max(0.1, deadline - time.monotonic()))
             except Exception as exc:
                 self._mark_down(_describe(exc))
                 if _is_timeout(exc):
