@@ -65,6 +65,7 @@ def test_the_tier_serves_the_models_identity_health_and_metrics(triton_tier, tin
     output = triton_tier.output()
     assert f"grpc://127.0.0.1:{triton_tier.grpc_port}" in output and "UNTRAINED" in output
     assert requests.get(f"{triton_tier.http_url}/v2/health/ready", timeout=5).status_code == 200
+    assert requests.get(f"{triton_tier.http_url}/v2/models/d3/ready", timeout=5).status_code == 200
     config = requests.get(f"{triton_tier.http_url}/v2/models/d3/config", timeout=5).json()
     parameters = {k: v["string_value"] for k, v in config["parameters"].items()}
     assert parameters["d3_model_version"] == tiny_engine.model_version
@@ -72,7 +73,7 @@ def test_the_tier_serves_the_models_identity_health_and_metrics(triton_tier, tin
     # Triton owns the batching, with the settings' values.
     batching = config["dynamic_batching"]
     assert config["max_batch_size"] == 64 and batching["max_queue_delay_microseconds"] == 10000
-    assert batching["default_queue_policy"]["max_queue_size"] == 256
+    assert batching["default_queue_policy"]["max_queue_size"] == 8
     assert "nv_inference_count" in triton_tier.metrics()
 
 
@@ -365,3 +366,17 @@ def test_check_deployment_checks_the_tier_and_its_model_version(tmp_path, triton
     down = check_inference(tmp_path, {**settings, "D3_INFERENCE_URL": f"grpc://127.0.0.1:{free_port()}",
                                       "D3_INFERENCE_TIMEOUT_S": "2"})
     assert down["status"] == "WARN" and "does not answer" in down["message"] and down["hint"], down
+
+
+# ------------------------------------------------------------------ the GPU script, on the CPU
+def test_gpu_bench_script_runs_on_the_cpu():
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--cpu"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=900, env={**{k: v for k, v in os.environ.items()
+                                                            if not k.startswith("D3_")}, "HF_HUB_OFFLINE": "1"})
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    # Every figure the GPU run prints is there: per batch size, both precisions, the comparison with
+    # fp32, the tier alone, and the API through the tier.
+    assert out.count("| batch | latency per forward (ms) | images/s |") == 2
+    assert "max |p_bf16 - p_fp32|" in out and "| tier alone: batch | images/s |" in out
+    assert "| tier | 2 |" in out and "gpu.sh: done in" in out
