@@ -34,7 +34,7 @@ if [ "$CPU" -eq 1 ]; then
     MODEL=(--tiny --device cpu)
     THROUGHPUT=(--max-batch 2 --iters 1 --min-seconds 0 --engine-seconds 0 --callers 1 --compare-images 2)
     TIER=(--tier-batch-sizes 1 2 --tier-seconds 0.5 --tier-max-batch 8 --requests 4 --concurrency 2
-          --workers "${API_WORKERS:-2}" --threads 2)
+          --workers "${API_WORKERS:-1}" --threads 2)
     PRECISIONS=(fp32 bf16)
     COMPARE=bf16
 else

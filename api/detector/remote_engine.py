@@ -123,6 +123,7 @@ class RemoteEngine:
         self._lock = threading.Lock()
         self._settled = threading.Event()  # set once the tier has been reached
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # a call timed out: look at the tier now, not at the next poll
         self._thread: threading.Thread | None = None
         self._local = threading.local()  # the HTTP client is not thread-safe: one per thread
         self._grpc_client: Any = None
@@ -144,6 +145,7 @@ class RemoteEngine:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
+        self._wake.set()
         self.ready = False
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -161,7 +163,8 @@ class RemoteEngine:
                     self.connect(self.config.timeout_s)
             except Exception as exc:  # any failure to reach the tier: down until the next poll says otherwise
                 self._mark_down(_describe(exc))
-            self._stopping.wait(self.config.poll_interval_s if self.ready else min(1.0, self.config.poll_interval_s))
+            self._wake.wait(self.config.poll_interval_s if self.ready else min(1.0, self.config.poll_interval_s))
+            self._wake.clear()
 
     def connect(self, timeout: float) -> None:
         """Read the model's config (identity, tensors, max batch) and mark the tier ready."""
@@ -326,7 +329,9 @@ class RemoteEngine:
         if any(m in text.lower() for m in _OVERLOAD_MESSAGES):
             return EngineOverloaded(f"the inference tier is overloaded: {text}", retry_after=1.0)
         if _is_timeout(exc):
-            self._mark_down(f"no answer within {bound:g} s")
+            # Hung, or only slow under load? The monitor asks the tier's (cheap) readiness now and
+            # marks it down only if that goes unanswered too.
+            self._wake.set()
             return EngineTimeout(f"the inference tier did not answer within {bound:g} s")
         if _is_unreachable(exc):
             self._mark_down(text)
