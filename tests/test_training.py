@@ -139,7 +139,7 @@ def test_features_resume_keeps_rows_already_done(d3, data, features, tmp_path):
     from api.config import load_settings
     from api.detector import DetectorConfig
     from api.detector.commands import list_labelled_images
-    from api.detector.model import build_model
+    from api.detector.factory import build_model
     from api.detector.training import Augmentation, extract_features
 
     model = build_model(DetectorConfig.from_settings(load_settings(
