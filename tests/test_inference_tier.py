@@ -96,6 +96,15 @@ def test_serve_inference_refuses_clashing_ports():
     assert result.returncode == 2 and "ports must differ" in result.stderr
 
 
+def test_both_engines_have_the_one_interface(tiny_engine):
+    from api.detector.interface import Engine
+
+    remote = RemoteEngine(RemoteConfig(f"grpc://127.0.0.1:{free_port()}"))
+    assert isinstance(tiny_engine, Engine) and isinstance(remote, Engine)
+    for name in ("ready", "trained", "model_version", "load_error"):
+        assert hasattr(remote, name) and hasattr(tiny_engine, name)
+
+
 def test_inference_url_is_validated():
     with pytest.raises(ConfigError, match="D3_INFERENCE_URL"):
         load_settings({"D3_INFERENCE_URL": "10.0.0.5:8001"}, environ={})

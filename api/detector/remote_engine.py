@@ -6,10 +6,12 @@ protocol, through tritonclient, instead of loading a model of its own. Triton do
 and the batching across all workers; this side only bounds each call and translates failures
 into the engine's own exceptions, so services and routes cannot tell the two engines apart:
 
-- Triton's queue full, or its queue policy timing out  -> EngineOverloaded (503 + Retry-After)
-- the tier unreachable (refused, reset, no route)       -> EngineNotReady
+- Triton's queue full, or its queue policy timing out  -> EngineOverloaded (as the in-process queue)
 - no answer within D3_INFERENCE_TIMEOUT_S (hung tier)   -> EngineTimeout
 - any other error from the tier                         -> InferenceError
+- the tier unreachable (refused, reset, no route)       -> InferenceTierUnavailable, an outside
+  system's `Unavailable` (api/exceptions.py), so it says what is down
+All of them end as 503 + Retry-After.
 
 A monitor thread polls the tier's model readiness, so `ready` is a plain attribute (read on every
 request) and the model's identity is re-read whenever the tier comes back (it may come back with
@@ -30,6 +32,7 @@ from urllib.parse import urlsplit
 
 from api.detector.errors import EngineNotReady, EngineOverloaded, EngineTimeout, InferenceError
 from api.detector.timing import add_model_time
+from api.exceptions import InferenceTierUnavailable
 
 if TYPE_CHECKING:
     import torch
@@ -284,7 +287,7 @@ class RemoteEngine:
                 self._mark_down(_describe(exc))
                 if _is_timeout(exc):
                     raise EngineTimeout(f"the inference tier did not answer within {bound:g} s") from None
-                raise EngineNotReady(self.load_error or "the inference tier is unavailable") from None
+                raise InferenceTierUnavailable() from None  # the address and cause: the log and /health
         model = self.tier_model
         assert model is not None
         batch = torch.stack(list(tensors)).numpy()
@@ -335,7 +338,7 @@ class RemoteEngine:
             return EngineTimeout(f"the inference tier did not answer within {bound:g} s")
         if _is_unreachable(exc):
             self._mark_down(text)
-            return EngineNotReady(f"the inference tier is unavailable: {text}")
+            return InferenceTierUnavailable()
         log.error("inference tier error: %s", text)
         return InferenceError(f"inference failed on the tier: {text}")
 

@@ -40,11 +40,8 @@ def serve_inference(host: str | None, http_port: int | None, grpc_port: int | No
     triton_server.reexec_with_own_libpython()
     settings = _settings(options)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        tier_config = triton_server.TierConfig.from_settings(
-            settings, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+    tier_config = triton_server.TierConfig.from_settings(
+        settings, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
     ports = {tier_config.http_port, tier_config.grpc_port, tier_config.metrics_port}
     if len(ports) != 3:
         raise click.UsageError("the HTTP, gRPC and metrics ports must differ")

@@ -61,23 +61,12 @@ class TierConfig:
             grpc_port=settings.d3_inference_grpc_port,
             metrics_port=settings.d3_inference_metrics_port,
             max_batch_size=settings.d3_triton_max_batch_size,
-            preferred_batch_sizes=parse_batch_sizes(settings.d3_triton_preferred_batch_size),
+            preferred_batch_sizes=tuple(sorted(set(settings.d3_triton_preferred_batch_size))),
             max_queue_delay_microseconds=settings.d3_triton_max_queue_delay_microseconds,
             max_queue_size=settings.d3_triton_max_queue_size,
             queue_timeout_microseconds=settings.d3_triton_queue_timeout_microseconds,
         )
         return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def parse_batch_sizes(raw: str) -> tuple[int, ...]:
-    """'16, 32,64' -> (16, 32, 64); empty -> () (Triton then forms the largest batches it can)."""
-    sizes = []
-    for part in filter(None, (p.strip() for p in raw.split(","))):
-        if not part.isdigit() or int(part) < 1:
-            raise ValueError("D3_TRITON_PREFERRED_BATCH_SIZE must be positive integers separated by commas, "
-                             f"got {raw!r}")
-        sizes.append(int(part))
-    return tuple(sorted(set(sizes)))
 
 
 # ---------------------------------------------------------------- the libpython trap
@@ -167,7 +156,7 @@ class InferenceTier:
 
     def load(self) -> None:
         if self.model is None:
-            from api.detector.model import build_model
+            from api.detector.factory import build_model
 
             self.model = build_model(self.detector)
         first = next(iter(self.model.parameters()))
