@@ -7,10 +7,10 @@
 #   ./check_deployment.sh --app-dir /opt/d3-api # or another one
 #   ./check_deployment.sh --json                # machine-readable
 #
-# Checks: gpu python venv env settings weights database objectstore inference port nginx unit disk.
-# The host checks are here; the application's own (settings, weights, database, objectstore, and
-# inference when D3_INFERENCE_URL is set) are `d3 check` (api/checks.py), run in the app's virtualenv
-# with the app's code, so they judge the settings exactly as the service will.
+# Checks: gpu python venv env settings weights inference database objectstore broker port nginx unit disk.
+# The host checks are here; the application's own (settings weights inference database objectstore
+# broker) are `d3 check` (api/checks.py), run in the app's virtualenv with the app's code, so they
+# judge the settings exactly as the service will.
 # WARN means "works, but look at it" or "deploy.sh will take care of it" (a missing .env,
 # virtualenv, weights download or schema migration); FAIL means deploying now would not work.
 # The only thing it writes is one small probe object into the object store, deleted again.
@@ -31,15 +31,15 @@ Options:
   --json           print one JSON document instead of text lines
   -h, --help       this help
 
-Checks: gpu python venv env settings weights database objectstore inference port nginx unit disk
-        (settings ... inference are `d3 check`, the app's own checks)
+Checks: gpu python venv env settings weights inference database objectstore broker port nginx unit disk
+        (settings ... broker are `d3 check`, the app's own checks)
 Environment: D3_CHECK_MIN_FREE_GB (default 10: FAIL below), D3_CHECK_WARN_FREE_GB (default 30: WARN
 below), D3_CHECK_TIMEOUT (seconds for each Python probe, default 600).
 EOF
 }
 
-ALL_CHECKS="gpu python venv env settings weights database objectstore inference port nginx unit disk"
-APP_CHECKS="settings weights database objectstore inference"  # d3 check (api/checks.py)
+ALL_CHECKS="gpu python venv env settings weights inference database objectstore broker port nginx unit disk"
+APP_CHECKS="settings weights inference database objectstore broker"  # d3 check (api/checks.py)
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 # shellcheck source=/dev/null
 . "$SCRIPT_DIR/scripts/lib.sh"
@@ -333,7 +333,6 @@ run_app_checks() { # run_app_checks NAME...: the wanted ones among APP_CHECKS
     local names=("$@") name out rc
     if [ "$HAVE_VENV" -eq 0 ] || [ "$HAVE_ENV" -eq 0 ]; then
         for name in "${names[@]}"; do
-            [ "$name" = inference ] && [ -z "$(setting D3_INFERENCE_URL '')" ] && continue
             need_env_and_venv "$name"
         done
         return
@@ -361,7 +360,6 @@ for check in report["checks"]:
     fi
     if [ "$rc" -ne 0 ]; then
         for name in "${names[@]}"; do
-            [ "$name" = inference ] && continue
             if [ "$rc" -eq 124 ]; then
                 record "$name" FAIL "d3 check timed out after ${PROBE_TIMEOUT}s" "raise D3_CHECK_TIMEOUT or look at what hangs"
             else

@@ -18,7 +18,7 @@ from typing import Any
 
 from api.config import ConfigError, Settings, load_settings, secret_problem
 
-CHECKS = ("settings", "weights", "database", "objectstore", "inference")
+CHECKS = ("settings", "weights", "inference", "database", "objectstore", "broker")
 CREDENTIALS_HINT = ("a secret from 'openssl rand -hex 32' for SECRET_KEY, the real MinIO/PostgreSQL credentials "
                "for the others")
 
@@ -151,29 +151,65 @@ def check_objectstore(settings: Settings) -> Check:
     return Check("objectstore", "PASS", f"{where} reachable, buckets {', '.join(buckets)} writable")
 
 
-def check_inference(url: str, timeout_s: float = 5.0) -> Check:
-    """The inference tier (D3_INFERENCE_URL): its readiness endpoint (KServe v2 / Triton) answers 200."""
-    import urllib3
+def check_inference(settings: Settings) -> Check:
+    """With D3_INFERENCE_URL: the tier answers and serves the model version the settings describe
+    (same weights, seed and precision), so the API records the version it was configured for."""
+    url = settings.d3_inference_url
+    if not url:
+        return Check("inference", "PASS", "D3_INFERENCE_URL not set: the model runs in each API worker")
+    from api.detector.config import DetectorConfig
+    from api.detector.remote_engine import RemoteConfig, RemoteEngine
+    from api.detector.weights import resolve_weights
 
-    ready = url.rstrip("/") + "/v2/health/ready"
-    hint = "start the inference tier (DEPLOYMENT.md) or correct D3_INFERENCE_URL"
+    host = url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    local = host in ("localhost", "::1") or host.startswith("127.")
+    engine = RemoteEngine(RemoteConfig.from_settings(settings))
     try:
-        response = urllib3.request("GET", ready, timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
-                                   retries=False, redirect=False)
-    except urllib3.exceptions.HTTPError as exc:
-        return Check("inference", "FAIL", f"{ready} unreachable: {type(exc).__name__}", hint)
-    if response.status == 200:
-        return Check("inference", "PASS", f"{ready} answers 200 (ready)")
-    return Check("inference", "FAIL", f"{ready} answers HTTP {response.status}: not ready", hint)
+        engine.connect(settings.d3_inference_timeout_s)
+    except Exception as exc:  # a tier that does not answer is this check's answer
+        hint = ("deploy.sh installs and starts d3-inference.service; then: journalctl -u d3-inference" if local
+                else "start the tier on its host (d3-inference.service) and check the firewall")
+        return Check("inference", "WARN" if local else "FAIL",
+                     f"the inference tier at {url} does not answer: {type(exc).__name__}: {exc}", hint)
+    tier = engine.tier_model
+    precision = settings.d3_precision if settings.d3_precision != "auto" else tier.precision
+    try:
+        expected = resolve_weights(DetectorConfig.from_settings(settings), download=False).model_version(precision)
+    except Exception as exc:  # the weights check says more
+        return Check("inference", "FAIL", f"the tier answers, but the expected model version cannot be computed: "
+                     f"{exc}", "see the weights check")
+    if tier.model_version != expected:
+        return Check("inference", "FAIL", f"the tier at {url} serves {tier.model_version}, the settings describe "
+                     f"{expected}", "give the tier the same D3_* model settings (restart d3-inference), or point "
+                     "D3_INFERENCE_URL at the right tier")
+    kind = "trained" if tier.trained else "random, untrained: for tests only"
+    return Check("inference", "PASS", f"the tier at {url} answers and serves {expected} ({kind}) on "
+                 f"{tier.device or '?'}")
+
+
+def check_broker(settings: Settings) -> Check:
+    """With a job queue configured: its Redis broker answers."""
+    if not settings.uses_celery:
+        return Check("broker", "PASS", "no job queue configured: video jobs run in the API process "
+                     "(d3-worker not needed)")
+    from urllib.parse import urlsplit
+
+    import redis
+
+    url = settings.broker_url
+    parts = urlsplit(url)
+    shown = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"  # no password in the output
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
+    except Exception as exc:  # a broker that does not answer is this check's answer
+        return Check("broker", "FAIL", f"the job queue broker at {shown} does not answer: {type(exc).__name__}: {exc}",
+                     "start Redis (systemctl start redis-server) and check CELERY_BROKER_URL / REDIS_URL")
+    return Check("broker", "PASS", f"job queue broker at {shown} answers; video jobs go to d3-worker")
 
 
 # -- running them --------------------------------------------------------------------------------------
-def _inference_url(settings: Settings) -> str:
-    return str(getattr(settings, "d3_inference_url", "") or "")  # the setting comes with the inference tier
-
-
 def run_checks(names: Iterable[str] = CHECKS, overrides: dict[str, Any] | None = None) -> list[Check]:
-    """The wanted checks, in CHECKS order; inference only when D3_INFERENCE_URL is set."""
+    """The wanted checks, in CHECKS order."""
     wanted = [name for name in CHECKS if name in set(names)]
     try:
         settings = load_settings(overrides)
@@ -187,7 +223,8 @@ def run_checks(names: Iterable[str] = CHECKS, overrides: dict[str, Any] | None =
         "weights": lambda: check_weights(settings),
         "database": lambda: check_database(settings),
         "objectstore": lambda: check_objectstore(settings),
-        "inference": lambda: check_inference(_inference_url(settings)) if _inference_url(settings) else None,
+        "inference": lambda: check_inference(settings),
+        "broker": lambda: check_broker(settings),
     }
     results = []
     for name in wanted:
