@@ -24,7 +24,7 @@ from PIL import Image
 AI = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 SOURCE_TYPES = ("trainedAlgorithmicMedia", "compositeWithTrainedAlgorithmicMedia", "digitalCapture",
                 "compositeCapture", "algorithmicMedia", "humanEdits")
-MIME = {"JPEG": "image/jpeg", "PNG": "image/png"}
+MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "MP4": "video/mp4"}
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ def sign(data: bytes, fmt: str, chain: Chain, source_type: str = AI, ingredients
     import c2pa
 
     manifest = {"claim_generator_info": [{"name": generator, "version": "1.0"}], "title": f"test.{fmt.lower()}",
+                # (fmt is JPEG, PNG or MP4)
                 "assertions": [{"label": "c2pa.actions", "data": {"actions": [
                     {"action": "c2pa.created", "digitalSourceType": source_type}]}}]}
     signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, chain.chain_pem.encode(),

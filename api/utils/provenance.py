@@ -19,6 +19,7 @@ operator's trust list). See docs/PROVENANCE.md.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import subprocess
@@ -144,7 +145,8 @@ def has_c2pa_marker(data: bytes | memoryview) -> bool:
     return _C2PA_MARKER.search(data) is not None
 
 
-def read_c2pa(data: bytes | None, mime: str, limits: ProvenanceLimits, path: str | None = None) -> dict[str, Any]:
+def read_c2pa(data: bytes | None, mime: str | None, limits: ProvenanceLimits,
+              path: str | None = None) -> dict[str, Any]:
     """Run the C2PA reader in its child and return its report (never raises for a bad file)."""
     job = {"mime": mime, "path": path, "memory_mb": limits.memory_mb, "trust_anchors": limits.trust_anchors_pem}
     payload = json.dumps(job).encode() + b"\n" + (data or b"")
@@ -168,12 +170,13 @@ def read_c2pa(data: bytes | None, mime: str, limits: ProvenanceLimits, path: str
 
 
 # -- the block in every answer ------------------------------------------------------------------
-def read_provenance(data: bytes | memoryview, mime: str, limits: ProvenanceLimits,
+def read_provenance(data: bytes | memoryview | mmap.mmap, mime: str | None, limits: ProvenanceLimits,
                     path: str | None = None) -> dict[str, Any]:
     """The `provenance` block: {c2pa, iptc_digital_source_type, declared_ai, declared_ai_source, notes}.
 
     `data` is the file's bytes (a memoryview of a mapped file for videos); `path`, when given, lets
-    the C2PA child read the file itself instead of receiving the bytes.
+    the C2PA child read the file itself instead of receiving the bytes. `mime` None: the C2PA library
+    tells the format from the bytes.
     """
     iptc, notes = read_xmp_source_type(data, limits)
     c2pa: dict[str, Any] = {"present": False}
@@ -189,3 +192,12 @@ def read_provenance(data: bytes | memoryview, mime: str, limits: ProvenanceLimit
         declared, source = iptc["declares_ai"], "xmp"
     return {"c2pa": c2pa, "iptc_digital_source_type": iptc, "declared_ai": declared,
             "declared_ai_source": source, "notes": notes}
+
+
+def read_provenance_of_file(path: str, limits: ProvenanceLimits, mime: str | None = None) -> dict[str, Any]:
+    """The block for a file on disk (videos): mapped, not read into memory; the C2PA child opens the path."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return read_provenance(b"", mime or "", limits)
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return read_provenance(mapped, mime, limits, path=path)
