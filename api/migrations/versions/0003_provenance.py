@@ -17,16 +17,16 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("predictions") as batch:
-        batch.add_column(sa.Column("provenance", sa.JSON()))
-        batch.add_column(sa.Column("declared_ai", sa.Boolean()))
-        batch.add_column(sa.Column("c2pa_present", sa.Boolean()))
+    # Plain ADD COLUMN (SQLite has it): a batch copy of `predictions` would drop the old table, and
+    # with foreign keys on that cascades into video_predictions.
+    op.add_column("predictions", sa.Column("provenance", sa.JSON()))
+    op.add_column("predictions", sa.Column("declared_ai", sa.Boolean()))
+    op.add_column("predictions", sa.Column("c2pa_present", sa.Boolean()))
     op.create_index("ix_predictions_declared_ai", "predictions", ["declared_ai"])
 
 
 def downgrade() -> None:
     op.drop_index("ix_predictions_declared_ai", table_name="predictions")
-    with op.batch_alter_table("predictions") as batch:
-        batch.drop_column("c2pa_present")
-        batch.drop_column("declared_ai")
-        batch.drop_column("provenance")
+    # Plain DROP COLUMN (SQLite 3.35+), for the same reason as above.
+    for name in ("c2pa_present", "declared_ai", "provenance"):
+        op.drop_column("predictions", name)
