@@ -6,7 +6,6 @@ import base64
 import binascii
 import json
 import math
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -21,7 +20,7 @@ from api.models import Prediction
 
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_OFFSET = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -35,76 +34,6 @@ class Filters:
     max_probability: float | None = None
     sha256: str | None = None
     filename: str | None = None
-
-
-# -- parsing query parameters (strings in, typed values out, InvalidInput naming the parameter) ------
-def parse_time(name: str, raw: str | None) -> datetime | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidInput(f"{name} must be an ISO 8601 date or date-time, got {raw!r}", parameter=name) from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
-
-
-def parse_probability(name: str, raw: str | None) -> float | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidInput(f"{name} must be a number between 0 and 1, got {raw!r}", parameter=name) from None
-    if not (0.0 <= value <= 1.0) or math.isnan(value):
-        raise InvalidInput(f"{name} must be between 0 and 1, got {raw!r}", parameter=name)
-    return value
-
-
-def parse_int(name: str, raw: str | None, default: int, minimum: int, maximum: int) -> int:
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput(f"{name} must be an integer, got {raw!r}", parameter=name) from None
-    if not minimum <= value <= maximum:
-        raise InvalidInput(f"{name} must be between {minimum} and {maximum}, got {value}", parameter=name)
-    return value
-
-
-def parse_choice(name: str, raw: str | None, choices: tuple[str, ...]) -> str | None:
-    if raw is None or raw == "":
-        return None
-    if raw not in choices:
-        raise InvalidInput(f"{name} must be one of {', '.join(choices)}, got {raw!r}", parameter=name)
-    return raw
-
-
-def parse_filters(args: dict[str, str]) -> Filters:
-    sha = args.get("sha256") or None
-    if sha is not None and not _SHA256.match(sha.lower()):
-        raise InvalidInput("sha256 must be 64 hexadecimal characters", parameter="sha256")
-    filters = Filters(
-        prediction=parse_choice("prediction", args.get("prediction"), ("fake", "real")),
-        media_type=parse_choice("media_type", args.get("media_type"), ("image", "video")),
-        status=parse_choice("status", args.get("status"), ("queued", "running", "done", "failed")),
-        since=parse_time("since", args.get("since")),
-        until=parse_time("until", args.get("until")),
-        min_probability=parse_probability("min_probability", args.get("min_probability")),
-        max_probability=parse_probability("max_probability", args.get("max_probability")),
-        sha256=sha.lower() if sha else None,
-        filename=(args.get("filename") or None),
-    )
-    if filters.since and filters.until and filters.since > filters.until:
-        raise InvalidInput("since must not be after until", parameter="since")
-    if (filters.min_probability is not None and filters.max_probability is not None
-            and filters.min_probability > filters.max_probability):
-        raise InvalidInput("min_probability must not exceed max_probability", parameter="min_probability")
-    if filters.filename is not None and len(filters.filename) > 255:
-        raise InvalidInput("filename filter is longer than 255 characters", parameter="filename")
-    return filters
 
 
 def encode_cursor(row: Prediction) -> str:
