@@ -142,6 +142,9 @@ class PredictionQuery(TimeRange):
     max_probability: float | None = Field(None, **PROBABILITY, description="Maximum fake probability.")
     sha256: str | None = Field(None, pattern="^[0-9a-fA-F]{64}$", description="Exact SHA-256 of the input.")
     filename: str | None = Field(None, max_length=255, description="Substring of the filename (case-insensitive).")
+    declared_ai: Literal["true", "false", "unknown"] | None = Field(None, description=(
+        "What the file's metadata claims (docs/PROVENANCE.md): generative AI, not, or no claim."))
+    c2pa: bool | None = Field(None, description="Whether a C2PA manifest was present.")
     limit: int = Field(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="Page size.")
     offset: int = Field(0, ge=0, le=MAX_OFFSET, description="Rows to skip (ignored with cursor).")
     cursor: str | None = Field(None, max_length=512, description="Opaque cursor from next_cursor; overrides offset.")
@@ -178,6 +181,40 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class SourceType(BaseModel):
+    """An IPTC digital source type (cv.iptc.org/newscodes/digitalsourcetype)."""
+
+    code: str
+    uri: str
+    label: str | None = None
+    declares_ai: bool | None = Field(None, description="true: generative AI; false: another known origin.")
+
+
+class C2paReport(BaseModel):
+    """The active C2PA manifest as the C2PA library validated it (docs/PROVENANCE.md)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    present: bool
+    status: Literal["trusted", "untrusted", "tampered", "invalid", "error"] | None = None
+    validation_state: str | None = None
+    claim_generator: str | None = None
+    actions: list[dict[str, Any]] | None = None
+    signer: dict[str, Any] | None = None
+    ingredients: int | None = None
+    error: str | None = None
+
+
+class Provenance(BaseModel):
+    """What the file's own metadata claims, reported beside the verdict and never mixed into it."""
+
+    c2pa: C2paReport
+    iptc_digital_source_type: SourceType | None = None
+    declared_ai: bool | None = Field(None, description="What the metadata claims: generative AI, not, or no claim.")
+    declared_ai_source: Literal["c2pa", "xmp"] | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
 class Prediction(BaseModel):
     """One stored prediction (image or video)."""
 
@@ -202,6 +239,8 @@ class Prediction(BaseModel):
     reused: bool | None = Field(None, description="true: an earlier record for the same bytes (see reuse).")
     warning: str | None = Field(None, description="Present while the model has random (untrained) weights.")
     error: str | None = None
+    provenance: Provenance | None = Field(None, description=(
+        "C2PA and IPTC metadata claims. The verdict ignores them. Null for records made before they were read."))
 
 
 class BatchError(BaseModel):
@@ -307,6 +346,8 @@ class Stats(BaseModel):
     by_prediction: dict[str, int]
     by_media_type: dict[str, int]
     by_status: dict[str, int]
+    by_declared_ai: dict[str, int] | None = Field(None, description="true, false, unknown (no claim).")
+    c2pa_present: int | None = Field(None, description="Records whose file carried a C2PA manifest.")
     per_day: list[DayCount]
     mean_fake_probability: float | None = None
     processing_ms: ProcessingTimes

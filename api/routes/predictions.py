@@ -32,7 +32,7 @@ def list_predictions(query: PredictionQuery):
     filters = Filters(prediction=query.prediction, media_type=query.media_type, status=query.status,
                       since=query.since, until=query.until, min_probability=query.min_probability,
                       max_probability=query.max_probability, sha256=query.sha256.lower() if query.sha256 else None,
-                      filename=query.filename)
+                      filename=query.filename, declared_ai=query.declared_ai, c2pa=query.c2pa)
     caller = current_caller()
     rows, total, next_cursor = services().queries.list(filters, query.limit, query.offset, query.cursor,
                                                        caller.owner, caller.is_admin)
