@@ -30,7 +30,9 @@ from api.auth import current_caller, unauthorized
 from api.context import services
 from api.database import DatabaseUnavailable
 from api.errors import error_response
-from api.openapi import error, register_paths
+from api.openapi import Response as Responses
+from api.openapi import api_spec, produces
+from api.schemas import ErrorBody
 from api.services.jobs import STATUSES, JobStore
 
 log = logging.getLogger(__name__)
@@ -204,22 +206,20 @@ def _allowed(address: str | None, networks: list) -> bool:
 
 
 @bp.get("/metrics")
+@produces(200, CONTENT_TYPE_LATEST.split(";")[0], schema={"type": "string"})
+@api_spec.validate(tags=["service"], operation_id="getMetrics",
+                   security=[{}, {"bearerAuth": []}, {"apiKeyHeader": []}], resp=Responses(
+    HTTP_200=(None, "Prometheus text format"),
+    HTTP_401=(ErrorBody, "Not from an allow-listed network, and no valid key"),
+    HTTP_403=(ErrorBody, "A valid key that is not an admin key, from a network not allow-listed")))
 def metrics():
+    """Prometheus metrics (allow-listed networks or an admin key)"""
     caller = current_caller()
     if not (caller.is_admin or _allowed(request.remote_addr, services().settings.metrics_allow)):
         if caller.owner is None:
             return unauthorized(None)
         return error_response(403, "forbidden", "/metrics needs an admin key or an allow-listed network")
     return Response(exposition(), content_type=CONTENT_TYPE_LATEST)
-
-
-register_paths({"/metrics": {"get": {
-    "summary": "Prometheus metrics (allow-listed networks or an admin key)", "tags": ["service"],
-    "security": [{}, {"bearerAuth": []}, {"apiKeyHeader": []}],
-    "responses": {"200": {"description": "Prometheus text format", "content": {CONTENT_TYPE_LATEST.split(";")[0]: {
-                      "schema": {"type": "string"}}}},
-                  "401": error("Not from an allow-listed network, and no valid key"),
-                  "403": error("A valid key that is not an admin key, from a network not allow-listed")}}}})
 
 
 # -- wiring ----------------------------------------------------------------------------------

@@ -102,3 +102,14 @@ def test_a_malformed_body_is_a_json_400_naming_the_problem(client):
     assert "malformed multipart body" in response.get_json()["error"]["message"]
     ok = post_form(client, "/predict", [("file", ("a.png", image_bytes(seed=3)))])
     assert ok.status_code == 200, ok.get_json()
+
+
+def test_the_parser_overrides_only_werkzeugs_public_api():
+    """Werkzeug's private names may change in any release: the subclass must not override one."""
+    from werkzeug.formparser import FormDataParser
+
+    from api.utils.multipart import MultipartFormDataParser
+
+    overridden = {name for name in vars(MultipartFormDataParser)
+                  if hasattr(FormDataParser, name) and not name.startswith("__")}
+    assert overridden == {"parse"}

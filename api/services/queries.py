@@ -6,12 +6,12 @@ import base64
 import binascii
 import json
 import math
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import Field, TypeAdapter, ValidationError
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.sql import Select
 
@@ -21,94 +21,27 @@ from api.models import Prediction
 
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_OFFSET = 10_000_000
 
 
 @dataclass(frozen=True)
 class Filters:
+    """A listing's filters (the route fills them from its schema; a cursor carries them back)."""
+
     prediction: str | None = None
     media_type: str | None = None
     status: str | None = None
     since: datetime | None = None
     until: datetime | None = None
-    min_probability: float | None = None
-    max_probability: float | None = None
-    sha256: str | None = None
-    filename: str | None = None
-    declared_ai: str | None = None  # true | false | unknown (no claim in the metadata)
+    min_probability: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_probability: Annotated[float, Field(ge=0, le=1)] | None = None
+    sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] | None = None
+    filename: Annotated[str, Field(max_length=255)] | None = None
+    declared_ai: Literal["true", "false", "unknown"] | None = None  # unknown: no claim in the metadata
     c2pa: bool | None = None  # a C2PA manifest was present
 
 
-# -- parsing query parameters (strings in, typed values out, InvalidInput naming the parameter) ------
-def parse_time(name: str, raw: str | None) -> datetime | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidInput(f"{name} must be an ISO 8601 date or date-time, got {raw!r}", parameter=name) from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
-
-
-def parse_probability(name: str, raw: str | None) -> float | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidInput(f"{name} must be a number between 0 and 1, got {raw!r}", parameter=name) from None
-    if not (0.0 <= value <= 1.0) or math.isnan(value):
-        raise InvalidInput(f"{name} must be between 0 and 1, got {raw!r}", parameter=name)
-    return value
-
-
-def parse_int(name: str, raw: str | None, default: int, minimum: int, maximum: int) -> int:
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput(f"{name} must be an integer, got {raw!r}", parameter=name) from None
-    if not minimum <= value <= maximum:
-        raise InvalidInput(f"{name} must be between {minimum} and {maximum}, got {value}", parameter=name)
-    return value
-
-
-def parse_choice(name: str, raw: str | None, choices: tuple[str, ...]) -> str | None:
-    if raw is None or raw == "":
-        return None
-    if raw not in choices:
-        raise InvalidInput(f"{name} must be one of {', '.join(choices)}, got {raw!r}", parameter=name)
-    return raw
-
-
-def parse_filters(args: dict[str, str]) -> Filters:
-    sha = args.get("sha256") or None
-    if sha is not None and not _SHA256.match(sha.lower()):
-        raise InvalidInput("sha256 must be 64 hexadecimal characters", parameter="sha256")
-    filters = Filters(
-        prediction=parse_choice("prediction", args.get("prediction"), ("fake", "real")),
-        media_type=parse_choice("media_type", args.get("media_type"), ("image", "video")),
-        status=parse_choice("status", args.get("status"), ("queued", "running", "done", "failed")),
-        since=parse_time("since", args.get("since")),
-        until=parse_time("until", args.get("until")),
-        min_probability=parse_probability("min_probability", args.get("min_probability")),
-        max_probability=parse_probability("max_probability", args.get("max_probability")),
-        sha256=sha.lower() if sha else None,
-        filename=(args.get("filename") or None),
-        declared_ai=parse_choice("declared_ai", args.get("declared_ai"), ("true", "false", "unknown")),
-        c2pa={"true": True, "false": False, None: None}[parse_choice("c2pa", args.get("c2pa"), ("true", "false"))],
-    )
-    if filters.since and filters.until and filters.since > filters.until:
-        raise InvalidInput("since must not be after until", parameter="since")
-    if (filters.min_probability is not None and filters.max_probability is not None
-            and filters.min_probability > filters.max_probability):
-        raise InvalidInput("min_probability must not exceed max_probability", parameter="min_probability")
-    if filters.filename is not None and len(filters.filename) > 255:
-        raise InvalidInput("filename filter is longer than 255 characters", parameter="filename")
-    return filters
+_FILTERS = TypeAdapter(Filters)  # checks what a cursor carries back with the filters' own types
 
 
 # -- cursors: the position after a page's last row, and the filters and page size of that listing ----
@@ -143,11 +76,13 @@ def decode_cursor(cursor: str) -> Cursor:
         stored = data["filters"]
         if not isinstance(stored, dict) or set(stored) - set(Filters.__dataclass_fields__):
             raise ValueError("unknown filter")
-        # The same parsing as the query string: a cursor cannot smuggle in what a filter refuses.
-        filters = parse_filters({name: str(value) for name, value in stored.items()})
-        limit = parse_int("limit", str(data["limit"]), DEFAULT_LIMIT, 1, MAX_LIMIT)
+        # The filters' own types and bounds: a cursor cannot smuggle in what a filter refuses.
+        filters = _FILTERS.validate_python(stored)
+        limit = data["limit"]
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+            raise ValueError("bad limit")
         return Cursor(created=created, last_id=uuid.UUID(id_raw), filters=filters, limit=limit)
-    except (ValueError, TypeError, KeyError, AttributeError, InvalidInput, binascii.Error,
+    except (ValueError, TypeError, KeyError, AttributeError, ValidationError, binascii.Error,
             json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidInput("cursor is not valid; use the next_cursor of a previous page", parameter="cursor") from None
 
