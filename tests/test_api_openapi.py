@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import image_bytes, make_app, post_form
+from tests.helpers import image_bytes, make_app, post_form
 from tests.video_clips import clip_bytes
 
 
