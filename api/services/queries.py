@@ -28,9 +28,9 @@ MAX_OFFSET = 10_000_000
 class Filters:
     """A listing's filters (the route fills them from its schema; a cursor carries them back)."""
 
-    prediction: str | None = None
-    media_type: str | None = None
-    status: str | None = None
+    prediction: Literal["fake", "real"] | None = None
+    media_type: Annotated[str, Field(pattern="^[a-z]{1,16}$")] | None = None
+    status: Literal["queued", "running", "done", "failed"] | None = None
     since: datetime | None = None
     until: datetime | None = None
     min_probability: Annotated[float, Field(ge=0, le=1)] | None = None
