@@ -24,7 +24,7 @@ export function KeyField({ onChange }: { onChange?: (hasKey: boolean) => void })
   };
 
   return (
-    <form className="key-field" onSubmit={save} aria-label="API key">
+    <form className="key-field" onSubmit={save} aria-label="API key settings">
       <label htmlFor={inputId}>API key</label>
       <input
         id={inputId}

@@ -29,8 +29,7 @@ export function ResultCard({ result, source = null, warning = null, headingLevel
   const seek = (t: number) => {
     const player = playerRef.current;
     if (!player) return;
-    player.currentTime = t;
-    player.focus();
+    player.currentTime = t; // no focus(): it would scroll the page away from the timeline
   };
   const p = result.fake_probability ?? null;
   const verdict = result.prediction ?? null;

@@ -1,4 +1,4 @@
-import { useId, useRef, useState, type KeyboardEvent, type PointerEvent } from "react";
+import { useId, useRef, useState, type KeyboardEvent, type MouseEvent, type PointerEvent } from "react";
 import { formatProbability, formatSeconds, type TimelineData } from "../media";
 
 // Drawn here in SVG rather than with a chart library: it needs a custom interaction (hover to read,
@@ -33,7 +33,7 @@ export function Timeline({ data, threshold, onSeek, label }: Props) {
     return best;
   };
 
-  const timeAtPointer = (event: PointerEvent<SVGSVGElement>): number | null => {
+  const timeAtPointer = (event: { clientX: number }): number | null => {
     const box = svgRef.current?.getBoundingClientRect();
     if (!box || box.width <= 0) return null;
     const viewX = ((event.clientX - box.left) / box.width) * W;
@@ -43,6 +43,14 @@ export function Timeline({ data, threshold, onSeek, label }: Props) {
   const onPointerMove = (event: PointerEvent<SVGSVGElement>) => {
     const t = timeAtPointer(event);
     if (t != null) setActive(nearest(t));
+  };
+
+  const onClick = (event: MouseEvent<SVGSVGElement>) => {
+    // The point under the click itself, not the last hovered one: a touch has no hover.
+    const t = timeAtPointer(event);
+    const index = t != null ? nearest(t) : active;
+    setActive(index);
+    seek(index);
   };
 
   const seek = (index: number | null) => {
@@ -89,7 +97,7 @@ export function Timeline({ data, threshold, onSeek, label }: Props) {
         aria-valuetext={point ? readout : "no point selected"}
         onPointerMove={onPointerMove}
         onPointerLeave={() => setActive(null)}
-        onClick={() => seek(active)}
+        onClick={onClick}
         onKeyDown={onKeyDown}
         data-testid="timeline"
       >
