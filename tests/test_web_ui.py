@@ -5,7 +5,7 @@ One browser for the session, a fresh context (empty session storage) per test. E
 page makes is recorded: the page may talk to the service and nothing else, and it must run under
 its Content-Security-Policy without a single violation.
 
-`D3_SCREENSHOTS=docs/screenshots` (make screenshots) also writes pictures of the main views.
+`UI_SCREENSHOTS=docs/screenshots` (make screenshots) also writes pictures of the main views.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import requests
 
 from tests.conftest import ROOT, app_settings, free_port, image_bytes
 
-CHROMIUM = os.environ.get("D3_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("UI_CHROMIUM", "/usr/bin/chromium")
 DIST = ROOT / "web" / "dist"
-SCREENSHOTS = os.environ.get("D3_SCREENSHOTS")
+SCREENSHOTS = os.environ.get("UI_SCREENSHOTS")
 TIMEOUT_MS = 20_000
 
 if shutil.which("node") is None:

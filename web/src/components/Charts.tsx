@@ -24,7 +24,7 @@ export function BarChart({ bars, title, unit = "", testId }: { bars: Bar[]; titl
   const plotW = W - M.left - M.right;
   const plotH = H - M.top - M.bottom;
   const slot = plotW / Math.max(bars.length, 1);
-  const every = Math.max(1, Math.ceil(bars.length / 10)); // at most ~10 x labels
+  const every = Math.max(1, Math.ceil(bars.length / 6)); // at most ~6 x labels: they must not overlap
   return (
     <figure className="chart" data-testid={testId}>
       <figcaption>{title}</figcaption>
