@@ -306,7 +306,8 @@ def test_history_filters_and_pages_with_the_cursor(page, ui_server):
     expect(summary).to_have_text("Showing 1–10 of 12 (page 1).")
 
     # A second filter on top: the verdict. Same rows as the API gives for the same query.
-    fakes = ui_server.api("GET", "/predictions", params={"filename": "hist-", "prediction": "fake", "limit": 100}).json()
+    fakes = ui_server.api("GET", "/predictions",
+                          params={"filename": "hist-", "prediction": "fake", "limit": 100}).json()
     page.get_by_label("Verdict").select_option("fake")
     page.get_by_role("button", name="Apply filters").click()
     if fakes["total"] == 0:
@@ -366,7 +367,8 @@ def test_the_page_fits_a_phone_screen(browser, recorder, ui_server):
         page.get_by_role("button", name="Check", exact=True).click()
         expect(page.get_by_test_id("result")).to_be_visible()
         wide = page.evaluate("""() => [...document.querySelectorAll('body *')]
-            .filter((e) => e.getBoundingClientRect().right > 391).map((e) => e.tagName + '.' + e.className).slice(0, 5)""")
+            .filter((e) => e.getBoundingClientRect().right > 391)
+            .map((e) => e.tagName + '.' + e.className).slice(0, 5)""")
         assert page.evaluate("document.documentElement.scrollWidth") <= 390, wide  # no sideways scrolling
         shot(page, "phone-check")
         page.get_by_role("link", name="History").click()
