@@ -61,7 +61,7 @@ def ui_server(tmp_path_factory, tiny_engine) -> Iterator[UiServer]:
                             RATE_LIMIT_VIDEO="10000/minute")
     upgrade_schema(f"sqlite:///{tmp / 'instance' / 'd3.sqlite'}")
     app = create_app(settings, engine=tiny_engine)
-    _, key = app.extensions["d3"].extra["keys"].create("web-ui-test")
+    _, key = app.extensions["d3"].keys.create("web-ui-test")
     port = free_port()
     server = make_server("127.0.0.1", port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

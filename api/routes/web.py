@@ -13,8 +13,8 @@ from pathlib import Path
 from flask import Blueprint, Response, current_app, redirect, send_from_directory
 from werkzeug.security import safe_join
 
+from api.exceptions import NotFound
 from api.openapi import error, register_paths
-from api.services.errors import NotFound
 
 bp = Blueprint("web", __name__)
 
@@ -93,17 +93,19 @@ def asset(name: str):
 _HTML = {"text/html": {"schema": {"type": "string"}}}
 register_paths({
     "/": {"get": {
-        "summary": "Redirect to the web front end", "tags": ["ui"], "security": [],
+        "summary": "Redirect to the web front end", "tags": ["ui"], "security": [], "operationId": "getRoot",
         "responses": {"302": {"description": "To /ui/"}}}},
     "/ui": {"get": {
-        "summary": "Redirect to /ui/", "tags": ["ui"], "security": [],
+        "summary": "Redirect to /ui/", "tags": ["ui"], "security": [], "operationId": "getUiRedirect",
         "responses": {"308": {"description": "To /ui/, where the page is"}}}},
     "/ui/": {"get": {
         "summary": "The web front end (check a file, history, stats)", "tags": ["ui"], "security": [],
+        "operationId": "getUi",
         "responses": {"200": {"description": "The page", "content": _HTML},
                       "404": error("The front end is not built (make setup builds it when Node.js is present)")}}},
     "/ui/{name}": {"get": {
         "summary": "A file of the web front end (scripts, styles, icons)", "tags": ["ui"], "security": [],
+        "operationId": "getUiFile",
         "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
         "responses": {"200": {"description": "The file",
                               "content": {"application/javascript": {}, "text/css": {}, "image/svg+xml": {}}},
