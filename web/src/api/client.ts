@@ -13,7 +13,8 @@ export type VideoPrediction = components["schemas"]["VideoPrediction"];
 export type VideoFrame = components["schemas"]["VideoFrame"];
 export type VideoSegment = components["schemas"]["VideoSegment"];
 export type BatchResult = components["schemas"]["BatchResult"];
-export type BatchEntry = components["schemas"]["BatchEntry"];
+/** One entry of a batch answer: a prediction, or that file's own error. */
+export type BatchItem = BatchResult["results"][number];
 export type PredictionList = components["schemas"]["PredictionList"];
 export type Stats = components["schemas"]["Stats"];
 export type Health = components["schemas"]["Health"];

@@ -12,34 +12,7 @@ export interface paths {
             cookie?: never;
         };
         /** Redirect to the web front end */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description To /ui/ */
-                302: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content?: never;
-                };
-                /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
-                429: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getRoot"];
         put?: never;
         post?: never;
         delete?: never;
@@ -56,43 +29,7 @@ export interface paths {
             cookie?: never;
         };
         /** Human-readable API documentation */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description HTML page */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "text/html": unknown;
-                    };
-                };
-                /** @description Redirect to /docs/, where the page is */
-                308: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content?: never;
-                };
-                /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
-                429: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getDocs"];
         put?: never;
         post?: never;
         delete?: never;
@@ -109,35 +46,7 @@ export interface paths {
             cookie?: never;
         };
         /** Liveness and readiness */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Ready */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Health"];
-                    };
-                };
-                /** @description Not ready */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Health"];
-                    };
-                };
-            };
-        };
+        get: operations["getHealth"];
         put?: never;
         post?: never;
         delete?: never;
@@ -154,44 +63,7 @@ export interface paths {
             cookie?: never;
         };
         /** Prometheus metrics (allow-listed networks or an admin key) */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Prometheus text format */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "text/plain": string;
-                    };
-                };
-                /** @description Not from an allow-listed network, and no valid key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description A valid key that is not an admin key, from a network not allow-listed */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getMetrics"];
         put?: never;
         post?: never;
         delete?: never;
@@ -208,53 +80,7 @@ export interface paths {
             cookie?: never;
         };
         /** Signed link into the local object store (only without MinIO) */
-        get: {
-            parameters: {
-                query: {
-                    expires: number;
-                    signature: string;
-                };
-                header?: never;
-                path: {
-                    bucket: string;
-                    key: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description The stored object */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                        "application/octet-stream": unknown;
-                        "image/png": unknown;
-                    };
-                };
-                /** @description No such object, or the signature is bad or expired */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
-                429: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getObject"];
         put?: never;
         post?: never;
         delete?: never;
@@ -271,36 +97,7 @@ export interface paths {
             cookie?: never;
         };
         /** This document */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description OpenAPI 3 document */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": Record<string, never>;
-                    };
-                };
-                /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
-                429: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getOpenApi"];
         put?: never;
         post?: never;
         delete?: never;
@@ -319,106 +116,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Predict one image */
-        post: {
-            parameters: {
-                query?: {
-                    /** @description Decision threshold: fake when p > threshold (default 0.5). */
-                    threshold?: number;
-                    /** @description Return a stored result for the same bytes, model version and threshold (default true). */
-                    reuse?: boolean;
-                };
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "multipart/form-data": {
-                        /** Format: binary */
-                        file: string;
-                        reuse?: boolean;
-                        threshold?: number;
-                    };
-                };
-            };
-            responses: {
-                /** @description Stored verdict */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Prediction"];
-                    };
-                };
-                /** @description Missing field or bad parameter */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Missing, malformed, unknown or revoked API key */
-                401: {
-                    headers: {
-                        "WWW-Authenticate"?: string;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Over 20971520 bytes or 50000000 pixels */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Not JPEG, PNG, WebP, BMP, GIF or TIFF */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Truncated or corrupt image */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
-                429: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
-                503: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["predictImage"];
         delete?: never;
         options?: never;
         head?: never;
@@ -434,88 +132,8 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Predict up to 64 images */
-        post: {
-            parameters: {
-                query?: {
-                    /** @description Decision threshold: fake when p > threshold (default 0.5). */
-                    threshold?: number;
-                    /** @description Return a stored result for the same bytes, model version and threshold (default true). */
-                    reuse?: boolean;
-                };
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "multipart/form-data": {
-                        files: string[];
-                        reuse?: boolean;
-                        threshold?: number;
-                    };
-                };
-            };
-            responses: {
-                /** @description One entry per file, in order; bad files carry their own error */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["BatchResult"];
-                    };
-                };
-                /** @description No files, too many files, or bad parameter */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Missing, malformed, unknown or revoked API key */
-                401: {
-                    headers: {
-                        "WWW-Authenticate"?: string;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Request body too large */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
-                429: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
-                503: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        /** Predict up to MAX_BATCH_FILES images */
+        post: operations["predictImageBatch"];
         delete?: never;
         options?: never;
         head?: never;
@@ -535,133 +153,7 @@ export interface paths {
          * Predict a video: sampled frames, aggregates, fake segments, timeline
          * @description Sync for short videos (200 with the result); async (202 + Location) with async=true, callback_url, or over VIDEO_ASYNC_BYTES / VIDEO_ASYNC_SECONDS. Frames are decoded in a child process with VIDEO_DECODE_TIMEOUT_S and VIDEO_DECODE_MEMORY_MB limits.
          */
-        post: {
-            parameters: {
-                query?: {
-                    /** @description Frames to sample (default DEFAULT_VIDEO_FRAMES = 32, at most MAX_VIDEO_FRAMES = 256): the centre frame of each of n equal slices, index_i = floor((i + 0.5) * frame_count / n). Not with fps. May also be sent as a form field. */
-                    frames?: number;
-                    /** @description Sample rate instead of a count: floor(duration * fps) frames (at least 1, capped at MAX_VIDEO_FRAMES), placed the same way. Not with frames. May also be sent as a form field. */
-                    fps?: number;
-                    /** @description May also be sent as a form field. */
-                    threshold?: number;
-                    /** @description mean of frame probabilities (default), vote = share of frames over the threshold, or max; the verdict is fake when it exceeds the threshold. May also be sent as a form field. */
-                    aggregation?: "mean" | "vote" | "max";
-                    /** @description Queue a job and answer 202 at once. Also automatic above VIDEO_ASYNC_BYTES or VIDEO_ASYNC_SECONDS. May also be sent as a form field. */
-                    async?: boolean;
-                    /** @description POSTed the final result (the GET /predictions/{id} body) when the job ends, with retries. https only unless CALLBACK_ALLOW_HTTP; hosts that resolve to private, loopback, link-local or reserved addresses are refused unless CALLBACK_ALLOW_PRIVATE. Implies async. May also be sent as a form field. */
-                    callback_url?: string;
-                };
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "multipart/form-data": {
-                        /**
-                         * @description mean of frame probabilities (default), vote = share of frames over the threshold, or max; the verdict is fake when it exceeds the threshold.
-                         * @enum {string}
-                         */
-                        aggregation?: "mean" | "vote" | "max";
-                        /** @description Queue a job and answer 202 at once. Also automatic above VIDEO_ASYNC_BYTES or VIDEO_ASYNC_SECONDS. */
-                        async?: boolean;
-                        /**
-                         * Format: uri
-                         * @description POSTed the final result (the GET /predictions/{id} body) when the job ends, with retries. https only unless CALLBACK_ALLOW_HTTP; hosts that resolve to private, loopback, link-local or reserved addresses are refused unless CALLBACK_ALLOW_PRIVATE. Implies async.
-                         */
-                        callback_url?: string;
-                        /**
-                         * Format: binary
-                         * @description The video. Its type is read from the content (MP4/MOV, AVI, WebM/Matroska, MPEG-TS/PS, FLV, Ogg, ASF), never from the filename.
-                         */
-                        file: string;
-                        /** @description Sample rate instead of a count: floor(duration * fps) frames (at least 1, capped at MAX_VIDEO_FRAMES), placed the same way. Not with frames. */
-                        fps?: number;
-                        /** @description Frames to sample (default DEFAULT_VIDEO_FRAMES = 32, at most MAX_VIDEO_FRAMES = 256): the centre frame of each of n equal slices, index_i = floor((i + 0.5) * frame_count / n). Not with fps. */
-                        frames?: number;
-                        threshold?: number;
-                    };
-                };
-            };
-            responses: {
-                /** @description Analysed and stored */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["VideoPrediction"];
-                    };
-                };
-                /** @description Queued as a job; poll status_url (also the Location header) */
-                202: {
-                    headers: {
-                        /** @description GET /predictions/{id} of the job */
-                        Location?: string;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["VideoPrediction"];
-                    };
-                };
-                /** @description Missing 'file' field, or a bad parameter (frames, fps, both, threshold, aggregation, async, callback_url refused); the error names the parameter */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Missing, malformed, unknown or revoked API key */
-                401: {
-                    headers: {
-                        "WWW-Authenticate"?: string;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Upload over MAX_VIDEO_BYTES, video longer than MAX_VIDEO_SECONDS (reason too_long), or frames over MAX_IMAGE_PIXELS (reason too_many_pixels) */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Not usable as a video; `reason` says which: empty (0 bytes), image (an image was sent), not_video (unknown content), undecodable (truncated/corrupt/unsupported codec), no_frames, no_fps (no usable frame rate), timeout (decoding exceeded VIDEO_DECODE_TIMEOUT_S), memory (exceeded VIDEO_DECODE_MEMORY_MB), crashed */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Too many queued/running video jobs for this caller (VIDEO_JOBS_PER_KEY), or rate limited (RATE_LIMIT_VIDEO) */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
-                503: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["predictVideo"];
         delete?: never;
         options?: never;
         head?: never;
@@ -676,90 +168,7 @@ export interface paths {
             cookie?: never;
         };
         /** List past predictions, newest first */
-        get: {
-            parameters: {
-                query?: {
-                    /** @description Only this verdict. */
-                    prediction?: "fake" | "real";
-                    /** @description Only this media type. */
-                    media_type?: "image" | "video";
-                    /** @description Only this status. */
-                    status?: "queued" | "running" | "done" | "failed";
-                    /** @description Created at or after (ISO 8601). */
-                    since?: string;
-                    /** @description Created at or before (ISO 8601). */
-                    until?: string;
-                    /** @description Minimum fake probability. */
-                    min_probability?: number;
-                    /** @description Maximum fake probability. */
-                    max_probability?: number;
-                    /** @description Exact SHA-256 of the input. */
-                    sha256?: string;
-                    /** @description Substring of the filename. */
-                    filename?: string;
-                    /** @description Page size (default 50). */
-                    limit?: number;
-                    /** @description Rows to skip. */
-                    offset?: number;
-                    /** @description Opaque cursor from next_cursor; overrides offset. */
-                    cursor?: string;
-                };
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description A page */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["PredictionList"];
-                    };
-                };
-                /** @description Bad filter value (names the parameter) */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Missing, malformed, unknown or revoked API key */
-                401: {
-                    headers: {
-                        "WWW-Authenticate"?: string;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
-                429: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
-                503: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["listPredictions"];
         put?: never;
         post?: never;
         delete?: never;
@@ -776,70 +185,7 @@ export interface paths {
             cookie?: never;
         };
         /** Totals, per-day counts, mean probability, processing time */
-        get: {
-            parameters: {
-                query?: {
-                    /** @description Created at or after (ISO 8601). */
-                    since?: string;
-                    /** @description Created at or before (ISO 8601). */
-                    until?: string;
-                };
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Statistics */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Stats"];
-                    };
-                };
-                /** @description Bad range */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Missing, malformed, unknown or revoked API key */
-                401: {
-                    headers: {
-                        "WWW-Authenticate"?: string;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
-                429: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
-                503: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getPredictionStats"];
         put?: never;
         post?: never;
         delete?: never;
@@ -856,67 +202,7 @@ export interface paths {
             cookie?: never;
         };
         /** One prediction with a fresh result_url */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    prediction_id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description The record */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Prediction"];
-                    };
-                };
-                /** @description Missing, malformed, unknown or revoked API key */
-                401: {
-                    headers: {
-                        "WWW-Authenticate"?: string;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Unknown id */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
-                429: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
-                503: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getPrediction"];
         put?: never;
         post?: never;
         delete?: never;
@@ -936,67 +222,7 @@ export interface paths {
          * Timeline picture of a video prediction
          * @description Fake probability of every sampled frame over time, the threshold line and the fake segments shaded (PNG, 1000x320). Only the owner's records.
          */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    prediction_id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description The PNG */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "image/png": string;
-                    };
-                };
-                /** @description Missing, malformed, unknown or revoked API key */
-                401: {
-                    headers: {
-                        "WWW-Authenticate"?: string;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Unknown id, another owner's, not a video, or the job is not done yet */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
-                429: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
-                503: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getTimeline"];
         put?: never;
         post?: never;
         delete?: never;
@@ -1013,34 +239,7 @@ export interface paths {
             cookie?: never;
         };
         /** Redirect to /ui/ */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description To /ui/, where the page is */
-                308: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content?: never;
-                };
-                /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
-                429: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getUiRedirect"];
         put?: never;
         post?: never;
         delete?: never;
@@ -1057,45 +256,7 @@ export interface paths {
             cookie?: never;
         };
         /** The web front end (check a file, history, stats) */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description The page */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "text/html": string;
-                    };
-                };
-                /** @description The front end is not built (make setup builds it when Node.js is present) */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
-                429: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getUi"];
         put?: never;
         post?: never;
         delete?: never;
@@ -1112,49 +273,7 @@ export interface paths {
             cookie?: never;
         };
         /** A file of the web front end (scripts, styles, icons) */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description The file */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/javascript": unknown;
-                        "image/svg+xml": unknown;
-                        "text/css": unknown;
-                    };
-                };
-                /** @description No such file */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
-                429: {
-                    headers: {
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getUiFile"];
         put?: never;
         post?: never;
         delete?: never;
@@ -1167,19 +286,66 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
-        BatchEntry: (components["schemas"]["Prediction"] & {
+        /** Aggregates */
+        Aggregates: {
+            max: number;
+            mean: number;
+            vote: number;
+        };
+        /** BatchEntry */
+        BatchEntry: {
+            confidence?: number | null;
+            /** @description ISO 8601, UTC. */
+            created_at: string;
+            error?: string | null;
+            fake_probability?: number | null;
+            filename?: string | null;
+            height?: number | null;
+            /** @description UUID of the record. */
+            id: string;
+            /** @description Position of the file in the request. */
             index: number;
-        }) | {
-            error: Record<string, never>;
+            /** @enum {string} */
+            media_type: "image" | "video";
+            model_version: string;
+            /** @enum {string|null} */
+            prediction?: "fake" | "real" | null;
+            processing_ms?: number | null;
+            /** @description Signed, expiring link to the stored result JSON. */
+            result_url?: string | null;
+            /** @description true: an earlier record for the same bytes (see reuse). */
+            reused?: boolean | null;
+            sha256: string;
+            size_bytes?: number | null;
+            /** @enum {string} */
+            status: "queued" | "running" | "done" | "failed";
+            threshold: number;
+            /** @description Present while the model has random (untrained) weights. */
+            warning?: string | null;
+            width?: number | null;
+        } & {
+            [key: string]: unknown;
+        };
+        /** BatchError */
+        BatchError: {
+            error: components["schemas"]["ErrorDetail"];
             filename?: string | null;
             index: number;
+            /** @description The HTTP status this file alone would have had. */
             status: number;
         };
+        /** BatchResult */
         BatchResult: {
             count: number;
-            failed?: number;
-            results: components["schemas"]["BatchEntry"][];
-            succeeded?: number;
+            failed: number;
+            /** @description One entry per file, in order. */
+            results: (components["schemas"]["BatchEntry"] | components["schemas"]["BatchError"])[];
+            succeeded: number;
+        };
+        /** Callback */
+        Callback: {
+            status: string;
+            url: string;
         };
         Error: {
             error: {
@@ -1189,6 +355,24 @@ export interface components {
             } & {
                 [key: string]: unknown;
             };
+        };
+        /**
+         * ErrorBody
+         * @description Every error: {"error": {"code", "message", ...}}.
+         */
+        ErrorBody: {
+            error: components["schemas"]["ErrorDetail"];
+        };
+        /** ErrorDetail */
+        ErrorDetail: {
+            /** @description Stable machine-readable name, e.g. invalid_input, unavailable. */
+            code: string;
+            /** @description What went wrong, for people. */
+            message: string;
+            /** @description The request parameter at fault, when there is one. */
+            parameter?: string | null;
+        } & {
+            [key: string]: unknown;
         };
         Health: {
             database?: Record<string, never>;
@@ -1202,15 +386,45 @@ export interface components {
         } & {
             [key: string]: unknown;
         };
+        /** ImageFile */
+        ImageFile: {
+            /**
+             * Format: binary
+             * @description The image: JPEG, PNG, WebP, BMP, GIF or TIFF, told by its content.
+             */
+            file: string;
+        };
+        /** ImageFiles */
+        ImageFiles: {
+            /** @description The images, one part each (repeat the field), at most MAX_BATCH_FILES. */
+            files: string[];
+        };
+        /** ImageParams */
+        ImageParams: {
+            /**
+             * @description Return the stored result when these exact bytes were already scored with this model version and threshold by this caller (the response then says reused: true). false always runs the model and stores a new record.
+             * @default true
+             */
+            reuse: boolean;
+            /**
+             * @description Decision threshold: the verdict is fake when fake_probability > threshold. Default DEFAULT_THRESHOLD.
+             * @default 0.5
+             */
+            threshold: number | null;
+        };
+        /**
+         * Prediction
+         * @description One stored prediction (image or video).
+         */
         Prediction: {
             confidence?: number | null;
-            /** Format: date-time */
+            /** @description ISO 8601, UTC. */
             created_at: string;
-            error?: string;
+            error?: string | null;
             fake_probability?: number | null;
             filename?: string | null;
             height?: number | null;
-            /** Format: uuid */
+            /** @description UUID of the record. */
             id: string;
             /** @enum {string} */
             media_type: "image" | "video";
@@ -1218,14 +432,17 @@ export interface components {
             /** @enum {string|null} */
             prediction?: "fake" | "real" | null;
             processing_ms?: number | null;
+            /** @description Signed, expiring link to the stored result JSON. */
             result_url?: string | null;
-            reused?: boolean;
+            /** @description true: an earlier record for the same bytes (see reuse). */
+            reused?: boolean | null;
             sha256: string;
-            size_bytes?: number;
+            size_bytes?: number | null;
             /** @enum {string} */
             status: "queued" | "running" | "done" | "failed";
             threshold: number;
-            warning?: string;
+            /** @description Present while the model has random (untrained) weights. */
+            warning?: string | null;
             width?: number | null;
         } & {
             [key: string]: unknown;
@@ -1236,6 +453,11 @@ export interface components {
             next_cursor?: string | null;
             offset?: number | null;
             results: components["schemas"]["Prediction"][];
+            total: number;
+        };
+        /** Progress */
+        Progress: {
+            done: number;
             total: number;
         };
         Stats: {
@@ -1263,6 +485,15 @@ export interface components {
             /** Format: date-time */
             until?: string;
         };
+        /** VideoFile */
+        VideoFile: {
+            /**
+             * Format: binary
+             * @description The video. Its type is read from the content (MP4/MOV, AVI, WebM/Matroska, MPEG-TS/PS, FLV, Ogg, ASF), never from the filename.
+             */
+            file: string;
+        };
+        /** VideoFrame */
         VideoFrame: {
             fake_probability: number;
             /** @description Frame number in the video (0-based, decoding order). */
@@ -1270,58 +501,116 @@ export interface components {
             /** @description index / fps. */
             timestamp_s: number;
         };
-        VideoPrediction: components["schemas"]["Prediction"] & {
+        /** VideoParams */
+        VideoParams: {
+            /**
+             * @description mean of frame probabilities, vote = share of frames over the threshold, or max; the verdict is fake when it exceeds the threshold.
+             * @default mean
+             * @enum {string}
+             */
+            aggregation: "mean" | "vote" | "max";
+            /**
+             * @description Queue a job and answer 202 at once. Also automatic above VIDEO_ASYNC_BYTES or VIDEO_ASYNC_SECONDS.
+             * @default false
+             */
+            async: boolean;
+            /**
+             * Format: uri
+             * @description POSTed the final result (the GET /predictions/{id} body) when the job ends, with retries. https only unless CALLBACK_ALLOW_HTTP; hosts that resolve to private, loopback, link-local or reserved addresses are refused unless CALLBACK_ALLOW_PRIVATE. Implies async.
+             */
+            callback_url?: string | null;
+            /** @description Sample rate instead of a count: floor(duration * fps) frames (at least 1, capped at MAX_VIDEO_FRAMES), placed the same way. Not with frames. */
+            fps?: number | null;
+            /** @description Frames to sample (default DEFAULT_VIDEO_FRAMES, at most MAX_VIDEO_FRAMES): the centre frame of each of n equal slices, index_i = floor((i + 0.5) * frame_count / n). Not with fps. */
+            frames?: number | null;
+            /**
+             * @description Decision threshold: the verdict is fake when fake_probability > threshold. Default DEFAULT_THRESHOLD.
+             * @default 0.5
+             */
+            threshold: number | null;
+        };
+        /**
+         * VideoPrediction
+         * @description A video prediction: while queued/running only progress; once done, everything.
+         */
+        VideoPrediction: {
             /** @description All three, whatever was chosen. */
-            aggregates?: {
-                max?: number;
-                mean?: number;
-                vote?: number;
-            } | null;
-            /** @enum {string} */
-            aggregation?: "mean" | "vote" | "max";
-            callback?: {
-                status?: string;
-                url?: string;
-            };
+            aggregates?: components["schemas"]["Aggregates"];
+            /** @enum {string|null} */
+            aggregation?: "mean" | "vote" | "max" | null;
+            callback?: components["schemas"]["Callback"];
             codec?: string | null;
+            confidence?: number | null;
             container?: string | null;
+            /** @description ISO 8601, UTC. */
+            created_at: string;
             /** @description strategy, seeks, grabs, skipped_frames, decode_s. */
-            decoding?: Record<string, never> | null;
+            decoding?: {
+                [key: string]: unknown;
+            } | null;
             duration_s?: number | null;
+            error?: string | null;
+            fake_probability?: number | null;
+            filename?: string | null;
             fps?: number | null;
             frame_count?: number | null;
             frames?: components["schemas"]["VideoFrame"][] | null;
             frames_analyzed?: number | null;
-            progress?: {
-                done?: number;
-                total?: number;
-            };
+            height?: number | null;
+            /** @description UUID of the record. */
+            id: string;
+            /** @enum {string} */
+            media_type: "image" | "video";
+            model_version: string;
+            /** @enum {string|null} */
+            prediction?: "fake" | "real" | null;
+            processing_ms?: number | null;
+            progress?: components["schemas"]["Progress"];
+            /** @description Signed, expiring link to the stored result JSON. */
+            result_url?: string | null;
+            /** @description true: an earlier record for the same bytes (see reuse). */
+            reused?: boolean | null;
             /** @description mode (frames|fps), requested_frames, planned_frames, capped, rule. */
-            sampling?: Record<string, never> | null;
+            sampling?: {
+                [key: string]: unknown;
+            } | null;
             /** @description Runs of consecutive sampled frames over the threshold. */
             segments?: components["schemas"]["VideoSegment"][] | null;
+            sha256: string;
+            size_bytes?: number | null;
+            /** @enum {string} */
+            status: "queued" | "running" | "done" | "failed";
             /** @description Async only: poll it (GET /predictions/{id}). */
-            status_url?: string;
+            status_url?: string | null;
+            threshold: number;
             /** @description Signed link to the timeline PNG (like result_url). */
             timeline_url?: string | null;
             /** @description probe, decode, preprocess, inference (sync only). */
-            timings_ms?: Record<string, never>;
+            timings_ms?: {
+                [key: string]: number;
+            } | null;
             /** @description The 5 most suspicious frames, highest first. */
             top_frames?: components["schemas"]["VideoFrame"][] | null;
+            /** @description Present while the model has random (untrained) weights. */
+            warning?: string | null;
+            width?: number | null;
+        } & {
+            [key: string]: unknown;
         };
+        /** VideoSegment */
         VideoSegment: {
-            end_frame?: number;
+            end_frame: number;
             /** @description End of the last frame's slice of the video. */
-            end_s?: number;
-            first_timestamp_s?: number;
+            end_s: number;
+            first_timestamp_s: number;
             /** @description Sampled frames in the run. */
-            frames?: number;
-            last_timestamp_s?: number;
-            max_probability?: number;
-            mean_probability?: number;
-            start_frame?: number;
+            frames: number;
+            last_timestamp_s: number;
+            max_probability: number;
+            mean_probability: number;
+            start_frame: number;
             /** @description Start of the first frame's slice of the video. */
-            start_s?: number;
+            start_s: number;
         };
     };
     responses: never;
@@ -1331,4 +620,873 @@ export interface components {
     pathItems: never;
 }
 export type $defs = Record<string, never>;
-export type operations = Record<string, never>;
+export interface operations {
+    getRoot: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description To /ui/ */
+            302: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getDocs: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description HTML page */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/html": unknown;
+                };
+            };
+            /** @description Redirect to /docs/, where the page is */
+            308: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getHealth: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Ready */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Health"];
+                };
+            };
+            /** @description Not ready */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Health"];
+                };
+            };
+        };
+    };
+    getMetrics: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Prometheus text format */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/plain": string;
+                };
+            };
+            /** @description Not from an allow-listed network, and no valid key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description A valid key that is not an admin key, from a network not allow-listed */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getObject: {
+        parameters: {
+            query: {
+                expires: number;
+                signature: string;
+            };
+            header?: never;
+            path: {
+                bucket: string;
+                key: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The stored object */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": unknown;
+                    "application/octet-stream": unknown;
+                    "image/png": unknown;
+                };
+            };
+            /** @description No such object, or the signature is bad or expired */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getOpenApi: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OpenAPI 3 document */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": Record<string, never>;
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    predictImage: {
+        parameters: {
+            query?: {
+                /** @description Decision threshold: the verdict is fake when fake_probability > threshold. Default DEFAULT_THRESHOLD. */
+                threshold?: number | null;
+                /** @description Return the stored result when these exact bytes were already scored with this model version and threshold by this caller (the response then says reused: true). false always runs the model and stores a new record. */
+                reuse?: boolean;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "multipart/form-data": components["schemas"]["ImageFile"];
+            };
+        };
+        responses: {
+            /** @description The stored verdict (or the earlier one for the same bytes: reused true) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Prediction"];
+                };
+            };
+            /** @description A missing or invalid parameter or field; error.parameter names it */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Missing, malformed, unknown or revoked API key */
+            401: {
+                headers: {
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Over MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not JPEG, PNG, WebP, BMP, GIF or TIFF */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Truncated or corrupt image */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    predictImageBatch: {
+        parameters: {
+            query?: {
+                /** @description Decision threshold: the verdict is fake when fake_probability > threshold. Default DEFAULT_THRESHOLD. */
+                threshold?: number | null;
+                /** @description Return the stored result when these exact bytes were already scored with this model version and threshold by this caller (the response then says reused: true). false always runs the model and stores a new record. */
+                reuse?: boolean;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "multipart/form-data": components["schemas"]["ImageFiles"];
+            };
+        };
+        responses: {
+            /** @description One entry per file, in order; a bad file carries its own error */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["BatchResult"];
+                };
+            };
+            /** @description A missing or invalid parameter or field; error.parameter names it */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Missing, malformed, unknown or revoked API key */
+            401: {
+                headers: {
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Request body too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    predictVideo: {
+        parameters: {
+            query?: {
+                /** @description Decision threshold: the verdict is fake when fake_probability > threshold. Default DEFAULT_THRESHOLD. */
+                threshold?: number | null;
+                /** @description Frames to sample (default DEFAULT_VIDEO_FRAMES, at most MAX_VIDEO_FRAMES): the centre frame of each of n equal slices, index_i = floor((i + 0.5) * frame_count / n). Not with fps. */
+                frames?: number | null;
+                /** @description Sample rate instead of a count: floor(duration * fps) frames (at least 1, capped at MAX_VIDEO_FRAMES), placed the same way. Not with frames. */
+                fps?: number | null;
+                /** @description mean of frame probabilities, vote = share of frames over the threshold, or max; the verdict is fake when it exceeds the threshold. */
+                aggregation?: "mean" | "vote" | "max";
+                /** @description Queue a job and answer 202 at once. Also automatic above VIDEO_ASYNC_BYTES or VIDEO_ASYNC_SECONDS. */
+                async?: boolean;
+                /** @description POSTed the final result (the GET /predictions/{id} body) when the job ends, with retries. https only unless CALLBACK_ALLOW_HTTP; hosts that resolve to private, loopback, link-local or reserved addresses are refused unless CALLBACK_ALLOW_PRIVATE. Implies async. */
+                callback_url?: string | null;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "multipart/form-data": components["schemas"]["VideoFile"];
+            };
+        };
+        responses: {
+            /** @description Analysed and stored */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VideoPrediction"];
+                };
+            };
+            /** @description Queued as a job; poll status_url (also the Location header) */
+            202: {
+                headers: {
+                    /** @description GET /predictions/{id} of the job */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VideoPrediction"];
+                };
+            };
+            /** @description A missing or invalid parameter or field; error.parameter names it */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Missing, malformed, unknown or revoked API key */
+            401: {
+                headers: {
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Upload over MAX_VIDEO_BYTES, video longer than MAX_VIDEO_SECONDS (reason too_long), or frames over MAX_IMAGE_PIXELS (reason too_many_pixels) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not usable as a video; `reason` says which: empty, image, not_video, undecodable, no_frames, no_fps, timeout (VIDEO_DECODE_TIMEOUT_S), memory (VIDEO_DECODE_MEMORY_MB), crashed */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Too many queued/running video jobs for this caller (VIDEO_JOBS_PER_KEY), or rate limited (RATE_LIMIT_VIDEO) */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Model, database or object store unavailable; see Retry-After */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    listPredictions: {
+        parameters: {
+            query?: {
+                /** @description Only this verdict. */
+                prediction?: "fake" | "real";
+                /** @description Only this media type. */
+                media_type?: "image" | "video";
+                /** @description Only this status. */
+                status?: "queued" | "running" | "done" | "failed";
+                /** @description Created at or after (ISO 8601). */
+                since?: string;
+                /** @description Created at or before (ISO 8601). */
+                until?: string;
+                /** @description Minimum fake probability. */
+                min_probability?: number;
+                /** @description Maximum fake probability. */
+                max_probability?: number;
+                /** @description Exact SHA-256 of the input. */
+                sha256?: string;
+                /** @description Substring of the filename. */
+                filename?: string;
+                /** @description Page size (default 50). */
+                limit?: number;
+                /** @description Rows to skip. */
+                offset?: number;
+                /** @description Opaque cursor from next_cursor; overrides offset. */
+                cursor?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A page */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PredictionList"];
+                };
+            };
+            /** @description Bad filter value (names the parameter) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing, malformed, unknown or revoked API key */
+            401: {
+                headers: {
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getPredictionStats: {
+        parameters: {
+            query?: {
+                /** @description Created at or after (ISO 8601). */
+                since?: string;
+                /** @description Created at or before (ISO 8601). */
+                until?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Statistics */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Stats"];
+                };
+            };
+            /** @description Bad range */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing, malformed, unknown or revoked API key */
+            401: {
+                headers: {
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getPrediction: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                prediction_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The record */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Prediction"];
+                };
+            };
+            /** @description Missing, malformed, unknown or revoked API key */
+            401: {
+                headers: {
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown id */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getTimeline: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                prediction_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The PNG */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "image/png": string;
+                };
+            };
+            /** @description Missing, malformed, unknown or revoked API key */
+            401: {
+                headers: {
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown id, another owner's, not a video, or the job is not done yet */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getUiRedirect: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description To /ui/, where the page is */
+            308: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getUi: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The page */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/html": string;
+                };
+            };
+            /** @description The front end is not built (make setup builds it when Node.js is present) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getUiFile: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The file */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/javascript": unknown;
+                    "image/svg+xml": unknown;
+                    "text/css": unknown;
+                };
+            };
+            /** @description No such file */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+}

@@ -1,7 +1,7 @@
 import { useEffect, useId, useRef, useState, type DragEvent, type FormEvent } from "react";
 import {
   predictAudio, predictBatch, predictImage, predictText, predictVideo, waitForJob,
-  type AnyPrediction, type BatchEntry, type Uploaded, type UploadProgress,
+  type AnyPrediction, type BatchItem, type Uploaded, type UploadProgress,
 } from "../api/client";
 import { ApiError, toApiError } from "../api/errors";
 import { ErrorMessage } from "../components/ErrorMessage";
@@ -106,7 +106,7 @@ export function CheckPage() {
         return;
       }
       const answer = await predictBatch(images, value, progress);
-      answer.body.results.forEach((entry: BatchEntry, i: number) => {
+      answer.body.results.forEach((entry: BatchItem, i: number) => {
         const item = group[i];
         if (!item) return;
         if ("error" in entry && typeof entry.error === "object" && typeof entry.status === "number") {
