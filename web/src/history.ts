@@ -1,8 +1,8 @@
-import type { ListQuery, MediaType, Prediction } from "./api/client";
+import type { ListQuery, Prediction } from "./api/client";
 
 export interface HistoryFilters {
   prediction: "" | NonNullable<Prediction["prediction"]>;
-  media_type: "" | MediaType;
+  media_type: "" | NonNullable<ListQuery["media_type"]>;
   since: string; // yyyy-mm-dd from a date input, the user's local day
   until: string;
   min_probability: string;
@@ -14,8 +14,11 @@ export const EMPTY_FILTERS: HistoryFilters = {
   prediction: "", media_type: "", since: "", until: "", min_probability: "", max_probability: "", filename: "",
 };
 
-/** What GET /predictions accepts for media_type: typed from the OpenAPI document. */
-export const MEDIA_TYPES: MediaType[] = ["image", "video"];
+type MediaFilter = NonNullable<ListQuery["media_type"]>;
+/** Every media_type GET /predictions accepts, with its label. A Record over the generated enum: when
+ * the API gains a media type (audio, text), the build fails until it is listed here. */
+const MEDIA_LABELS: Record<MediaFilter, string> = { image: "images", video: "videos" };
+export const MEDIA_TYPES = Object.entries(MEDIA_LABELS).map(([value, label]) => ({ value: value as MediaFilter, label }));
 export const PAGE_SIZES = [10, 25, 50, 100] as const;
 
 /** A local calendar day's start (or end) as an ISO 8601 instant. */

@@ -35,9 +35,10 @@ export interface AudioWindow {
 export interface TextChunk {
   index?: number;
   text?: string;
-  start?: number;
-  end?: number;
-  fake_probability: number;
+  start_token?: number;
+  end_token?: number;
+  criterion?: number;
+  fake_probability?: number;
 }
 
 /** Anything the page shows as a result: an image prediction, or one with per-frame/window detail. */

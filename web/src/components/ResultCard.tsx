@@ -93,8 +93,11 @@ export function ResultCard({ result, source = null, warning = null, headingLevel
           <h4>Scores per passage</h4>
           <ol className="chunks" data-testid="chunks">
             {result.chunks.map((c, i) => (
-              <li key={i} className={c.fake_probability > result.threshold ? "over" : ""}>
-                <span className="muted">p {formatProbability(c.fake_probability)}</span> {c.text ?? ""}
+              <li key={i} className={c.fake_probability != null && c.fake_probability > result.threshold ? "over" : ""}>
+                {c.start_token != null && <span className="muted">tokens {c.start_token}–{c.end_token ?? "?"}: </span>}
+                {c.fake_probability != null && <span>p {formatProbability(c.fake_probability)} </span>}
+                {c.criterion != null && <span>criterion {c.criterion.toFixed(3)} </span>}
+                {c.text ?? ""}
               </li>
             ))}
           </ol>

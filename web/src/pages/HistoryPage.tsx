@@ -63,7 +63,7 @@ export function HistoryPage() {
           <label htmlFor={`${id}-media`}>Media type</label>
           <select id={`${id}-media`} value={draft.media_type} onChange={set("media_type")}>
             <option value="">any</option>
-            {MEDIA_TYPES.map((m) => <option key={m} value={m}>{m}</option>)}
+            {MEDIA_TYPES.map((m) => <option key={m.value} value={m.value}>{m.label}</option>)}
           </select>
         </div>
         <div>
