@@ -377,3 +377,37 @@ def test_the_page_fits_a_phone_screen(browser, recorder, ui_server):
     finally:
         context.close()
     assert recorder.foreign() == [] and recorder.problems == []
+
+
+AXE = ROOT / "web" / "node_modules" / "axe-core" / "axe.min.js"
+
+
+def test_the_main_views_pass_an_automated_accessibility_audit(browser, ui_server):
+    """axe-core (labels, names, contrast, landmarks, ARIA) on the Check result, History and Stats.
+
+    The audit script is injected into the page, which the page's own CSP would rightly refuse:
+    this context alone bypasses the CSP (the other tests prove the page works under it).
+    """
+    if not AXE.exists():
+        pytest.fail("web/node_modules/axe-core is missing: run `make setup` (npm ci in web/)")
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    try:
+        open_ui(page, ui_server, key=ui_server.key)
+        page.get_by_label("Images, a video or an audio file").set_input_files(
+            file_payload("audit.png", image_bytes(seed=801), "image/png"))
+        page.get_by_role("button", name="Check", exact=True).click()
+        expect(page.get_by_test_id("result")).to_be_visible()
+        found = {}
+        for route, ready in (("check", "result"), ("history", "history-table"), ("stats", "stats-total")):
+            if route != "check":
+                page.get_by_role("link", name=route.capitalize(), exact=True).click()
+            expect(page.get_by_test_id(ready).first).to_be_visible()
+            page.add_script_tag(path=str(AXE))
+            result = page.evaluate("axe.run(document, {resultTypes: ['violations']})")
+            found[route] = [f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
+                            for v in result["violations"]]
+        assert found == {"check": [], "history": [], "stats": []}
+    finally:
+        context.close()

@@ -67,8 +67,8 @@ export function App() {
           </ul>
         </nav>
         <KeyField onChange={() => setKeyVersion((v) => v + 1)} />
+        {untrained && <p className="banner caution" role="note" data-testid="banner-untrained">{UNTRAINED_CAUTION}</p>}
       </header>
-      {untrained && <p className="banner caution" role="note" data-testid="banner-untrained">{UNTRAINED_CAUTION}</p>}
       <main id="main" tabIndex={-1} key={keyVersion}>
         {route.page === "check" && <CheckPage />}
         {route.page === "history" && <HistoryPage />}

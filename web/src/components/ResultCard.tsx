@@ -22,9 +22,10 @@ export function isUntrained(result: AnyPrediction, warning?: string | null): boo
   return text.includes("untrained") || text.includes("random");
 }
 
-export function ResultCard({ result, source = null, warning = null, headingLevel = 3 }: Props) {
+export function ResultCard({ result, source = null, warning = null, headingLevel = 2 }: Props) {
   const playerRef = useRef<HTMLVideoElement & HTMLAudioElement>(null);
   const Heading = headingLevel === 2 ? "h2" : "h3";
+  const Sub = headingLevel === 2 ? "h3" : "h4";
   const timeline = timelineOf(result);
   const seek = (t: number) => {
     const player = playerRef.current;
@@ -80,17 +81,17 @@ export function ResultCard({ result, source = null, warning = null, headingLevel
           <Timeline data={timeline} threshold={result.threshold} onSeek={source ? seek : undefined} />
           {!isAudio && result.top_frames && result.top_frames.length > 0 && (
             <>
-              <h4>Most suspicious frames</h4>
+              <Sub>Most suspicious frames</Sub>
               <TopFrames frames={result.top_frames} source={source} onSeek={source ? seek : undefined} />
             </>
           )}
-          <h4>Stretches over the threshold</h4>
+          <Sub>Stretches over the threshold</Sub>
           <SegmentList segments={timeline.segments} onSeek={source ? seek : undefined} />
         </section>
       )}
       {result.chunks && result.chunks.length > 0 && (
         <section aria-label="Scores per passage">
-          <h4>Scores per passage</h4>
+          <Sub>Scores per passage</Sub>
           <ol className="chunks" data-testid="chunks">
             {result.chunks.map((c, i) => (
               <li key={i} className={c.fake_probability != null && c.fake_probability > result.threshold ? "over" : ""}>

@@ -22,7 +22,7 @@ export function DetailPage({ id }: { id: string }) {
       {error != null && <ErrorMessage error={error} context="Could not load this prediction" />}
       {record && (
         <>
-          <ResultCard result={record} headingLevel={2} />
+          <ResultCard result={record} />
           <p>
             {record.result_url
               ? <a href={record.result_url} data-testid="result-link" rel="noreferrer">Stored result (JSON)</a>
