@@ -1096,7 +1096,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Model, database or object store unavailable; see Retry-After */
+            /** @description Model, database, object store or (async) the job queue unavailable; see Retry-After */
             503: {
                 headers: {
                     /** @description Seconds to wait before retrying */
