@@ -113,7 +113,8 @@ export function Timeline({ data, threshold, onSeek, label }: Props) {
           </g>
         ))}
         {xTicks.map((t, i) => (
-          <text key={i} x={x(t)} y={H - 12} className="timeline-axis" textAnchor="middle">{formatSeconds(t)}</text>
+          <text key={i} x={x(t)} y={H - 12} className="timeline-axis"
+                textAnchor={i === 0 ? "start" : i === xTicks.length - 1 ? "end" : "middle"}>{formatSeconds(t)}</text>
         ))}
         <line x1={M.left} x2={W - M.right} y1={y(threshold)} y2={y(threshold)} className="timeline-threshold"
               data-testid="timeline-threshold" />
