@@ -311,6 +311,8 @@ export interface components {
             /** @enum {string|null} */
             prediction?: "fake" | "real" | null;
             processing_ms?: number | null;
+            /** @description C2PA and IPTC metadata claims. The verdict ignores them. Null for records made before they were read. */
+            provenance?: components["schemas"]["Provenance"];
             /** @description Signed, expiring link to the stored result JSON. */
             result_url?: string | null;
             /** @description true: an earlier record for the same bytes (see reuse). */
@@ -341,6 +343,27 @@ export interface components {
             /** @description One entry per file, in order. */
             results: (components["schemas"]["BatchEntry"] | components["schemas"]["BatchError"])[];
             succeeded: number;
+        };
+        /**
+         * C2paReport
+         * @description The active C2PA manifest as the C2PA library validated it (docs/PROVENANCE.md).
+         */
+        C2paReport: {
+            actions?: {
+                [key: string]: unknown;
+            }[] | null;
+            claim_generator?: string | null;
+            error?: string | null;
+            ingredients?: number | null;
+            present: boolean;
+            signer?: {
+                [key: string]: unknown;
+            } | null;
+            /** @enum {string|null} */
+            status?: "trusted" | "untrusted" | "tampered" | "invalid" | "error" | null;
+            validation_state?: string | null;
+        } & {
+            [key: string]: unknown;
         };
         /** Callback */
         Callback: {
@@ -432,6 +455,8 @@ export interface components {
             /** @enum {string|null} */
             prediction?: "fake" | "real" | null;
             processing_ms?: number | null;
+            /** @description C2PA and IPTC metadata claims. The verdict ignores them. Null for records made before they were read. */
+            provenance?: components["schemas"]["Provenance"];
             /** @description Signed, expiring link to the stored result JSON. */
             result_url?: string | null;
             /** @description true: an earlier record for the same bytes (see reuse). */
@@ -460,7 +485,36 @@ export interface components {
             done: number;
             total: number;
         };
+        /**
+         * Provenance
+         * @description What the file's own metadata claims, reported beside the verdict and never mixed into it.
+         */
+        Provenance: {
+            c2pa: components["schemas"]["C2paReport"];
+            /** @description What the metadata claims: generative AI, not, or no claim. */
+            declared_ai?: boolean | null;
+            /** @enum {string|null} */
+            declared_ai_source?: "c2pa" | "xmp" | null;
+            iptc_digital_source_type?: components["schemas"]["SourceType"];
+            notes?: string[];
+        };
+        /**
+         * SourceType
+         * @description An IPTC digital source type (cv.iptc.org/newscodes/digitalsourcetype).
+         */
+        SourceType: {
+            code: string;
+            /** @description true: generative AI; false: another known origin. */
+            declares_ai?: boolean | null;
+            label?: string | null;
+            uri: string;
+        };
         Stats: {
+            by_declared_ai?: {
+                false?: number;
+                true?: number;
+                unknown?: number;
+            };
             by_media_type?: {
                 [key: string]: number;
             };
@@ -470,6 +524,7 @@ export interface components {
             by_status?: {
                 [key: string]: number;
             };
+            c2pa_present?: number;
             mean_fake_probability?: number | null;
             per_day?: {
                 count?: number;
@@ -566,6 +621,8 @@ export interface components {
             prediction?: "fake" | "real" | null;
             processing_ms?: number | null;
             progress?: components["schemas"]["Progress"];
+            /** @description C2PA and IPTC metadata claims. The verdict ignores them. Null for records made before they were read. */
+            provenance?: components["schemas"]["Provenance"];
             /** @description Signed, expiring link to the stored result JSON. */
             result_url?: string | null;
             /** @description true: an earlier record for the same bytes (see reuse). */
@@ -1130,6 +1187,10 @@ export interface operations {
                 sha256?: string;
                 /** @description Substring of the filename. */
                 filename?: string;
+                /** @description What the file's metadata claims (docs/PROVENANCE.md): generative AI, not, or no claim. */
+                declared_ai?: "true" | "false" | "unknown";
+                /** @description Whether a C2PA manifest was present. */
+                c2pa?: "true" | "false";
                 /** @description Page size (default 50). */
                 limit?: number;
                 /** @description Rows to skip. */
