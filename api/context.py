@@ -16,10 +16,13 @@ from flask_limiter import Limiter
 from api.config import Settings
 from api.database import Database
 from api.detector import DetectorConfig, InferenceEngine
+from api.detector.registry import DetectorRegistry
 from api.limits import build_limiter
+from api.services.audio import AudioService
 from api.services.keys import KeyService
 from api.services.predictions import PredictionService
 from api.services.queries import QueryService
+from api.services.texts import TextService
 from api.services.videos import VideoService
 from api.storage import ObjectStore, make_object_store
 from api.tasks import VideoJobs
@@ -35,11 +38,15 @@ class Services:
     queries: QueryService
     keys: KeyService
     videos: VideoService
-    video_jobs: VideoJobs  # background video jobs (api/tasks.py); recovery starts in create_app
+    video_jobs: VideoJobs  # background video (and audio) jobs (api/tasks.py); recovery starts in create_app
     limiter: Limiter
+    detectors: DetectorRegistry  # speech (AASIST) and text (Fast-DetectGPT), each loading on its own
+    audio: AudioService
+    texts: TextService
 
 
-def build_services(settings: Settings, engine: InferenceEngine | None = None) -> Services:
+def build_services(settings: Settings, engine: InferenceEngine | None = None,
+                   detectors: DetectorRegistry | None = None) -> Services:
     db = Database(settings.resolved_database_url)
     db.require_migrated()
     # Without a configured secret, links signed by one process are valid only in that process.
@@ -52,9 +59,16 @@ def build_services(settings: Settings, engine: InferenceEngine | None = None) ->
     videos = VideoService(db, store, engine, settings)
     video_jobs = VideoJobs(videos, settings.video_workers)
     videos.on_job_queued = video_jobs.notify
+    if detectors is None:
+        detectors = DetectorRegistry.from_settings(settings)
+        detectors.start()  # each modality loads in the background; /health says which is ready
+    audio = AudioService(db, store, detectors, settings)
+    audio.on_job_queued = video_jobs.notify
+    video_jobs.audio = audio
     return Services(settings=settings, db=db, store=store, engine=engine,
                     predictions=PredictionService(db, store, engine, settings), queries=QueryService(db),
-                    keys=KeyService(db), videos=videos, video_jobs=video_jobs, limiter=build_limiter(settings))
+                    keys=KeyService(db), videos=videos, video_jobs=video_jobs, limiter=build_limiter(settings),
+                    detectors=detectors, audio=audio, texts=TextService(db, store, detectors, settings))
 
 
 def services() -> Services:

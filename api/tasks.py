@@ -46,6 +46,7 @@ from api.storage import StoreUnavailable
 if TYPE_CHECKING:
     from flask import Flask
 
+    from api.services.audio import AudioService
     from api.services.videos import VideoService
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ ENGINE_WAIT_S = 1.0
 CALLBACK_ATTEMPTS = 5
 CALLBACK_BACKOFF_S = 1.0  # then 2, 4, 8 s
 CALLBACK_TIMEOUT_S = 10.0
+JOB_MEDIA_TYPES = ("video", "audio")  # jobs of both kinds are `predictions` rows with a `video_predictions` row
 
 
 # -- callbacks ------------------------------------------------------------------------------------
@@ -198,6 +200,7 @@ class VideoJobs:
         self.db = videos.db
         self.settings = videos.settings
         self.workers = workers
+        self.audio: AudioService | None = None  # set by build_services: audio jobs share this pool
         self.host = socket.gethostname()
         self.token = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.callback_attempts = CALLBACK_ATTEMPTS
@@ -270,7 +273,7 @@ class VideoJobs:
         """Take the oldest queued job: queued -> running, atomically across processes."""
         with self.db.session() as session:
             candidates = list(session.scalars(
-                select(Prediction.id).where(Prediction.media_type == "video", Prediction.status == "queued")
+                select(Prediction.id).where(Prediction.media_type.in_(JOB_MEDIA_TYPES), Prediction.status == "queued")
                 .order_by(Prediction.created_at).limit(10)))
         for job_id in candidates:
             with self.db.session() as session:
@@ -292,7 +295,7 @@ class VideoJobs:
         heartbeat = threading.Thread(target=self._heartbeat, args=(job_id, stop), daemon=True, name="d3-video-beat")
         heartbeat.start()
         try:
-            row = self.videos.run_job(job_id, self.token)
+            row = self._run_job(job_id)
         finally:
             stop.set()
             heartbeat.join()
@@ -300,6 +303,14 @@ class VideoJobs:
             log.info("video job %s %s", job_id, row.status)
             if row.video is not None and row.video.callback_url:
                 self.send_callback(job_id)
+
+    def _run_job(self, job_id: uuid.UUID) -> Prediction | None:
+        # Audio jobs ride on the same queue and rows; their analysis is the audio service's.
+        if self.audio is not None:
+            row = self.videos.load(job_id)
+            if row is not None and row.media_type == "audio":
+                return self.audio.run_job(row, self.token, claimed=self.videos._claimed, fail=self.videos.fail_job)
+        return self.videos.run_job(job_id, self.token)
 
     def _heartbeat(self, job_id: uuid.UUID, stop: threading.Event) -> None:
         while not stop.wait(HEARTBEAT_S):
@@ -377,7 +388,7 @@ class VideoJobs:
                                        VideoPrediction.updated_at < now - timedelta(seconds=STALE_AFTER_S))
                                 .values(callback_status="pending"))
                 rows = list(session.scalars(select(Prediction).where(
-                    Prediction.media_type == "video", Prediction.status.in_(("queued", "running")))))
+                    Prediction.media_type.in_(JOB_MEDIA_TYPES), Prediction.status.in_(("queued", "running")))))
                 pending_callbacks = list(session.scalars(
                     select(VideoPrediction.prediction_id).join(Prediction)
                     .where(Prediction.status.in_(("done", "failed")), VideoPrediction.callback_status == "pending")))

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from api.detector.aasist import ARCHITECTURES, WINDOW_SAMPLES, AasistDetector, build_aasist  # noqa: E402
+from api.detector.factory import resolve_device  # noqa: E402
 from api.detector.fast_detectgpt import FastDetectGPTDetector  # noqa: E402
-from api.detector.model import resolve_device  # noqa: E402
 from api.detector.tiny_lm import byte_tokenizer  # noqa: E402
 from api.detector.weights import WeightsRef  # noqa: E402
 

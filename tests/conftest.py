@@ -26,6 +26,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 
 # The tiny seeded random model: the whole stack runs in a second on a CPU.
+# Transformers (Fast-DetectGPT) must never reach the Hugging Face hub from a test.
+os.environ["HF_HUB_OFFLINE"] = "1"
+# The speech and text detectors on tiny seeded random models (reported trained: false).
+TINY_DETECTORS = {
+    "AASIST_MODEL": "aasist-tiny", "AASIST_WEIGHTS": "random:0", "AASIST_DEVICE": "cpu",
+    "TEXT_SCORING_MODEL": "random:0", "TEXT_SAMPLING_MODEL": "random:1", "TEXT_DEVICE": "cpu",
+    "TEXT_MIN_TOKENS": "16",
+}
 TINY_MODEL = {
     "D3_BACKBONE": "d3-tiny",
     "D3_CLIP_WEIGHTS": "random:0",
@@ -240,14 +248,27 @@ def app_settings(tmp_path: Path, **overrides: str) -> dict[str, str]:
     return settings
 
 
-def make_app(tmp_path: Path, engine, **overrides: str):
+def make_app(tmp_path: Path, engine, detectors=None, **overrides: str):
     from api import create_app
     from api.database import upgrade_schema
 
     settings = app_settings(tmp_path, **overrides)
     if "DATABASE_URL" not in settings:
         upgrade_schema(f"sqlite:///{tmp_path / 'instance' / 'd3.sqlite'}")
-    return create_app(settings, engine=engine)
+    return create_app(settings, engine=engine, detectors=detectors)
+
+
+@pytest.fixture(scope="session")
+def tiny_detectors():
+    """The speech and text detectors on their tiny random models, loaded once for the session."""
+    from api.config import load_settings
+    from api.detector.registry import DetectorRegistry
+
+    registry = DetectorRegistry.from_settings(load_settings({**TINY_MODEL, **TINY_DETECTORS}))
+    registry.start(background=False)
+    for modality, state in registry.describe().items():
+        assert state["status"] == "ready", (modality, state)
+    return registry
 
 
 @pytest.fixture

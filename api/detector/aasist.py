@@ -440,7 +440,7 @@ def model_version(arch: AasistArch, ref: WeightsRef) -> str:
 
 def load_detector(config: AasistConfig) -> AasistDetector:
     """Resolve, (download when a URL and online), load and place the detector a config describes."""
-    from api.detector.model import resolve_device
+    from api.detector.factory import resolve_device
 
     arch = config.arch
     ref = download_if_missing(resolve_weights(config))

@@ -344,7 +344,7 @@ def _identity(ref: WeightsRef) -> str:
 
 def load_detector(config: TextDetectorConfig) -> FastDetectGPTDetector:
     """Resolve both models (random pair, local folders or the Hugging Face cache) and load them."""
-    from api.detector.model import resolve_device
+    from api.detector.factory import resolve_device
     from api.detector.tiny_lm import BYTE_VOCAB, SAMPLING_VOCAB_PADDING, byte_tokenizer, tiny_gpt2
 
     device = resolve_device(config.device)

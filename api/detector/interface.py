@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from api.detector.errors import DetectorError
 from api.detector.weights import WeightsRef
+from api.exceptions import Unavailable
 
 MODALITIES = ("image", "video", "audio", "text")
 
@@ -46,16 +47,17 @@ class Detector(ABC):
                 "trained": self.trained}
 
 
-class DetectorUnavailable(DetectorError):
+class DetectorUnavailable(Unavailable):
     """A modality cannot serve: its weights are missing or failed to load, or it is still loading.
 
-    `missing` names the absent weights file (or model) when that is the reason.
+    An `Unavailable` (the API's 503 + Retry-After); `missing` names the absent weights file (or
+    model) when that is the reason, and goes into the error body.
     """
 
     def __init__(self, modality: str, message: str, missing: str | None = None, loading: bool = False) -> None:
-        super().__init__(message)
+        extra = {"missing": missing} if missing else {}
+        super().__init__(message, retry_after=10 if loading else 60, modality=modality, **extra)
         self.modality = modality
-        self.message = message
         self.missing = missing
         self.loading = loading
 

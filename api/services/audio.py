@@ -23,19 +23,26 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any
 
 from sqlalchemy import update
 
-from api.database import Database, DatabaseUnavailable
+from api.database import Database
 from api.detector.aasist import SAMPLE_RATE, WINDOW_SAMPLES, window_starts
-from api.detector.interface import DetectorUnavailable
 from api.detector.registry import DetectorRegistry
+from api.exceptions import (
+    DatabaseUnavailable,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    Unavailable,
+    UnprocessableMedia,
+)
 from api.models import Prediction, VideoPrediction
-from api.services.errors import InvalidInput, PayloadTooLarge, ServiceError, Unavailable, UnprocessableMedia
 from api.services.predictions import serialize_prediction, verdict
 from api.services.records import delete_objects, insert_with_objects, put_objects
 from api.services.timeline import render_timeline
@@ -50,18 +57,11 @@ from api.services.videos import (
 )
 from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable, object_key
 from api.utils.audio_decode import AudioDecodeError, DecodedAudio, decode_audio, sniff_audio
-from api.utils.parsing import bool_param
 
 log = logging.getLogger(__name__)
 
 SCORING_CHUNK = 8  # windows per detector call (progress is reported between calls)
 SUFFIX = {"wav": ".wav", "flac": ".flac", "ogg": ".ogg", "mp3": ".mp3", "aac": ".aac", "m4a": ".m4a"}
-
-
-def unavailable(exc: DetectorUnavailable) -> Unavailable:
-    """The service's 503 for a detector that cannot serve, naming the missing file when that is why."""
-    extra = {"missing": exc.missing} if exc.missing else {}
-    return Unavailable(exc.message, retry_after=10 if exc.loading else 60, modality=exc.modality, **extra)
 
 
 @dataclass(frozen=True)
@@ -138,13 +138,12 @@ class AudioService:
         self.on_job_queued: Callable[[], None] | None = None  # set by the job pool
 
     # ---------------------------------------------------------------- parameters and upload
-    def parse_params(self, values: Mapping[str, str], threshold: float) -> AudioParams:
-        aggregation = (values.get("aggregation") or "mean").strip().lower()
+    @staticmethod
+    def params(threshold: float, aggregation: str = "mean", run_async: bool = False) -> AudioParams:
         if aggregation not in AGGREGATIONS:
             raise InvalidInput(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}",
                                parameter="aggregation")
-        return AudioParams(threshold=threshold, aggregation=aggregation,
-                           run_async=bool_param("async", values.get("async"), False))
+        return AudioParams(threshold=threshold, aggregation=aggregation, run_async=run_async)
 
     def spool(self, stream: IO[bytes], filename: str | None) -> SpooledUpload:
         try:
@@ -154,10 +153,7 @@ class AudioService:
                                   reason="too_large") from None
 
     def detector(self):
-        try:
-            return self.detectors.get("audio")
-        except DetectorUnavailable as exc:
-            raise unavailable(exc) from None
+        return self.detectors.get("audio")  # DetectorUnavailable: the API's 503, naming a missing file
 
     # ---------------------------------------------------------------- decoding and scoring
     @staticmethod
@@ -404,6 +400,16 @@ class AudioService:
                 except StoreUnavailable:
                     log.warning("could not sign timeline URL for %s", row.id)
         return body
+
+    def timeline_png(self, row: Prediction) -> bytes:
+        """The stored timeline picture of a finished audio prediction."""
+        if row.status != "done":
+            raise NotFound(f"the timeline of prediction {row.id} is not ready: the job is {row.status}",
+                           job_status=row.status)
+        try:
+            return self.store.get_bytes(self.settings.bucket_results, timeline_key(row))
+        except ObjectNotFound:
+            raise NotFound(f"the timeline of prediction {row.id} is no longer stored") from None
 
     def detail(self, row: Prediction) -> dict[str, Any]:
         """GET /predictions/<id> for audio: progress while queued/running, every window once done."""

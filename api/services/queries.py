@@ -20,6 +20,7 @@ from api.exceptions import InvalidInput, NotFound
 from api.models import Prediction
 
 MAX_LIMIT = 500
+MEDIA_TYPES = ("image", "video", "audio", "text")
 DEFAULT_LIMIT = 50
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -88,7 +89,7 @@ def parse_filters(args: dict[str, str]) -> Filters:
         raise InvalidInput("sha256 must be 64 hexadecimal characters", parameter="sha256")
     filters = Filters(
         prediction=parse_choice("prediction", args.get("prediction"), ("fake", "real")),
-        media_type=parse_choice("media_type", args.get("media_type"), ("image", "video")),
+        media_type=parse_choice("media_type", args.get("media_type"), MEDIA_TYPES),
         status=parse_choice("status", args.get("status"), ("queued", "running", "done", "failed")),
         since=parse_time("since", args.get("since")),
         until=parse_time("until", args.get("until")),
@@ -227,7 +228,7 @@ class QueryService:
             "until": until.isoformat().replace("+00:00", "Z"),
             "total": sum(by_media.values()),
             "by_prediction": {"fake": by_prediction.get("fake", 0), "real": by_prediction.get("real", 0)},
-            "by_media_type": {"image": by_media.get("image", 0), "video": by_media.get("video", 0)},
+            "by_media_type": {kind: by_media.get(kind, 0) for kind in MEDIA_TYPES},
             "by_status": {k: by_status.get(k, 0) for k in ("queued", "running", "done", "failed")},
             "per_day": [{"date": str(d), "count": c} for d, c in per_day],
             "mean_fake_probability": None if mean_probability is None else float(mean_probability),

@@ -16,11 +16,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from api.database import Database
-from api.detector.interface import DetectorUnavailable, InputTooLong, InputTooShort
+from api.detector.interface import InputTooLong, InputTooShort
 from api.detector.registry import DetectorRegistry
+from api.exceptions import InvalidInput, PayloadTooLarge, Unavailable, UnprocessableMedia
 from api.models import Prediction
-from api.services.audio import unavailable
-from api.services.errors import InvalidInput, PayloadTooLarge, Unavailable, UnprocessableMedia
 from api.services.predictions import safe_filename, serialize_prediction, verdict
 from api.services.records import insert_with_objects
 from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable, object_key
@@ -58,10 +57,7 @@ class TextService:
         started = time.perf_counter()
         if not isinstance(text, str) or not text.strip():
             raise InvalidInput("text must be a non-empty string", parameter="text")
-        try:
-            detector = self.detectors.get("text")
-        except DetectorUnavailable as exc:
-            raise unavailable(exc) from None
+        detector = self.detectors.get("text")  # DetectorUnavailable: the API's 503, naming a missing model
         try:
             score = detector.predict([text])[0]
         except InputTooShort as exc:
