@@ -1,22 +1,50 @@
-"""The one interface every detector of the service shares (D³ for images and video, AASIST for speech,
-Fast-DetectGPT for text), and what a detector that cannot serve says about itself.
+"""The interfaces services and routes may use of a detector, whichever implementation serves it.
 
-A detector is built from its settings by its own module (api/detector/aasist.py,
-api/detector/fast_detectgpt.py); api/detector/registry.py holds one per modality.
+- `Engine`: the D³ image/video engine. `InferenceEngine` (api/detector/engine.py) runs the model in
+  this process; `RemoteEngine` (api/detector/remote_engine.py) sends the images to the inference
+  tier. The composition root (api/context.py) picks one; nothing else knows which it holds.
+- `Detector`: every other modality's detector (AASIST for speech, Fast-DetectGPT for text): its
+  modality, name, model version, `trained` flag, weights and a batched predict.
+  api/detector/registry.py holds one per modality, built from the settings.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from api.detector.errors import DetectorError
 from api.detector.weights import WeightsRef
 from api.exceptions import Unavailable
 
 MODALITIES = ("image", "video", "audio", "text")
+
+
+@runtime_checkable
+class Engine(Protocol):
+    ready: bool  # read on every request: a plain attribute, never a network call
+    trained: bool
+    model_version: str
+    load_error: str | None
+
+    def start(self) -> None: ...
+
+    def wait_ready(self, timeout: float | None = None) -> bool: ...
+
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def add_batch_listener(self, fn: Callable[[int, float], None]) -> None: ...
+
+    def predict(self, tensors: Sequence[Any], timeout: float | None = None) -> list[float]:
+        """Fake probabilities in order; raises EngineNotReady, EngineOverloaded, EngineTimeout,
+        InferenceError, or (remote) InferenceTierUnavailable: each one ends as a 503."""
+        ...
 
 
 @dataclass(frozen=True)
