@@ -354,9 +354,15 @@ def default_weights_path(config: AasistConfig) -> Path:
 
 
 def resolve_weights(config: AasistConfig) -> WeightsRef:
-    return resolve_checkpoint_setting(
+    import dataclasses
+
+    ref = resolve_checkpoint_setting(
         "AASIST", "AASIST_WEIGHTS", config.weights, default_path=default_weights_path(config),
         url_path=lambda url: config.resolved_cache_dir / "aasist" / Path(url.split("?")[0]).name)
+    url = AUTHORS_WEIGHTS_URL.get(config.model, "")
+    fix = (f"place the authors' {config.model}.pth there (from {url}), or set AASIST_WEIGHTS to a checkpoint "
+           "file or that https URL (fetched once)") if url else "set AASIST_WEIGHTS to a checkpoint file"
+    return dataclasses.replace(ref, fix=fix)
 
 
 def checkpoint_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:

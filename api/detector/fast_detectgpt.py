@@ -147,12 +147,15 @@ def resolve_lm(spec: str, setting: str, cache_root: Path) -> WeightsRef:
     local = Path(os.path.expanduser(spec))
     if local.is_dir() or spec.startswith(("/", ".", "~")):
         config = local / "config.json"
-        return WeightsRef(part, setting, spec, "file", path=config, looked_in=(str(config),))
+        return WeightsRef(part, setting, spec, "file", path=config, looked_in=(str(config),),
+                          fix=f"point {setting} at a folder saved by save_pretrained (config.json, weights, tokenizer)")
     repo_id, revision = split_revision(spec)
     dirs = hf_cache_dirs_under(cache_root)
     found = find_in_hf_cache(repo_id, ("config.json",), dirs, revision=revision)
     looked = tuple(str(d / f"models--{repo_id.replace('/', '--')}") for d in dirs)
-    return WeightsRef(part, setting, spec, "hub", path=found, looked_in=looked)
+    fix = (f"download it into the Hugging Face cache (huggingface-cli download {repo_id}"
+           f"{f' --revision {revision}' if revision else ''}), or set {setting} to a local model folder")
+    return WeightsRef(part, setting, spec, "hub", path=found, looked_in=looked, fix=fix)
 
 
 def download_lm(ref: WeightsRef, cache_root: Path) -> Path:

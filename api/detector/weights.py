@@ -57,6 +57,7 @@ class WeightsRef:
     path: Path | None = None  # the file to read; None for random, or a tag not in any cache
     seed: int | None = None  # for random:<seed>
     looked_in: tuple[str, ...] = ()
+    fix: str = ""  # how to provide the weights, when `d3 fetch-weights` is not the way
 
     @property
     def present(self) -> bool:
@@ -76,8 +77,9 @@ class WeightsRef:
         where = "; ".join(self.looked_in) or str(self.path)
         what = {"tag": f"open_clip pretrained tag {self.spec!r}",
                 "hub": f"Hugging Face model {self.spec!r}"}.get(self.kind, f"file {self.path}")
+        fix = self.fix or f"{FETCH_HINT}, or set {self.setting} to a checkpoint file"
         return WeightsError(f"{self.part} weights not found: {what} ({self.setting}={self.spec!r}; looked in: "
-                            f"{where}). To fix: {FETCH_HINT}, or set {self.setting} to a checkpoint file.")
+                            f"{where}). To fix: {fix}.")
 
 
 @dataclass(frozen=True)
