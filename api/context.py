@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flask import current_app
 from flask_limiter import Limiter
@@ -21,13 +22,18 @@ from api.detector.registry import DetectorRegistry
 from api.detector.remote_engine import RemoteConfig, RemoteEngine
 from api.limits import build_limiter
 from api.services.audio import AudioService
+from api.services.callbacks import CallbackSender
+from api.services.jobs import JobStore
 from api.services.keys import KeyService
 from api.services.predictions import PredictionService
 from api.services.queries import QueryService
 from api.services.texts import TextService
 from api.services.videos import VideoService
 from api.storage import ObjectStore, make_object_store
-from api.tasks import VideoJobs
+from api.tasks import JobRunner, ThreadExecutor
+
+if TYPE_CHECKING:
+    from api.worker import CeleryExecutor
 
 
 @dataclass
@@ -39,8 +45,11 @@ class Services:
     predictions: PredictionService
     queries: QueryService
     keys: KeyService
+    jobs: JobStore  # video job state (api/services/jobs.py): the only writer of job rows
     videos: VideoService
-    video_jobs: VideoJobs  # background video (and audio) jobs (api/tasks.py); recovery starts in create_app
+    callbacks: CallbackSender
+    job_runner: JobRunner  # runs one claimed job (video or audio), the same code under every executor (api/tasks.py)
+    video_jobs: ThreadExecutor | CeleryExecutor  # the executor: threads here, or the Celery tier (api/worker.py)
     limiter: Limiter
     detectors: DetectorRegistry  # speech (AASIST) and text (Fast-DetectGPT), each loading on its own
     audio: AudioService
@@ -58,19 +67,28 @@ def build_services(settings: Settings, engine: Engine | None = None,
     if engine is None:
         engine = build_engine(settings)
         engine.start()  # loads (or connects) in the background; /health says when it is ready
-    videos = VideoService(db, store, engine, settings)
-    video_jobs = VideoJobs(videos, settings.video_workers)
-    videos.on_job_queued = video_jobs.notify
+    jobs = JobStore(db, store, settings.bucket_videos, settings.job_max_attempts, settings.job_stale_after_s)
+    videos = VideoService(db, store, engine, settings, jobs)
+    callbacks = CallbackSender(jobs, videos.final_body, settings.callback_allow_http, settings.callback_allow_private)
+    runner = JobRunner(jobs, videos, callbacks, settings.job_heartbeat_s)
+    if settings.uses_celery:
+        from api.worker import CeleryExecutor  # imports Celery only where it is used
+
+        video_jobs: ThreadExecutor | CeleryExecutor = CeleryExecutor(settings)
+    else:
+        video_jobs = ThreadExecutor(runner, settings.video_workers)
+    videos.queue = video_jobs  # the service hands committed jobs to the executor, which runs them through it
     if detectors is None:
         detectors = DetectorRegistry.from_settings(settings)
         detectors.start()  # each modality loads in the background; /health says which is ready
-    audio = AudioService(db, store, detectors, settings)
-    audio.on_job_queued = video_jobs.notify
-    video_jobs.audio = audio
+    audio = AudioService(db, store, detectors, settings, jobs)
+    audio.queue = video_jobs  # speech jobs ride on the same queue and rows
+    runner.audio = audio
     return Services(settings=settings, db=db, store=store, engine=engine,
                     predictions=PredictionService(db, store, engine, settings), queries=QueryService(db),
-                    keys=KeyService(db), videos=videos, video_jobs=video_jobs, limiter=build_limiter(settings),
-                    detectors=detectors, audio=audio, texts=TextService(db, store, detectors, settings))
+                    keys=KeyService(db), jobs=jobs, videos=videos, callbacks=callbacks, job_runner=runner,
+                    video_jobs=video_jobs, limiter=build_limiter(settings), detectors=detectors, audio=audio,
+                    texts=TextService(db, store, detectors, settings))
 
 
 def build_engine(settings: Settings) -> Engine:

@@ -16,11 +16,8 @@ Long recordings, or async=true, become a job run by the same job pool as videos 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -28,23 +25,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any
 
-from sqlalchemy import update
-
 from api.database import Database
 from api.detector.aasist import SAMPLE_RATE, WINDOW_SAMPLES, window_starts
 from api.detector.registry import DetectorRegistry
 from api.exceptions import (
-    DatabaseUnavailable,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
-    ServiceError,
     Unavailable,
     UnprocessableMedia,
 )
 from api.models import Prediction, VideoPrediction
+from api.services.jobs import JobStore
 from api.services.predictions import serialize_prediction, verdict
-from api.services.records import delete_objects, insert_with_objects, put_objects
+from api.services.records import insert_with_objects
 from api.services.timeline import render_timeline
 from api.services.videos import (
     AGGREGATIONS,
@@ -130,12 +124,14 @@ def public_windows(windows: list[dict]) -> list[dict]:
 
 # -- the service ----------------------------------------------------------------------------------------
 class AudioService:
-    def __init__(self, db: Database, store: ObjectStore, detectors: DetectorRegistry, settings: Any) -> None:
+    def __init__(self, db: Database, store: ObjectStore, detectors: DetectorRegistry, settings: Any,
+                 jobs: JobStore | None = None) -> None:
         self.db = db
         self.store = store
         self.detectors = detectors
         self.settings = settings
-        self.on_job_queued: Callable[[], None] | None = None  # set by the job pool
+        self.jobs = jobs  # job rows (api/services/jobs.py), shared with video jobs
+        self.queue: Any = None  # the executor (threads or Celery) that runs queued jobs; set by build_services
 
     # ---------------------------------------------------------------- parameters and upload
     @staticmethod
@@ -283,83 +279,39 @@ class AudioService:
         insert_with_objects(self.db, self.store, row, objects)
         return row
 
-    # ---------------------------------------------------------------- jobs (the video job pool runs them)
+    # ---------------------------------------------------------------- jobs (the video job queue runs them)
     def _create_job(self, upload: SpooledUpload, params: AudioParams, owner: str | None, base_url: str | None,
                     container: str, model_version: str) -> Prediction:
+        if self.jobs is None or self.queue is None:
+            raise Unavailable("audio jobs are not accepted by this process")
         row = self._new_row(upload, params, owner, container, model_version, "queued")
         row.video.params = {**params.as_dict(), "async": True, "base_url": base_url}
         row.video.upload_object = self._input_object(row, container)
-        insert_with_objects(self.db, self.store, row, [(self.settings.bucket_videos, row.video.upload_object,
-                                                        upload.path, "application/octet-stream")])
-        if self.on_job_queued is not None:
-            self.on_job_queued()
+        self.jobs.create(row, upload.path)
+        try:
+            self.queue.submit(row.id)
+        except Unavailable:
+            self.jobs.discard(row.id)  # nothing half-written: no row, no upload
+            raise
         return row
 
-    def run_job(self, row: Prediction, worker: str, claimed: Callable[[Any, uuid.UUID, str], Prediction | None],
-                fail: Callable[[uuid.UUID, str | None, str], Prediction | None]) -> Prediction | None:
-        """Analyse a claimed audio job to done or failed (`claimed`/`fail` are the job pool's own)."""
-        prediction_id = row.id
-        upload_key = row.video.upload_object
-        if not upload_key:
-            return fail(prediction_id, worker, "the uploaded audio is no longer stored")
-        fd, path = tempfile.mkstemp(prefix="d3-audio-job-", suffix=".upload")
-        os.close(fd)
-        started = time.perf_counter()
+    def job_filler(self, row: Prediction, path: str, progress: Callable[[int, int], None],
+                   started: float) -> Callable[[Prediction], list[tuple[str, str, Any, str]]]:
+        """For JobStore.complete: analyse the job's downloaded upload, then fill its row and name its objects."""
         params = AudioParams(threshold=row.threshold, aggregation=row.video.aggregation, run_async=True)
-        try:
-            try:
-                self.store.download_file(self.settings.bucket_videos, upload_key, path)
-            except ObjectNotFound:
-                return fail(prediction_id, worker, "the uploaded audio is no longer stored")
-            except StoreUnavailable:
-                return fail(prediction_id, worker, "the object store was unavailable; resubmit the audio")
-            container = self.sniff(path)
-            analysis = self.analyze(self.decode(path, container),
-                                    progress=lambda done, total: self._progress(prediction_id, done, total))
-            return self._complete_job(prediction_id, worker, analysis, params, path, container,
-                                      (time.perf_counter() - started) * 1000.0, claimed)
-        except ServiceError as exc:
-            return fail(prediction_id, worker, exc.message)
-        except Exception:
-            log.exception("audio job %s failed", prediction_id)
-            return fail(prediction_id, worker, "internal error while analysing the audio; it has been logged")
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        container = self.sniff(path)
+        analysis = self.analyze(self.decode(path, container), progress=progress)
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
 
-    def _progress(self, prediction_id: uuid.UUID, done: int, total: int) -> None:
-        try:
-            with self.db.session() as session:
-                session.execute(update(VideoPrediction).where(VideoPrediction.prediction_id == prediction_id)
-                                .values(progress_done=done, progress_total=total,
-                                        updated_at=datetime.now(timezone.utc)))
-        except DatabaseUnavailable:
-            log.warning("could not record progress of audio job %s", prediction_id)
+        def fill(job: Prediction) -> list[tuple[str, str, Any, str]]:
+            self._fill(job, analysis, params, elapsed_ms)
+            objects: list[tuple[str, str, Any, str]] = list(self._documents(job, analysis))
+            if self.settings.keep_audio:
+                job.media_object = self._input_object(job, container)
+                objects.insert(0, (self.settings.bucket_media, job.media_object, path, "application/octet-stream"))
+            return objects
 
-    def _complete_job(self, prediction_id: uuid.UUID, worker: str, analysis: AudioAnalysis, params: AudioParams,
-                      path: str, container: str, elapsed_ms: float,
-                      claimed: Callable[[Any, uuid.UUID, str], Prediction | None]) -> Prediction | None:
-        written: list[tuple[str, str]] = []
-        try:
-            with self.db.session() as session:
-                row = claimed(session, prediction_id, worker)
-                if row is None:
-                    return None
-                self._fill(row, analysis, params, elapsed_ms)
-                upload_key, row.video.upload_object = row.video.upload_object, None
-                objects = self._documents(row, analysis)
-                if self.settings.keep_audio:
-                    row.media_object = self._input_object(row, container)
-                    objects.insert(0, (self.settings.bucket_media, row.media_object, path,
-                                       "application/octet-stream"))
-                written = put_objects(self.store, objects)
-        except DatabaseUnavailable as exc:
-            log.error("audio job %s not stored: %s", prediction_id, exc)
-            delete_objects(self.store, written)
-            raise Unavailable("the database is unavailable; the job's results were not stored") from None
-        if upload_key:
-            delete_objects(self.store, [(self.settings.bucket_videos, upload_key)])
-        return row
+        return fill
 
     # ---------------------------------------------------------------- reading back
     def public_body(self, row: Prediction, windows: list[dict] | None) -> dict[str, Any]:
