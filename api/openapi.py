@@ -310,7 +310,8 @@ def _paths(settings: Settings) -> dict[str, Any]:
         query_param("c2pa", {"type": "string", "enum": ["true", "false"]}, "Whether a C2PA manifest was present."),
         query_param("limit", {"type": "integer", "minimum": 1, "maximum": 500}, "Page size (default 50)."),
         query_param("offset", {"type": "integer", "minimum": 0, "maximum": 10_000_000}, "Rows to skip."),
-        query_param("cursor", {"type": "string"}, "Opaque cursor from next_cursor; overrides offset."),
+        query_param("cursor", {"type": "string"}, "Opaque cursor from next_cursor: it carries the filters and "
+                    "limit of its listing (send it alone; a different filter or limit is a 400); overrides offset."),
     ]
     id_param = {"name": "prediction_id", "in": "path", "required": True, "schema": {"type": "string"}}
     return {

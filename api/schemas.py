@@ -222,7 +222,13 @@ class Prediction(BaseModel):
     processing_ms: float | None = None
     created_at: str = Field(description="ISO 8601, UTC.")
     result_url: str | None = Field(None, description="Signed, expiring link to the stored result JSON.")
-    reused: bool | None = Field(None, description="true: an earlier record for the same bytes (see reuse).")
+    reused: bool | None = Field(None, description=(
+        "true: the stored record of an earlier request with the same bytes, threshold and model version, "
+        "returned without a new analysis (same id and created_at); send reuse=false to analyse again. "
+        "false: a new analysis."))
+    notes: list[str] | None = Field(None, description=(
+        "What was done that the sender may not expect: a reused result, EXIF orientation ignored (the "
+        "pixels are scored as stored, as in the authors' evaluation), a 16-bit image scaled to 8 bits."))
     warning: str | None = Field(None, description="Present while the model has random (untrained) weights.")
     error: str | None = None
     provenance: Provenance | None = Field(None, description=(

@@ -14,7 +14,7 @@ from PIL import Image
 
 from api.models import Prediction
 from tests.audio_clips import audio_file, encode, noise, tone, video_with_soundtrack
-from tests.conftest import TINY_DETECTORS, image_bytes, make_app, post_form
+from tests.helpers import TINY_DETECTORS, image_bytes, make_app, post_form
 
 TEXT = ("The committee met on Tuesday to review the budget and, after a long discussion about the roads and the "
         "library opening hours, decided to postpone the vote until the spring meeting.")

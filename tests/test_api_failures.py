@@ -8,7 +8,7 @@ import logging
 from sqlalchemy import func, select
 
 from api.models import Prediction
-from tests.conftest import image_bytes, make_app
+from tests.helpers import image_bytes, make_app
 
 
 def post(client, seed: int):
@@ -66,7 +66,7 @@ def test_unmigrated_database_refuses_to_start(tmp_path, tiny_engine, postgres_se
 
     from api import create_app
     from api.database import SchemaNotMigrated
-    from tests.conftest import app_settings
+    from tests.helpers import app_settings
 
     url = postgres_server.create_database()  # empty: never migrated
     with pytest.raises(SchemaNotMigrated, match="d3 db upgrade"):

@@ -14,7 +14,7 @@ from werkzeug.http import parse_options_header
 
 from api.exceptions import InvalidInput
 from api.utils.multipart import READ_SIZE, MultipartFormDataParser
-from tests.conftest import image_bytes, multipart_body, post_form
+from tests.helpers import image_bytes, multipart_body, post_form
 
 
 def parse(parser_class, body: bytes, content_type: str, **limits):

@@ -8,7 +8,7 @@ from api.auth import current_caller
 from api.context import services
 from api.routes.common import absolute_links
 from api.services.predictions import serialize_prediction
-from api.services.queries import DEFAULT_LIMIT, MAX_LIMIT, parse_filters, parse_int, parse_time
+from api.services.queries import DEFAULT_LIMIT, MAX_LIMIT, apply_cursor, parse_filters, parse_int, parse_time
 
 bp = Blueprint("predictions", __name__)
 
@@ -29,9 +29,10 @@ def _public(row, detail: bool = False) -> dict:
 def list_predictions():
     args = request.args.to_dict()
     filters = parse_filters(args)
-    limit = parse_int("limit", args.get("limit"), DEFAULT_LIMIT, 1, MAX_LIMIT)
+    limit = parse_int("limit", args.get("limit"), DEFAULT_LIMIT, 1, MAX_LIMIT) if args.get("limit") else None
     offset = parse_int("offset", args.get("offset"), 0, 0, 10_000_000)
     cursor = args.get("cursor") or None
+    filters, limit = apply_cursor(filters, limit, cursor)  # a cursor carries its listing's filters and size
     caller = current_caller()
     rows, total, next_cursor = services().queries.list(filters, limit, offset, cursor, caller.owner,
                                                        caller.is_admin)

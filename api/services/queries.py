@@ -112,21 +112,66 @@ def parse_filters(args: dict[str, str]) -> Filters:
     return filters
 
 
-def encode_cursor(row: Prediction) -> str:
+# -- cursors: the position after a page's last row, and the filters and page size of that listing ----
+@dataclass(frozen=True)
+class Cursor:
+    created: datetime
+    last_id: uuid.UUID
+    filters: Filters
+    limit: int
+
+
+def _filters_json(filters: Filters) -> dict[str, Any]:
+    values = {name: getattr(filters, name) for name in Filters.__dataclass_fields__}
+    return {name: value.isoformat() if isinstance(value, datetime) else value
+            for name, value in values.items() if value is not None}
+
+
+def encode_cursor(row: Prediction, filters: Filters, limit: int) -> str:
     created = row.created_at.replace(tzinfo=None) if row.created_at.tzinfo is None else \
         row.created_at.astimezone(timezone.utc).replace(tzinfo=None)
-    raw = json.dumps([created.isoformat(), str(row.id)]).encode()
+    raw = json.dumps({"after": [created.isoformat(), str(row.id)], "limit": limit,
+                      "filters": _filters_json(filters)}, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+def decode_cursor(cursor: str) -> Cursor:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        created_raw, id_raw = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        created_raw, id_raw = data["after"]
         created = datetime.fromisoformat(created_raw).replace(tzinfo=timezone.utc)
-        return created, uuid.UUID(id_raw)
-    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError, UnicodeDecodeError):
+        stored = data["filters"]
+        if not isinstance(stored, dict) or set(stored) - set(Filters.__dataclass_fields__):
+            raise ValueError("unknown filter")
+        # The same parsing as the query string: a cursor cannot smuggle in what a filter refuses.
+        filters = parse_filters({name: str(value) for name, value in stored.items()})
+        limit = parse_int("limit", str(data["limit"]), DEFAULT_LIMIT, 1, MAX_LIMIT)
+        return Cursor(created=created, last_id=uuid.UUID(id_raw), filters=filters, limit=limit)
+    except (ValueError, TypeError, KeyError, AttributeError, InvalidInput, binascii.Error,
+            json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidInput("cursor is not valid; use the next_cursor of a previous page", parameter="cursor") from None
+
+
+def apply_cursor(filters: Filters, limit: int | None, cursor: str | None) -> tuple[Filters, int]:
+    """The filters and page size of a listing: a cursor's own, which the request may repeat but not change.
+
+    Following `next_cursor` alone continues the same listing; a filter or limit that differs from the
+    cursor's would silently mix two listings, so it is refused (start again without the cursor).
+    """
+    if not cursor:
+        return filters, DEFAULT_LIMIT if limit is None else limit
+    position = decode_cursor(cursor)
+    for name in Filters.__dataclass_fields__:
+        given = getattr(filters, name)
+        if given is not None and given != getattr(position.filters, name):
+            raise InvalidInput(f"{name} differs from the listing this cursor continues; follow next_cursor "
+                               "without changing the filters, or start a new listing without a cursor",
+                               parameter=name)
+    if limit is not None and limit != position.limit:
+        raise InvalidInput(f"limit {limit} differs from the cursor's page size {position.limit}; follow "
+                           "next_cursor without it, or start a new listing without a cursor", parameter="limit")
+    return position.filters, position.limit
 
 
 # -- the queries -----------------------------------------------------------
@@ -176,16 +221,16 @@ class QueryService:
         count_query = _apply(select(func.count()).select_from(Prediction), filters, owner, all_owners)
         page = base.order_by(Prediction.created_at.desc(), Prediction.id.desc())
         if cursor:
-            created, last_id = decode_cursor(cursor)
-            page = page.where(or_(Prediction.created_at < created,
-                                  and_(Prediction.created_at == created, Prediction.id < last_id)))
+            position = decode_cursor(cursor)
+            page = page.where(or_(Prediction.created_at < position.created,
+                                  and_(Prediction.created_at == position.created, Prediction.id < position.last_id)))
         else:
             page = page.offset(offset)
         page = page.limit(limit + 1)  # one extra row says whether there is a next page
         with self.db.session() as session:
             rows = list(session.scalars(page))
             total = session.scalar(count_query) or 0
-        next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+        next_cursor = encode_cursor(rows[limit - 1], filters, limit) if len(rows) > limit else None
         return rows[:limit], total, next_cursor
 
     def get(self, prediction_id: str, owner: str | None, all_owners: bool) -> Prediction:
