@@ -17,7 +17,7 @@ export const EMPTY_FILTERS: HistoryFilters = {
 type MediaFilter = NonNullable<ListQuery["media_type"]>;
 /** Every media_type GET /predictions accepts, with its label. A Record over the generated enum: when
  * the API gains a media type (audio, text), the build fails until it is listed here. */
-const MEDIA_LABELS: Record<MediaFilter, string> = { image: "images", video: "videos" };
+const MEDIA_LABELS: Record<MediaFilter, string> = { image: "images", video: "videos", audio: "recordings", text: "texts" };
 export const MEDIA_TYPES = Object.entries(MEDIA_LABELS).map(([value, label]) => ({ value: value as MediaFilter, label }));
 export const PAGE_SIZES = [10, 25, 50, 100] as const;
 

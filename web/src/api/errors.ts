@@ -1,6 +1,6 @@
 import type { components } from "./schema";
 
-type ErrorBody = components["schemas"]["Error"];
+type ErrorBody = components["schemas"]["ErrorBody"];
 
 /** A refused or failed call: the status, the service's own code and message, and when to retry. */
 export class ApiError extends Error {

@@ -106,6 +106,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/predict/audio": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Predict speech: synthetic or bona fide, per 4-second window and overall
+         * @description AASIST (Jung et al., ICASSP 2022) on the raw 16 kHz waveform, 64,600-sample windows every AUDIO_HOP_SECONDS; per-window scores, mean/vote/max aggregates, fake segments and a timeline picture. Decoded in a child process with VIDEO_DECODE_TIMEOUT_S and VIDEO_DECODE_MEMORY_MB limits.
+         */
+        post: operations["predictAudio"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/predict/batch": {
         parameters: {
             query?: never;
@@ -117,6 +137,26 @@ export interface paths {
         put?: never;
         /** Predict up to MAX_BATCH_FILES images */
         post: operations["predictImageBatch"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/predict/text": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Predict text: machine-written or human, by Fast-DetectGPT
+         * @description Send JSON {"text": "..."} or a UTF-8 file in the multipart field `file`. Zero-shot conditional probability curvature (Bao et al., ICLR 2024) with a sampling and a scoring causal LM; texts longer than the models' context are scored in chunks and pooled.
+         */
+        post: operations["predictText"];
         delete?: never;
         options?: never;
         head?: never;
@@ -202,8 +242,8 @@ export interface paths {
             cookie?: never;
         };
         /**
-         * Timeline picture of a video prediction
-         * @description Fake probability of every sampled frame over time, the threshold line and the fake segments shaded (PNG, 1000x320). Only the owner's records.
+         * Timeline picture of a video or audio prediction
+         * @description Fake probability of every sampled frame (video) or scoring window (audio) over time, the threshold line and the fake segments shaded (PNG, 1000x320). Only the owner's records.
          */
         get: operations["getTimeline"];
         put?: never;
@@ -275,6 +315,129 @@ export interface components {
             mean: number;
             vote: number;
         };
+        /** AudioFile */
+        AudioFile: {
+            /**
+             * Format: binary
+             * @description The recording: WAV, FLAC, Ogg (Opus, Vorbis), MP3, AAC or M4A, or a video whose first audio track is scored; told by its content, never the filename. Decoded to 16 kHz mono.
+             */
+            file: string;
+        };
+        /** AudioParams */
+        AudioParams: {
+            /**
+             * @description mean of the windows' fake probabilities, vote = share of windows over the threshold, or max; the verdict is fake when it exceeds the threshold.
+             * @default mean
+             * @enum {string}
+             */
+            aggregation: "mean" | "vote" | "max";
+            /**
+             * @description Queue a job and answer 202 at once. Also automatic above AUDIO_ASYNC_SECONDS.
+             * @default false
+             */
+            async: boolean;
+            /**
+             * @description Decision threshold: the verdict is fake when fake_probability > threshold. Default DEFAULT_THRESHOLD.
+             * @default 0.5
+             */
+            threshold: number | null;
+        };
+        /**
+         * AudioPrediction
+         * @description A speech prediction: every 4.0375 s window scored by AASIST, aggregated like video frames.
+         */
+        AudioPrediction: {
+            aggregates?: components["schemas"]["Aggregates"];
+            /** @enum {string|null} */
+            aggregation?: "mean" | "vote" | "max" | null;
+            /** @description Decoding facts: channels, source sample rate, samples. */
+            audio?: {
+                [key: string]: unknown;
+            } | null;
+            codec?: string | null;
+            confidence?: number | null;
+            container?: string | null;
+            /** @description ISO 8601, UTC. */
+            created_at: string;
+            duration_s?: number | null;
+            error?: string | null;
+            fake_probability?: number | null;
+            filename?: string | null;
+            height?: number | null;
+            /** @description UUID of the record. */
+            id: string;
+            /** @enum {string} */
+            media_type: "image" | "video" | "audio" | "text";
+            model_version: string;
+            /** @description What was done that the sender may not expect: a reused result, EXIF orientation ignored (the pixels are scored as stored, as in the authors' evaluation), a 16-bit image scaled to 8 bits. */
+            notes?: string[] | null;
+            /** @enum {string|null} */
+            prediction?: "fake" | "real" | null;
+            processing_ms?: number | null;
+            progress?: components["schemas"]["Progress"];
+            /** @description C2PA and IPTC metadata claims. The verdict ignores them. Null for records made before they were read. */
+            provenance?: components["schemas"]["Provenance"];
+            /** @description Signed, expiring link to the stored result JSON. */
+            result_url?: string | null;
+            /** @description true: the stored record of an earlier request with the same bytes, threshold and model version, returned without a new analysis (same id and created_at); send reuse=false to analyse again. false: a new analysis. */
+            reused?: boolean | null;
+            score_meaning?: string | null;
+            /** @description Runs of consecutive windows over the threshold. */
+            segments?: components["schemas"]["AudioSegment"][] | null;
+            sha256: string;
+            size_bytes?: number | null;
+            /** @enum {string} */
+            status: "queued" | "running" | "done" | "failed";
+            status_url?: string | null;
+            threshold: number;
+            timeline_url?: string | null;
+            timings_ms?: {
+                [key: string]: number;
+            } | null;
+            top_windows?: components["schemas"]["AudioTopWindow"][] | null;
+            /** @description Present while the model has random (untrained) weights. */
+            warning?: string | null;
+            width?: number | null;
+            /** @description samples (64,600), seconds, hop_s, sample_rate. */
+            window?: {
+                [key: string]: unknown;
+            } | null;
+            windows?: components["schemas"]["AudioWindow"][] | null;
+            windows_analyzed?: number | null;
+        } & {
+            [key: string]: unknown;
+        };
+        /** AudioSegment */
+        AudioSegment: {
+            /** @description End of the run's last window. */
+            end_s: number;
+            end_window: number;
+            max_probability: number;
+            mean_probability: number;
+            /** @description Start of the run's first window. */
+            start_s: number;
+            start_window: number;
+            /** @description Windows in the run. */
+            windows: number;
+        };
+        /** AudioTopWindow */
+        AudioTopWindow: {
+            end_s: number;
+            fake_probability: number;
+            index: number;
+            start_s: number;
+        };
+        /** AudioWindow */
+        AudioWindow: {
+            end_s: number;
+            /** @description sigmoid(-score). */
+            fake_probability: number;
+            /** @description Window number (0-based). */
+            index: number;
+            /** @description AASIST's bona fide logit (the authors' score): higher = more bona fide. */
+            score: number;
+            start_s: number;
+        };
         /** BatchEntry */
         BatchEntry: {
             confidence?: number | null;
@@ -289,7 +452,7 @@ export interface components {
             /** @description Position of the file in the request. */
             index: number;
             /** @enum {string} */
-            media_type: "image" | "video";
+            media_type: "image" | "video" | "audio" | "text";
             model_version: string;
             /** @description What was done that the sender may not expect: a reused result, EXIF orientation ignored (the pixels are scored as stored, as in the authors' evaluation), a 16-bit image scaled to 8 bits. */
             notes?: string[] | null;
@@ -438,7 +601,7 @@ export interface components {
         };
         /**
          * Prediction
-         * @description One stored prediction (image or video).
+         * @description One stored prediction (image, video, audio or text).
          */
         Prediction: {
             confidence?: number | null;
@@ -451,7 +614,7 @@ export interface components {
             /** @description UUID of the record. */
             id: string;
             /** @enum {string} */
-            media_type: "image" | "video";
+            media_type: "image" | "video" | "audio" | "text";
             model_version: string;
             /** @description What was done that the sender may not expect: a reused result, EXIF orientation ignored (the pixels are scored as stored, as in the authors' evaluation), a 16-bit image scaled to 8 bits. */
             notes?: string[] | null;
@@ -512,7 +675,7 @@ export interface components {
              * @description Only this media type.
              * @enum {string|null}
              */
-            media_type?: "image" | "video" | null;
+            media_type?: "image" | "video" | "audio" | "text" | null;
             /** @description Minimum fake probability. */
             min_probability?: number | null;
             /**
@@ -601,6 +764,91 @@ export interface components {
             total: number;
             until: string;
         };
+        /** TextBody */
+        TextBody: {
+            /**
+             * @description The text, scored as it is (no cleaning). At least TEXT_MIN_TOKENS tokens of the scoring model's tokenizer, at most TEXT_MAX_CHARS characters and TEXT_MAX_TOKENS tokens.
+             * @example The committee met on Tuesday to review the budget and, after a long discussion about the roads and the library opening hours, decided to postpone the vote until the spring meeting.
+             */
+            text: string;
+            /**
+             * @description Decision threshold: the verdict is fake when fake_probability > threshold. Default DEFAULT_THRESHOLD.
+             * @default 0.5
+             */
+            threshold: number | null;
+        };
+        /** TextChunk */
+        TextChunk: {
+            criterion: number;
+            end_token: number;
+            scored_tokens: number;
+            start_token: number;
+        };
+        /** TextFile */
+        TextFile: {
+            /**
+             * Format: binary
+             * @description A UTF-8 text file (at most MAX_TEXT_BYTES), instead of a JSON body.
+             */
+            file: string;
+        };
+        /** TextParams */
+        TextParams: {
+            /**
+             * @description Decision threshold: the verdict is fake when fake_probability > threshold. Default DEFAULT_THRESHOLD.
+             * @default 0.5
+             */
+            threshold: number | null;
+        };
+        /**
+         * TextPrediction
+         * @description A text prediction: Fast-DetectGPT's criterion and the authors' display probability.
+         */
+        TextPrediction: {
+            /** @description The model pair whose constants map criterion to fake_probability (not monotone). */
+            calibration?: string | null;
+            characters?: number | null;
+            /** @description Chunks of a text longer than the models' context (overlapping by one token); sums pooled. */
+            chunks?: components["schemas"]["TextChunk"][] | null;
+            confidence?: number | null;
+            /** @description ISO 8601, UTC. */
+            created_at: string;
+            /** @description Analytic sampling discrepancy: higher = more machine-like. Rank texts by it. */
+            criterion?: number | null;
+            criterion_meaning?: string | null;
+            error?: string | null;
+            fake_probability?: number | null;
+            filename?: string | null;
+            height?: number | null;
+            /** @description UUID of the record. */
+            id: string;
+            /** @enum {string} */
+            media_type: "image" | "video" | "audio" | "text";
+            model_version: string;
+            /** @description What was done that the sender may not expect: a reused result, EXIF orientation ignored (the pixels are scored as stored, as in the authors' evaluation), a 16-bit image scaled to 8 bits. */
+            notes?: string[] | null;
+            /** @enum {string|null} */
+            prediction?: "fake" | "real" | null;
+            processing_ms?: number | null;
+            /** @description C2PA and IPTC metadata claims. The verdict ignores them. Null for records made before they were read. */
+            provenance?: components["schemas"]["Provenance"];
+            /** @description Signed, expiring link to the stored result JSON. */
+            result_url?: string | null;
+            /** @description true: the stored record of an earlier request with the same bytes, threshold and model version, returned without a new analysis (same id and created_at); send reuse=false to analyse again. false: a new analysis. */
+            reused?: boolean | null;
+            scored_tokens?: number | null;
+            sha256: string;
+            size_bytes?: number | null;
+            /** @enum {string} */
+            status: "queued" | "running" | "done" | "failed";
+            threshold: number;
+            tokens?: number | null;
+            /** @description Present while the model has random (untrained) weights. */
+            warning?: string | null;
+            width?: number | null;
+        } & {
+            [key: string]: unknown;
+        };
         /** TimeRange */
         TimeRange: {
             /**
@@ -643,6 +891,11 @@ export interface components {
              * @default false
              */
             async: boolean;
+            /**
+             * @description Also score the soundtrack with the speech detector (AASIST): the answer gets an `audio` member with its own verdict (a separate audio prediction of the same upload; queued as an audio job when the video is). When the soundtrack cannot be scored (no audio track, speech detector unavailable) `audio` holds that error and its status_code; the frames' verdict stands.
+             * @default false
+             */
+            audio: boolean;
             /**
              * Format: uri
              * @description POSTed the final result (the GET /predictions/{id} body) when the job ends, with retries. https only unless CALLBACK_ALLOW_HTTP; hosts that resolve to private, loopback, link-local or reserved addresses are refused unless CALLBACK_ALLOW_PRIVATE. Implies async.
@@ -689,7 +942,7 @@ export interface components {
             /** @description UUID of the record. */
             id: string;
             /** @enum {string} */
-            media_type: "image" | "video";
+            media_type: "image" | "video" | "audio" | "text";
             model_version: string;
             /** @description What was done that the sender may not expect: a reused result, EXIF orientation ignored (the pixels are scored as stored, as in the authors' evaluation), a 16-bit image scaled to 8 bits. */
             notes?: string[] | null;
@@ -744,6 +997,79 @@ export interface components {
             start_frame: number;
             /** @description Start of the first frame's slice of the video. */
             start_s: number;
+        };
+        /** VideoWithAudio */
+        VideoWithAudio: {
+            /** @description All three, whatever was chosen. */
+            aggregates?: components["schemas"]["Aggregates"];
+            /** @enum {string|null} */
+            aggregation?: "mean" | "vote" | "max" | null;
+            /** @description With audio=true: the soundtrack's own prediction, or {status_code, error}. */
+            audio?: (components["schemas"]["AudioPrediction"] | {
+                [key: string]: unknown;
+            }) | null;
+            callback?: components["schemas"]["Callback"];
+            codec?: string | null;
+            confidence?: number | null;
+            container?: string | null;
+            /** @description ISO 8601, UTC. */
+            created_at: string;
+            /** @description strategy, seeks, grabs, skipped_frames, decode_s. */
+            decoding?: {
+                [key: string]: unknown;
+            } | null;
+            duration_s?: number | null;
+            error?: string | null;
+            fake_probability?: number | null;
+            filename?: string | null;
+            fps?: number | null;
+            frame_count?: number | null;
+            frames?: components["schemas"]["VideoFrame"][] | null;
+            frames_analyzed?: number | null;
+            height?: number | null;
+            /** @description UUID of the record. */
+            id: string;
+            /** @enum {string} */
+            media_type: "image" | "video" | "audio" | "text";
+            model_version: string;
+            /** @description What was done that the sender may not expect: a reused result, EXIF orientation ignored (the pixels are scored as stored, as in the authors' evaluation), a 16-bit image scaled to 8 bits. */
+            notes?: string[] | null;
+            /** @enum {string|null} */
+            prediction?: "fake" | "real" | null;
+            processing_ms?: number | null;
+            progress?: components["schemas"]["Progress"];
+            /** @description C2PA and IPTC metadata claims. The verdict ignores them. Null for records made before they were read. */
+            provenance?: components["schemas"]["Provenance"];
+            /** @description Signed, expiring link to the stored result JSON. */
+            result_url?: string | null;
+            /** @description true: the stored record of an earlier request with the same bytes, threshold and model version, returned without a new analysis (same id and created_at); send reuse=false to analyse again. false: a new analysis. */
+            reused?: boolean | null;
+            /** @description mode (frames|fps), requested_frames, planned_frames, capped, rule. */
+            sampling?: {
+                [key: string]: unknown;
+            } | null;
+            /** @description Runs of consecutive sampled frames over the threshold. */
+            segments?: components["schemas"]["VideoSegment"][] | null;
+            sha256: string;
+            size_bytes?: number | null;
+            /** @enum {string} */
+            status: "queued" | "running" | "done" | "failed";
+            /** @description Async only: poll it (GET /predictions/{id}). */
+            status_url?: string | null;
+            threshold: number;
+            /** @description Signed link to the timeline PNG (like result_url). */
+            timeline_url?: string | null;
+            /** @description probe, decode, preprocess, inference (sync only). */
+            timings_ms?: {
+                [key: string]: number;
+            } | null;
+            /** @description The 5 most suspicious frames, highest first. */
+            top_frames?: components["schemas"]["VideoFrame"][] | null;
+            /** @description Present while the model has random (untrained) weights. */
+            warning?: string | null;
+            width?: number | null;
+        } & {
+            [key: string]: unknown;
         };
     };
     responses: never;
@@ -1035,6 +1361,104 @@ export interface operations {
             };
         };
     };
+    predictAudio: {
+        parameters: {
+            query?: {
+                /** @description Decision threshold: the verdict is fake when fake_probability > threshold. Default DEFAULT_THRESHOLD. */
+                threshold?: number | null;
+                /** @description mean of the windows' fake probabilities, vote = share of windows over the threshold, or max; the verdict is fake when it exceeds the threshold. */
+                aggregation?: "mean" | "vote" | "max";
+                /** @description Queue a job and answer 202 at once. Also automatic above AUDIO_ASYNC_SECONDS. */
+                async?: boolean;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "multipart/form-data": components["schemas"]["AudioFile"];
+            };
+        };
+        responses: {
+            /** @description Analysed and stored */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AudioPrediction"];
+                };
+            };
+            /** @description Queued as a job; poll status_url (also the Location header) */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AudioPrediction"];
+                };
+            };
+            /** @description A missing or invalid parameter or field; error.parameter names it */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Missing, malformed, unknown or revoked API key */
+            401: {
+                headers: {
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Upload over MAX_AUDIO_BYTES, or recording longer than MAX_AUDIO_SECONDS (reason too_long) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not usable as audio; `reason` says which: empty, image, not_audio, undecodable, no_audio (no audio track), timeout (VIDEO_DECODE_TIMEOUT_S), memory (VIDEO_DECODE_MEMORY_MB), crashed */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The speech detector is unavailable (its weights are missing: `missing` names the file; or still loading), or the database or object store is; see Retry-After */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     predictImageBatch: {
         parameters: {
             query?: {
@@ -1113,6 +1537,92 @@ export interface operations {
             };
         };
     };
+    predictText: {
+        parameters: {
+            query?: {
+                /** @description Decision threshold: the verdict is fake when fake_probability > threshold. Default DEFAULT_THRESHOLD. */
+                threshold?: number | null;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["TextBody"];
+                "multipart/form-data": components["schemas"]["TextFile"];
+            };
+        };
+        responses: {
+            /** @description Scored and stored */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TextPrediction"];
+                };
+            };
+            /** @description A missing or invalid parameter or field; error.parameter names it */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Missing, malformed, unknown or revoked API key */
+            401: {
+                headers: {
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Over MAX_TEXT_BYTES, TEXT_MAX_CHARS (reason too_many_characters) or TEXT_MAX_TOKENS (reason too_many_tokens) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Too short (reason too_short: fewer than TEXT_MIN_TOKENS tokens; the message and `minimum_tokens` say how many are needed), or a file that is not UTF-8 text */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The text detector is unavailable (a model is missing: `missing` names it; or still loading), or the database or object store is; see Retry-After */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     predictVideo: {
         parameters: {
             query?: {
@@ -1128,6 +1638,8 @@ export interface operations {
                 async?: boolean;
                 /** @description POSTed the final result (the GET /predictions/{id} body) when the job ends, with retries. https only unless CALLBACK_ALLOW_HTTP; hosts that resolve to private, loopback, link-local or reserved addresses are refused unless CALLBACK_ALLOW_PRIVATE. Implies async. */
                 callback_url?: string | null;
+                /** @description Also score the soundtrack with the speech detector (AASIST): the answer gets an `audio` member with its own verdict (a separate audio prediction of the same upload; queued as an audio job when the video is). When the soundtrack cannot be scored (no audio track, speech detector unavailable) `audio` holds that error and its status_code; the frames' verdict stands. */
+                audio?: boolean;
             };
             header?: never;
             path?: never;
@@ -1145,7 +1657,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["VideoPrediction"];
+                    "application/json": components["schemas"]["VideoWithAudio"];
                 };
             };
             /** @description Queued as a job; poll status_url (also the Location header) */
@@ -1156,7 +1668,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["VideoPrediction"];
+                    "application/json": components["schemas"]["VideoWithAudio"];
                 };
             };
             /** @description A missing or invalid parameter or field; error.parameter names it */
@@ -1228,7 +1740,7 @@ export interface operations {
                 /** @description Only this verdict. */
                 prediction?: "fake" | "real" | null;
                 /** @description Only this media type. */
-                media_type?: "image" | "video" | null;
+                media_type?: "image" | "video" | "audio" | "text" | null;
                 /** @description Only this status. */
                 status?: "queued" | "running" | "done" | "failed" | null;
                 /** @description Minimum fake probability. */
@@ -1464,7 +1976,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Unknown id, another owner's, not a video, or the job is not done yet */
+            /** @description Unknown id, another owner's, not a video or audio, or the job is not done yet */
             404: {
                 headers: {
                     [name: string]: unknown;
