@@ -49,6 +49,8 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     auth.init_app(app)
     limits.init_app(app)
     tasks.init_app(app)  # video service, background job pool, recovery of interrupted jobs
+    app.extensions["d3"].prober.start()  # /health answers from its verdicts; Redis registered above
+    app.extensions["d3"].reconciler.start()  # objects no row references, older than the grace period
     # Exactly one trusted proxy hop (nginx on the same host) tells the client address.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)
 

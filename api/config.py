@@ -119,6 +119,22 @@ class Settings:
     metrics_allow: str = setting("127.0.0.0/8,::1/128", doc="comma-separated networks allowed to read /metrics")
     cors_origins: str = setting("", doc="comma-separated allow-list; empty = CORS off")
 
+    # --- outside systems: deadlines and failing fast (api/breakers.py, api/health_probe.py) ---
+    db_timeout_s: float = setting(3.0, minimum=0.1, maximum=600,
+                                  doc="deadline of each database round trip (connect, each statement)")
+    store_timeout_s: float = setting(3.0, minimum=0.1, maximum=600,
+                                     doc="object store deadline per attempt (connect, then each read)")
+    store_retries: int = setting(1, minimum=0, maximum=10, doc="object store retries of a failed attempt")
+    redis_timeout_s: float = setting(0.5, minimum=0.05, maximum=60, doc="rate-limit Redis socket deadline")
+    callback_timeout_s: float = setting(5.0, minimum=0.1, maximum=120, doc="webhook deadline per attempt")
+    probe_interval_s: float = setting(1.0, minimum=0.05, maximum=300, doc="how often /health's prober checks")
+    probe_timeout_s: float = setting(2.0, minimum=0.05, maximum=60, doc="deadline of each probe")
+    breaker_fail_max: int = setting(3, minimum=1, doc="failures in a row that open a system's breaker")
+    max_in_flight_per_system: int = setting(
+        4, minimum=1, doc="request threads of a worker that may wait on one outside system at once")
+    reconcile_interval_s: float = setting(3600.0, minimum=0, doc="background store reconcile; 0 = off")
+    reconcile_grace_s: float = setting(3600.0, minimum=0, doc="age before an object without a row is removed")
+
     # ------------------------------------------------------------------
     @property
     def bind_host(self) -> str:

@@ -12,26 +12,37 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from api import pg_deadline
+from api.breakers import Guard
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 class DatabaseUnavailable(RuntimeError):
-    """The database cannot be reached or refused the operation."""
+    """The database cannot be reached or refused the operation.
+
+    `commit_unknown`: the failure hit the COMMIT itself, so whether it was applied is unknown.
+    """
+
+    commit_unknown = False
 
 
 class SchemaNotMigrated(RuntimeError):
     """The database schema is missing or older than this code expects."""
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, timeout_s: float | None = None, *, pooled: bool = True) -> Engine:
+    """The engine for `url`; with `timeout_s`, every PostgreSQL round trip has that deadline."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout_s or 30})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # WAL lets readers run beside the writer
@@ -42,9 +53,28 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    # Short connect timeout: a dead database should turn into a quick 503, not a hung worker.
+    connect_args: dict = {"connect_timeout": 5}
+    if timeout_s is not None and parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg2":
+        # A frozen server answers nothing and no socket option notices: the deadline is ours
+        # (api/pg_deadline.py). The server gives up on the same statement too, so an abandoned
+        # query or lock wait does not keep running there.
+        pg_deadline.install()
+        ms = max(1, int(timeout_s * 1000))
+        connect_args = {"connect_timeout": max(1, round(timeout_s)),
+                        "connection_factory": pg_deadline.connection_factory(timeout_s),
+                        "options": f"-c statement_timeout={ms} -c lock_timeout={ms}"}
+    if not pooled:
+        return create_engine(url, poolclass=NullPool, connect_args=connect_args)
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
-                         connect_args={"connect_timeout": 5})
+                         pool_timeout=timeout_s or 30, connect_args=connect_args)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Did this error come from the database failing (unreachable, timed out), not from the caller?"""
+    cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) and exc.__cause__ is not None else exc
+    return (isinstance(cause, (OperationalError, InterfaceError, PoolTimeout, pg_deadline.DeadlineExceeded))
+            or bool(getattr(cause, "connection_invalidated", False))
+            or (isinstance(exc, DatabaseUnavailable) and exc.__cause__ is None))
 
 
 def _alembic_config(url: str) -> Config:
@@ -72,12 +102,21 @@ def upgrade_schema(url: str, revision: str = "head") -> None:
 
 
 class Database:
-    """Owns the engine; hands out sessions that commit on success and roll back on error."""
+    """Owns the engine; hands out sessions that commit on success and roll back on error.
 
-    def __init__(self, url: str) -> None:
+    With `timeout_s` every round trip has that deadline, and a guard (api/breakers.py) fails
+    sessions fast once the database is seen failing.
+    """
+
+    def __init__(self, url: str, timeout_s: float | None = None, *, fail_max: int = 3,
+                 max_in_flight: int = 8) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.timeout_s = timeout_s
+        self.engine = make_engine(url, timeout_s)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.guard = Guard("database", DatabaseUnavailable, fail_max=fail_max, max_in_flight=max_in_flight,
+                           is_failure=is_outage)
+        self._probe_engines: dict[float, Engine] = {}
 
     @property
     def backend(self) -> str:
@@ -85,18 +124,36 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        session = self._sessions()
+        with self.guard.call():
+            session = self._sessions()
+            committing = False
+            try:
+                yield session
+                session.flush()
+                committing = True  # from here a lost answer leaves the outcome unknown
+                session.commit()
+            except SQLAlchemyError as exc:
+                session.rollback()
+                error = DatabaseUnavailable(f"database error: {exc.__class__.__name__}")
+                error.commit_unknown = committing and is_outage(exc)
+                raise error from exc
+            except BaseException:
+                session.rollback()
+                raise
+            finally:
+                session.close()
+
+    def probe(self, timeout_s: float) -> None:
+        """One fresh connection and SELECT 1 within `timeout_s`, past the guard; raises DatabaseUnavailable."""
+        engine = self._probe_engines.get(timeout_s)
+        if engine is None:
+            engine = self._probe_engines[timeout_s] = make_engine(self.url, timeout_s, pooled=False)
         try:
-            yield session
-            session.commit()
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
         except SQLAlchemyError as exc:
-            session.rollback()
-            raise DatabaseUnavailable(f"database error: {exc.__class__.__name__}") from exc
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
+            raise DatabaseUnavailable(f"{exc.__class__.__name__}: {str(exc.orig or exc).strip()[:160]}"
+                                      if hasattr(exc, "orig") else exc.__class__.__name__) from exc
 
     def ping(self) -> bool:
         try:
@@ -121,3 +178,5 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        for engine in self._probe_engines.values():
+            engine.dispose()

@@ -56,7 +56,7 @@ REAP_EVERY_S = 60.0
 ENGINE_WAIT_S = 1.0
 CALLBACK_ATTEMPTS = 5
 CALLBACK_BACKOFF_S = 1.0  # then 2, 4, 8 s
-CALLBACK_TIMEOUT_S = 10.0
+CALLBACK_TIMEOUT_S = 5.0  # per attempt; the service passes CALLBACK_TIMEOUT_S
 
 
 # -- callbacks ------------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ class VideoJobs:
             payload = self.final_body(row)
             status = deliver_callback(row.video.callback_url, payload, self.settings.callback_allow_http,
                                       self.settings.callback_allow_private, attempts=self.callback_attempts,
-                                      backoff_s=self.callback_backoff_s)
+                                      backoff_s=self.callback_backoff_s, timeout_s=self.settings.callback_timeout_s)
             with self.db.session() as session:
                 session.execute(update(VideoPrediction).where(VideoPrediction.prediction_id == job_id)
                                 .values(callback_status=status[:64]))
@@ -433,8 +433,9 @@ class VideoJobs:
 
 def init_app(app: Flask) -> VideoJobs:
     """The video service, its job pool and start-up recovery; routes reach them via services().extra."""
-    from api.services.videos import VideoService
+    from api.services.videos import VideoService, sweep_dead_uploads
 
+    sweep_dead_uploads()  # temporary uploads of workers that died are nobody's now
     svc = app.extensions["d3"]
     videos = VideoService(svc.db, svc.store, svc.engine, svc.settings)
     jobs = VideoJobs(videos, svc.settings.video_workers)

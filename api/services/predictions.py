@@ -108,6 +108,8 @@ class PredictionService:
                         results[index] = stored
                         continue
                 pending.append((index, upload, digest, decode_image(upload.data, self.settings.max_image_pixels)))
+            except Unavailable:
+                raise  # a system failure (the reuse lookup's database) fails the whole request
             except ServiceError as exc:
                 results[index] = exc
 

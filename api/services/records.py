@@ -2,6 +2,11 @@
 
 If the row cannot be written the objects are removed again, so no row ever points at a missing
 object and a failed request leaves nothing behind. Either failure becomes a 503 for the client.
+
+"Removed" covers every object whose put was attempted, not only those the store confirmed: a put
+that timed out may have landed, or may still land when a frozen store wakes up. What cannot be
+deleted now is owed (`store.pending_deletes`, retried by the prober once the store answers
+again); the reconciler (api/services/reconcile.py) removes whatever still slips through.
 """
 
 from __future__ import annotations
@@ -20,29 +25,40 @@ StoredObject = tuple[str, str, bytes | str | os.PathLike, str]
 
 
 def put_objects(store: ObjectStore, objects: list[StoredObject]) -> list[tuple[str, str]]:
-    """Write every object or none: a failure removes those already written and raises Unavailable."""
+    """Write every object or none: a failure removes every one attempted and raises Unavailable."""
     written: list[tuple[str, str]] = []
-    try:
-        for bucket, key, payload, content_type in objects:
+    for bucket, key, payload, content_type in objects:
+        try:
             if isinstance(payload, bytes):
                 store.put_bytes(bucket, key, payload, content_type)
             else:
                 store.put_file(bucket, key, payload, content_type)
-            written.append((bucket, key))
-    except StoreUnavailable as exc:
-        log.error("objects not stored: %s", exc)
-        delete_objects(store, written)
-        raise Unavailable("the object store is unavailable; nothing was stored, retry shortly") from None
+        except StoreUnavailable as exc:
+            log.error("objects not stored: %s", exc)
+            delete_objects(store, written)
+            # This put failed on our side but may have landed, or land when the store wakes up.
+            delete_objects(store, [(bucket, key)], again_later=True)
+            raise Unavailable("the object store is unavailable; nothing was stored, retry shortly") from None
+        written.append((bucket, key))
     return written
 
 
-def delete_objects(store: ObjectStore, objects: list[tuple[str, str]]) -> None:
-    """Best effort: a leftover object is harmless, a leftover row pointing nowhere is not."""
+def delete_objects(store: ObjectStore, objects: list[tuple[str, str]], again_later: bool = False) -> None:
+    """Delete now, or owe the delete (retried once the store answers again); `again_later`: both."""
     for bucket, key in objects:
         try:
             store.delete(bucket, key)
-        except (StoreUnavailable, ObjectNotFound, ValueError):
-            log.warning("could not remove object %s/%s", bucket, key)
+        except ObjectNotFound:
+            pass
+        except ValueError:
+            log.warning("not removing object %s/%s: invalid key", bucket, key)
+            continue
+        except StoreUnavailable:
+            log.warning("could not remove object %s/%s now; owed until the store answers", bucket, key)
+            store.pending_deletes.add(bucket, key)
+            continue
+        if again_later:
+            store.pending_deletes.add(bucket, key)
 
 
 def insert_with_objects(db: Database, store: ObjectStore, row: object, objects: list[StoredObject]) -> None:
@@ -51,6 +67,11 @@ def insert_with_objects(db: Database, store: ObjectStore, row: object, objects: 
         with db.session() as session:
             session.add(row)
     except DatabaseUnavailable as exc:
-        log.error("row not stored: %s", exc)
-        delete_objects(store, written)
+        if exc.commit_unknown:
+            # The commit was sent and no answer came: the row may exist (a frozen server commits
+            # when it wakes). Its objects stay; the reconciler removes them if the row never came.
+            log.error("row may not be stored (%s); its objects are left to the reconciler", exc)
+        else:
+            log.error("row not stored: %s", exc)
+            delete_objects(store, written)
         raise Unavailable("the database is unavailable; nothing was stored, retry shortly") from None
