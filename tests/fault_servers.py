@@ -10,7 +10,8 @@ runs in processes of its own so that it can be frozen without freezing the test:
   ThreadedMotoServer of conftest would freeze the test itself).
 - `RedisProcess`: a real redis-server.
 
-Fixtures (import them into a test module to use them): `freezable_postgres`, `moto_s3`, `redis_proc`.
+Fixtures (a test module lists this module in `pytest_plugins`): `freezable_postgres`, `moto_s3`,
+`redis_proc`.
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ class MotoS3Process(Freezable):
         self.process = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, 60)
+        # moto loads its S3 backend on the first request (seconds on a busy machine): do it now,
+        # with a patient client, so tests with short deadlines measure the deadline, not the warm-up.
+        import urllib3
+
+        urllib3.PoolManager(timeout=60, retries=3).request("GET", f"http://{self.endpoint}/")
 
     def stop(self) -> None:
         if self.process is not None:
