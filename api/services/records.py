@@ -37,14 +37,16 @@ def put_objects(store: ObjectStore, objects: list[StoredObject]) -> list[tuple[s
             log.error("objects not stored: %s", exc)
             delete_objects(store, written)
             # This put failed on our side but may have landed, or land when the store wakes up.
-            delete_objects(store, [(bucket, key)], again_later=True)
+            # Not deleted now: the store just failed, and waiting on it again would double this
+            # request's time; the delete is owed and done once the store answers.
+            store.pending_deletes.add(bucket, key)
             raise Unavailable("the object store is unavailable; nothing was stored, retry shortly") from None
         written.append((bucket, key))
     return written
 
 
-def delete_objects(store: ObjectStore, objects: list[tuple[str, str]], again_later: bool = False) -> None:
-    """Delete now, or owe the delete (retried once the store answers again); `again_later`: both."""
+def delete_objects(store: ObjectStore, objects: list[tuple[str, str]]) -> None:
+    """Delete now, or owe the delete (retried once the store answers again)."""
     for bucket, key in objects:
         try:
             store.delete(bucket, key)
@@ -55,9 +57,6 @@ def delete_objects(store: ObjectStore, objects: list[tuple[str, str]], again_lat
             continue
         except StoreUnavailable:
             log.warning("could not remove object %s/%s now; owed until the store answers", bucket, key)
-            store.pending_deletes.add(bucket, key)
-            continue
-        if again_later:
             store.pending_deletes.add(bucket, key)
 
 
