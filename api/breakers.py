@@ -9,8 +9,8 @@ call to it goes through `guard.call()`:
   system answer, so recovery does not wait for a timer (`reset_timeout` is only a backstop for
   processes without a prober, e.g. the `d3` command);
 - the bulkhead bounds how many threads may wait on the system at once (`max_in_flight`): a frozen
-  system can hold at most that many of a worker's request threads, the others fail fast and stay
-  free for /health and for requests that do not need it.
+  system can hold at most that many of a worker's request threads, the others fail fast (after
+  waiting SLOT_WAIT_S for a slot) and stay free for /health and for requests that do not need it.
 
 Only failures of the system count (timeouts, refused connections), never a caller's own error:
 `is_failure` decides. A refused call raises the `unavailable` exception the guard was made with,
@@ -28,6 +28,9 @@ import pybreaker
 
 # Without a prober, an open breaker lets one trial call through after this long.
 BACKSTOP_RESET_S = 30.0
+# A healthy system's calls take milliseconds: a short wait for a slot absorbs contention, while
+# slots held by a frozen system (for its whole deadline) make the others fail fast.
+SLOT_WAIT_S = 0.1
 
 
 class Guard:
@@ -53,7 +56,7 @@ class Guard:
     @contextmanager
     def call(self) -> Iterator[None]:
         """Run the body as one call to the system, or refuse at once (breaker open, bulkhead full)."""
-        if not self._slots.acquire(blocking=False):
+        if not self._slots.acquire(timeout=SLOT_WAIT_S):
             raise self._unavailable(f"{self.max_in_flight} calls are already waiting on the {self.name}; "
                                     "failing fast")
         try:

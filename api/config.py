@@ -131,7 +131,8 @@ class Settings:
     probe_timeout_s: float = setting(2.0, minimum=0.05, maximum=60, doc="deadline of each probe")
     breaker_fail_max: int = setting(3, minimum=1, doc="failures in a row that open a system's breaker")
     max_in_flight_per_system: int = setting(
-        4, minimum=1, doc="request threads of a worker that may wait on one outside system at once")
+        0, minimum=0, doc="request threads of a worker that may wait on one outside system at once; "
+                          "0 = half of GUNICORN_THREADS")
     reconcile_interval_s: float = setting(3600.0, minimum=0, doc="background store reconcile; 0 = off")
     reconcile_grace_s: float = setting(3600.0, minimum=0, doc="age before an object without a row is removed")
 
@@ -162,6 +163,17 @@ class Settings:
     @property
     def resolved_object_store_dir(self) -> Path:
         return Path(self.object_store_dir or Path(self.instance_dir) / "objects")
+
+    @property
+    def resolved_max_in_flight(self) -> int:
+        """MAX_IN_FLIGHT_PER_SYSTEM, or half the worker's threads: a frozen system never holds them all."""
+        if self.max_in_flight_per_system:
+            return self.max_in_flight_per_system
+        try:
+            threads = int(os.environ.get("GUNICORN_THREADS", "2"))
+        except ValueError:
+            threads = 2
+        return max(1, threads // 2)
 
     @property
     def uses_minio(self) -> bool:

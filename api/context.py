@@ -33,7 +33,7 @@ class Services:
 
 def build_services(settings: Settings, engine: InferenceEngine | None = None) -> Services:
     db = Database(settings.resolved_database_url, settings.db_timeout_s, fail_max=settings.breaker_fail_max,
-                  max_in_flight=settings.max_in_flight_per_system)
+                  max_in_flight=settings.resolved_max_in_flight)
     db.require_migrated()
     # Without a configured secret, links signed by one process are valid only in that process.
     signing_key = (settings.secret_key or secrets.token_hex(32)).encode()

@@ -134,7 +134,7 @@ def init_app(app: Flask) -> Limiter:
     guard = None
     if settings.redis_url:
         guard = Guard("rate-limit Redis", RedisUnavailable, fail_max=settings.breaker_fail_max,
-                      max_in_flight=settings.max_in_flight_per_system, is_failure=_redis_outage)
+                      max_in_flight=settings.resolved_max_in_flight, is_failure=_redis_outage)
 
         prober_ref = weakref.ref(prober)  # the probe thread reaches this: it must not keep the prober alive
 

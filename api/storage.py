@@ -343,5 +343,5 @@ def make_object_store(settings, signing_key: bytes) -> ObjectStore:
                                 secure=settings.minio_secure, region=settings.minio_region, buckets=buckets,
                                 timeout_s=settings.store_timeout_s, retries=settings.store_retries,
                                 fail_max=settings.breaker_fail_max,
-                                max_in_flight=settings.max_in_flight_per_system)
+                                max_in_flight=settings.resolved_max_in_flight)
     return LocalObjectStore(settings.resolved_object_store_dir, buckets, signing_key)
