@@ -335,7 +335,14 @@ def test_kill_9_of_one_worker_loses_nothing_and_costs_no_503(service):
         wait_until(lambda: len(set(service.workers()) - before) == 1, 30, what="the respawned worker")
         respawned = (set(service.workers()) - before).pop()
         # Until the respawned worker serves, and a little beyond.
-        wait_until(lambda: f"pid={respawned}" in service.access_log(), 60, interval=0.2, what="respawned serving")
+        try:
+            wait_until(lambda: f"pid=<{respawned}>" in service.access_log(), 60, interval=0.2,
+                       what="respawned serving")
+        except AssertionError as exc:
+            error_log = (service.root / "logs" / "error.log").read_text()[-3000:]
+            pids = Counter(line.rsplit("pid=", 1)[-1] for line in service.access_log().splitlines())
+            raise AssertionError(f"{exc}; workers now {service.workers()}, access log by pid {pids}\n"
+                                 f"{error_log}") from None
         time.sleep(1.5)
     statuses = Counter(o.status for o in load.outcomes)
     lost_connections = [o for o in load.outcomes if isinstance(o.status, str)]
@@ -345,6 +352,6 @@ def test_kill_9_of_one_worker_loses_nothing_and_costs_no_503(service):
     # Only the requests in flight on the killed worker may lose their connection (never acknowledged).
     assert len(lost_connections) <= 8, lost_connections[:3]
     assert set(statuses) - {200} <= {s for s in statuses if isinstance(s, str)}
-    respawned_lines = [line for line in service.access_log().splitlines() if f"pid={respawned}" in line]
+    respawned_lines = [line for line in service.access_log().splitlines() if f"pid=<{respawned}>" in line]
     assert respawned_lines and not any('" 503 ' in line for line in respawned_lines)
     check_stored(service, load.acknowledged())
