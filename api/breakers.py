@@ -57,15 +57,16 @@ class Guard:
     def call(self) -> Iterator[None]:
         """Run the body as one call to the system, or refuse at once (breaker open, bulkhead full)."""
         if not self._slots.acquire(timeout=SLOT_WAIT_S):
-            raise self._unavailable(f"{self.max_in_flight} calls are already waiting on the {self.name}; "
-                                    "failing fast")
+            raise self._unavailable(f"the {self.name} is not answering ({self.max_in_flight} calls are already "
+                                    "waiting on it); retry shortly")
         try:
             try:
                 with self.breaker.calling():
                     yield
             except pybreaker.CircuitBreakerError:
-                raise self._unavailable(f"{self.name} is unavailable ({self.reason or 'failing'}); "
-                                        "failing fast") from None
+                # The reason (self.reason) is for the logs and /health, not for every client.
+                raise self._unavailable(f"the {self.name} is unavailable (failing fast until it answers "
+                                        "again); retry shortly") from None
         finally:
             self._slots.release()
 

@@ -12,24 +12,23 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from api import pg_deadline
 from api.breakers import Guard
+from api.exceptions import DatabaseUnavailable
+
+__all__ = ["Database", "DatabaseUnavailable", "SchemaNotMigrated"]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-class DatabaseUnavailable(RuntimeError):
-    """The database cannot be reached or refused the operation.
-
-    `commit_unknown`: the failure hit the COMMIT itself, so whether it was applied is unknown.
-    """
-
-    commit_unknown = False
+# Connection-level failures: the server is down, unreachable, restarting, or (SQLite) locked. Every
+# other SQLAlchemyError (IntegrityError, ProgrammingError, ...) is a bug and propagates as itself.
+CONNECTION_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
 
 
 class SchemaNotMigrated(RuntimeError):
@@ -42,7 +41,7 @@ def make_engine(url: str, timeout_s: float | None = None, *, pooled: bool = True
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout_s or 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # WAL lets readers run beside the writer
@@ -70,11 +69,8 @@ def make_engine(url: str, timeout_s: float | None = None, *, pooled: bool = True
 
 
 def is_outage(exc: BaseException) -> bool:
-    """Did this error come from the database failing (unreachable, timed out), not from the caller?"""
-    cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) and exc.__cause__ is not None else exc
-    return (isinstance(cause, (OperationalError, InterfaceError, PoolTimeout, pg_deadline.DeadlineExceeded))
-            or bool(getattr(cause, "connection_invalidated", False))
-            or (isinstance(exc, DatabaseUnavailable) and exc.__cause__ is None))
+    """Did the database fail (unreachable, timed out), rather than the caller's code?"""
+    return isinstance(exc, (DatabaseUnavailable, *CONNECTION_ERRORS))
 
 
 def _alembic_config(url: str) -> Config:
@@ -132,10 +128,10 @@ class Database:
                 session.flush()
                 committing = True  # from here a lost answer leaves the outcome unknown
                 session.commit()
-            except SQLAlchemyError as exc:
+            except CONNECTION_ERRORS as exc:
                 session.rollback()
-                error = DatabaseUnavailable(f"database error: {exc.__class__.__name__}")
-                error.commit_unknown = committing and is_outage(exc)
+                error = DatabaseUnavailable()
+                error.commit_unknown = committing
                 raise error from exc
             except BaseException:
                 session.rollback()
@@ -152,8 +148,8 @@ class Database:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except SQLAlchemyError as exc:
-            raise DatabaseUnavailable(f"{exc.__class__.__name__}: {str(exc.orig or exc).strip()[:160]}"
-                                      if hasattr(exc, "orig") else exc.__class__.__name__) from exc
+            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:160]
+            raise DatabaseUnavailable(f"{exc.__class__.__name__}: {detail}") from exc
 
     def ping(self) -> bool:
         try:
@@ -168,7 +164,7 @@ class Database:
         try:
             with self.engine.connect() as conn:
                 current = MigrationContext.configure(conn).get_current_revision()
-        except SQLAlchemyError as exc:
+        except CONNECTION_ERRORS as exc:
             raise DatabaseUnavailable(f"cannot reach the database: {exc.__class__.__name__}: {exc}") from exc
         head = head_revision()
         if current != head:

@@ -198,7 +198,11 @@ def _loop(prober_ref: weakref.ref[HealthProber], probe: _Probe) -> None:
 
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip()
-    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:300]
+    reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None:  # e.g. StoreUnavailable from urllib3's ReadTimeoutError
+        reason += f" ({type(cause).__name__})"
+    return reason[:300]
 
 
 # -- the checks of the systems this service talks to -----------------------------------------------

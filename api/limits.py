@@ -29,11 +29,11 @@ from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
 from limits import parse_many
 from limits.storage import RedisStorage
 
+from api.auth import current_caller
 from api.breakers import Guard
 from api.config import ConfigError, Settings
 from api.errors import error_response
 from api.health_probe import HealthProber, redis_check, redis_options
-from api.routes.common import current_caller
 
 EXEMPT_ENDPOINTS = frozenset({"health.health", "metrics.metrics"})
 VIDEO_BLUEPRINT = "video"
@@ -104,9 +104,24 @@ class GuardedRedisStorage(RedisStorage):
             return False
 
 
-def build_limiter(settings: Settings, guard: Guard | None = None, healthy=None) -> Limiter:
+def build_limiter(settings: Settings, prober: HealthProber | None = None) -> Limiter:
+    """The limiter; with REDIS_URL its Redis calls are guarded and `prober` watches Redis."""
     default = _check("RATE_LIMIT_DEFAULT", settings.rate_limit_default)
     video = _check("RATE_LIMIT_VIDEO", settings.rate_limit_video)
+    storage_options: dict = {}
+    guard = None
+    if settings.redis_url:
+        guard = Guard("rate-limit Redis", RedisUnavailable, fail_max=settings.breaker_fail_max,
+                      max_in_flight=settings.resolved_max_in_flight, is_failure=_redis_outage)
+        prober_ref = weakref.ref(prober) if prober is not None else None  # probe threads reach this
+
+        def healthy() -> bool | None:
+            current = prober_ref() if prober_ref is not None else None
+            verdict = current.verdict("redis") if current is not None else None
+            return None if verdict is None else verdict.ok
+
+        # A dead or frozen Redis must cost one short wait, then fail fast, never a hung request.
+        storage_options = {**redis_options(settings.redis_timeout_s), "guard": guard, "healthy": healthy}
     limiter = Limiter(
         client_identity,
         application_limits=[
@@ -114,9 +129,7 @@ def build_limiter(settings: Settings, guard: Guard | None = None, healthy=None) 
             ApplicationLimit(video, scope="video", exempt_when=lambda: not is_video_upload()),
         ],
         storage_uri=f"d3-{settings.redis_url}" if settings.redis_url else "memory://",
-        # A dead or frozen Redis must cost one short wait, then fail fast, never a hung request.
-        storage_options={**redis_options(settings.redis_timeout_s), "guard": guard, "healthy": healthy}
-        if settings.redis_url else {},
+        storage_options=storage_options,
         strategy="fixed-window",
         key_prefix="d3",
         in_memory_fallback_enabled=True,
@@ -124,37 +137,20 @@ def build_limiter(settings: Settings, guard: Guard | None = None, healthy=None) 
         headers_enabled=False,  # Retry-After is set on 429 below; no per-request storage round trip
     )
     limiter.request_filter(lambda: request.method == "OPTIONS" or request.endpoint in EXEMPT_ENDPOINTS)
-    return limiter
-
-
-def init_app(app: Flask) -> Limiter:
-    """Attach after api.auth (the key decides the bucket), so register this hook later."""
-    settings: Settings = app.config["SETTINGS"]
-    prober: HealthProber = app.extensions["d3"].prober
-    guard = None
-    if settings.redis_url:
-        guard = Guard("rate-limit Redis", RedisUnavailable, fail_max=settings.breaker_fail_max,
-                      max_in_flight=settings.resolved_max_in_flight, is_failure=_redis_outage)
-
-        prober_ref = weakref.ref(prober)  # the probe thread reaches this: it must not keep the prober alive
-
-        def healthy() -> bool | None:
-            current = prober_ref()
-            verdict = current.verdict("redis") if current is not None else None
-            return None if verdict is None else verdict.ok
-
-        limiter = build_limiter(settings, guard, healthy)
-    else:
-        limiter = build_limiter(settings)
-    limiter.init_app(app)
-    app.extensions["d3"].extra["limiter"] = limiter
-    if settings.redis_url:
+    if guard is not None and prober is not None:
         def switch(ok: bool) -> None:
             # flask-limiter's own flag for "use the in-memory fallback" (no public setter).
             limiter._storage_dead = not ok  # noqa: SLF001
 
         prober.add("redis", redis_check(settings.redis_url, settings.probe_timeout_s), guard=guard,
                    on_change=switch)
+    return limiter
+
+
+def init_app(app: Flask) -> Limiter:
+    """Attach after api.auth (the key decides the bucket), so register this hook later."""
+    limiter = app.extensions["d3"].limiter
+    limiter.init_app(app)
 
     @app.errorhandler(RateLimitExceeded)
     def _too_many(exc: RateLimitExceeded):

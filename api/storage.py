@@ -27,19 +27,21 @@ from minio import Minio
 from minio.error import MinioException, S3Error
 
 from api.breakers import Guard
+from api.exceptions import StoreUnavailable
 
+__all__ = ["LocalObjectStore", "MinioObjectStore", "ObjectNotFound", "ObjectStore", "StoreError",
+           "StoreUnavailable", "make_object_store", "object_key"]
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
 
 
-class StoreUnavailable(RuntimeError):
-    """The object store cannot be reached or refused the operation.
+# S3 error codes that mean "busy or briefly down, retry": the rest (AccessDenied, NoSuchBucket, ...) are
+# configuration or code bugs, a 500 with the cause in the log, not a "retry shortly".
+TRANSIENT_S3_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                                "XMinioServerNotInitialized", "XMinioStorageFull"})
 
-    `outage` is False when the store answered with a refusal (its breaker does not count it).
-    """
 
-    def __init__(self, message: str, *, outage: bool = True) -> None:
-        super().__init__(message)
-        self.outage = outage
+class StoreError(RuntimeError):
+    """The object store refused an operation for a reason retrying will not fix."""
 
 
 class ObjectNotFound(KeyError):
@@ -166,7 +168,7 @@ class LocalObjectStore:
                 writer(out)
             os.replace(tmp, path)
         except OSError as exc:
-            raise StoreUnavailable(f"local object store write failed: {exc.strerror or exc}") from exc
+            raise StoreUnavailable() from exc
 
     def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
         self._write(bucket, key, lambda out: out.write(data))
@@ -184,7 +186,7 @@ class LocalObjectStore:
         except FileNotFoundError:
             raise ObjectNotFound(f"{bucket}/{key}") from None
         except OSError as exc:
-            raise StoreUnavailable(f"local object store read failed: {exc.strerror or exc}") from exc
+            raise StoreUnavailable() from exc
 
     def download_file(self, bucket: str, key: str, path: str | os.PathLike) -> None:
         try:
@@ -242,7 +244,7 @@ class MinioObjectStore:
                             region=region, http_client=http)
         self.buckets = buckets
         self.guard = Guard("object store", StoreUnavailable, fail_max=fail_max, max_in_flight=max_in_flight,
-                           is_failure=lambda exc: isinstance(exc, StoreUnavailable) and exc.outage)
+                           is_failure=lambda exc: isinstance(exc, StoreUnavailable))
         self.pending_deletes = PendingDeletes(self)
 
     @property
@@ -260,9 +262,11 @@ class MinioObjectStore:
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject"):
                 raise ObjectNotFound(what) from None
-            raise StoreUnavailable(f"object store refused {what}: {exc.code}", outage=False) from exc
+            if exc.code in TRANSIENT_S3_CODES:
+                raise StoreUnavailable() from exc
+            raise StoreError(f"object store refused {what}: {exc.code}") from exc
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            raise StoreUnavailable(f"object store unreachable during {what}: {exc.__class__.__name__}") from exc
+            raise StoreUnavailable() from exc
 
     def ensure_buckets(self) -> None:
         # Past the guard: the prober creates missing buckets as soon as the store is back.
@@ -271,7 +275,7 @@ class MinioObjectStore:
             if not call(f"bucket check {bucket}", self.client.bucket_exists, bucket):
                 try:
                     call(f"create bucket {bucket}", self.client.make_bucket, bucket)
-                except StoreUnavailable:
+                except (StoreError, StoreUnavailable):
                     # Another worker may have created it between our check and our create.
                     if not call(f"bucket check {bucket}", self.client.bucket_exists, bucket):
                         raise
@@ -279,7 +283,7 @@ class MinioObjectStore:
     def ping(self) -> bool:
         try:
             return not self.missing_buckets()
-        except StoreUnavailable:
+        except (StoreError, StoreUnavailable):
             return False
 
     def missing_buckets(self) -> list[str]:
@@ -339,7 +343,8 @@ def make_object_store(settings, signing_key: bytes) -> ObjectStore:
     """The store the settings ask for: MinIO when MINIO_ENDPOINT is set, else the local folder."""
     buckets = (settings.bucket_results, settings.bucket_videos, settings.bucket_frames)
     if settings.uses_minio:
-        return MinioObjectStore(settings.minio_endpoint, settings.minio_access_key, settings.minio_secret_key,
+        return MinioObjectStore(settings.minio_endpoint, settings.minio_access_key.get_secret_value(),
+                                settings.minio_secret_key.get_secret_value(),
                                 secure=settings.minio_secure, region=settings.minio_region, buckets=buckets,
                                 timeout_s=settings.store_timeout_s, retries=settings.store_retries,
                                 fail_max=settings.breaker_fail_max,

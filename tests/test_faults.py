@@ -20,9 +20,9 @@ from minio import Minio
 from sqlalchemy import func, select, text
 
 from api.database import Database, DatabaseUnavailable, upgrade_schema
+from api.exceptions import Unavailable
 from api.health_probe import HealthProber, store_check
 from api.models import Prediction
-from api.services.errors import Unavailable
 from api.services.records import put_objects
 from api.storage import MinioObjectStore, StoreUnavailable
 from tests.conftest import image_bytes, make_app, multipart_body
@@ -126,7 +126,7 @@ def test_a_put_that_timed_out_and_landed_later_is_removed(moto_s3):
     bucket = store.buckets[0]
     key = f"2026/01/01/{uuid.uuid4()}.json"
     with moto_s3.frozen():
-        with pytest.raises(Unavailable, match="nothing was stored"):
+        with pytest.raises(Unavailable, match="object store"):
             put_objects(store, [(bucket, key, b'{"late": true}', "application/json")])
         assert len(store.pending_deletes) == 1  # the delete is owed: the store is frozen
     # Thawed: the server now handles the put it had buffered (and the delete that timed out, in

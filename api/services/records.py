@@ -1,7 +1,7 @@
 """Storing a record all or nothing: its objects first, then its row.
 
 If the row cannot be written the objects are removed again, so no row ever points at a missing
-object and a failed request leaves nothing behind. Either failure becomes a 503 for the client.
+object and a failed request leaves nothing behind. Either failure propagates (a 503 at the HTTP boundary).
 
 "Removed" covers every object whose put was attempted, not only those the store confirmed: a put
 that timed out may have landed, or may still land when a frozen store wakes up. What cannot be
@@ -15,8 +15,7 @@ import logging
 import os
 
 from api.database import Database, DatabaseUnavailable
-from api.services.errors import Unavailable
-from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable
+from api.storage import ObjectNotFound, ObjectStore, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +24,7 @@ StoredObject = tuple[str, str, bytes | str | os.PathLike, str]
 
 
 def put_objects(store: ObjectStore, objects: list[StoredObject]) -> list[tuple[str, str]]:
-    """Write every object or none: a failure removes every one attempted and raises Unavailable."""
+    """Write every object or none: a failure removes every one attempted and re-raises."""
     written: list[tuple[str, str]] = []
     for bucket, key, payload, content_type in objects:
         try:
@@ -33,14 +32,15 @@ def put_objects(store: ObjectStore, objects: list[StoredObject]) -> list[tuple[s
                 store.put_bytes(bucket, key, payload, content_type)
             else:
                 store.put_file(bucket, key, payload, content_type)
-        except StoreUnavailable as exc:
-            log.error("objects not stored: %s", exc)
+        except BaseException as exc:
+            log.error("objects not stored; removing the %d already written", len(written))
             delete_objects(store, written)
-            # This put failed on our side but may have landed, or land when the store wakes up.
-            # Not deleted now: the store just failed, and waiting on it again would double this
-            # request's time; the delete is owed and done once the store answers.
-            store.pending_deletes.add(bucket, key)
-            raise Unavailable("the object store is unavailable; nothing was stored, retry shortly") from None
+            if isinstance(exc, StoreUnavailable):
+                # This put failed on our side but may have landed, or land when the store wakes
+                # up. Not deleted now: the store just failed, and waiting on it again would double
+                # this request's time; the delete is owed and done once the store answers.
+                store.pending_deletes.add(bucket, key)
+            raise
         written.append((bucket, key))
     return written
 
@@ -52,9 +52,8 @@ def delete_objects(store: ObjectStore, objects: list[tuple[str, str]]) -> None:
             store.delete(bucket, key)
         except ObjectNotFound:
             pass
-        except ValueError:
-            log.warning("not removing object %s/%s: invalid key", bucket, key)
-            continue
+        except (StoreError, ValueError):
+            log.warning("could not remove object %s/%s", bucket, key)
         except StoreUnavailable:
             log.warning("could not remove object %s/%s now; owed until the store answers", bucket, key)
             store.pending_deletes.add(bucket, key)
@@ -69,8 +68,12 @@ def insert_with_objects(db: Database, store: ObjectStore, row: object, objects: 
         if exc.commit_unknown:
             # The commit was sent and no answer came: the row may exist (a frozen server commits
             # when it wakes). Its objects stay; the reconciler removes them if the row never came.
-            log.error("row may not be stored (%s); its objects are left to the reconciler", exc)
+            log.error("row may not be stored; its %d objects are left to the reconciler", len(written))
         else:
-            log.error("row not stored: %s", exc)
+            log.error("row not stored; removing its %d objects", len(written))
             delete_objects(store, written)
-        raise Unavailable("the database is unavailable; nothing was stored, retry shortly") from None
+        raise
+    except BaseException:
+        log.error("row not stored; removing its %d objects", len(written))
+        delete_objects(store, written)
+        raise
