@@ -6,8 +6,8 @@ others. A check that has not answered within PROBE_TIMEOUT_S counts as down at t
 while its call is still stuck (the call itself ends at the system's own deadline). `/health`
 reads `snapshot()`: the latest verdicts, no I/O.
 
-Each verdict also drives the system's circuit breaker (api/breakers.py): down opens it (requests
-fail fast instead of waiting out their deadlines), up closes it again at once. `on_ok` hooks run
+Each verdict also drives the system's circuit breaker (api/breakers.py): down (twice in a row)
+opens it (requests fail fast instead of waiting out their deadlines), up closes it again at once. `on_ok` hooks run
 after every successful check (e.g. deletes the object store still owes).
 
 Who owns a system registers its check with `add()`; an inference tier (a remote model server)
@@ -32,6 +32,9 @@ from api.breakers import Guard
 log = logging.getLogger(__name__)
 
 Check = Callable[[], dict[str, Any] | None]  # raises when the system is down; may return details
+# One slow answer on a busy machine is not an outage: the breaker opens on the second failed
+# probe in a row (requests that fail open it sooner themselves). /health says "down" at once.
+OPEN_AFTER_FAILED_PROBES = 2
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class _Probe:
     on_change: list[Callable[[bool], None]]
     verdict: Verdict | None = None
     wake: threading.Event = field(default_factory=threading.Event)
+    failures: int = 0  # failed checks in a row
 
 
 class HealthProber:
@@ -159,10 +163,11 @@ class HealthProber:
             verdict = Verdict(probe.name, ok, since, now, None if latency_ms is None else round(latency_ms, 1),
                               error, details)
             probe.verdict = verdict
+        probe.failures = 0 if ok else probe.failures + 1
         if probe.guard is not None:
             if ok:
                 probe.guard.mark_up()
-            else:
+            elif probe.failures >= OPEN_AFTER_FAILED_PROBES:
                 probe.guard.mark_down(error or "down")
         if changed:
             if previous is not None or not ok:
