@@ -84,7 +84,8 @@ def test_a_prober_verdict_opens_and_closes_the_breaker(freezable_postgres):
             # The check itself is stuck for 2 s; the prober calls it down at its 0.3 s timeout.
             verdict = wait_until(lambda: (v := prober.verdict("database")) and not v.ok and v, 3, what="down")
             assert "no answer within 0.3 s" in verdict.error
-            assert db.guard.is_open
+            # The breaker opens on the second failed probe in a row (one slow answer is no outage).
+            wait_until(lambda: db.guard.is_open, 5, what="the breaker open")
             took, error = elapsed(lambda: db.session().__enter__())
             assert isinstance(error, DatabaseUnavailable) and took < 0.1
         wait_until(lambda: prober.verdict("database").ok, 5, what="up again")

@@ -25,7 +25,7 @@ def register(cli: click.Group) -> None:
         """
         from api.database import Database, DatabaseUnavailable, SchemaNotMigrated
         from api.services.reconcile import reconcile
-        from api.storage import StoreUnavailable, make_object_store
+        from api.storage import StoreError, StoreUnavailable, make_object_store
 
         settings = load_settings()
         db = Database(settings.resolved_database_url, settings.db_timeout_s)
@@ -34,7 +34,7 @@ def register(cli: click.Group) -> None:
             store_ = make_object_store(settings, b"unused: no links are signed here")
             report = reconcile(db, store_, settings, settings.reconcile_grace_s if grace_s is None else grace_s,
                                dry_run=dry_run)
-        except (DatabaseUnavailable, SchemaNotMigrated, StoreUnavailable) as exc:
+        except (DatabaseUnavailable, SchemaNotMigrated, StoreError, StoreUnavailable) as exc:
             raise click.ClickException(str(exc)) from None
         finally:
             db.dispose()
