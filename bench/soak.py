@@ -9,7 +9,8 @@ descriptors and counts temporary uploads left in the temp folder. At the end it 
 - requests, errors by status, p50/p95/p99 latency per kind of request;
 - each worker's RSS over time, and its slope in MiB per 1,000 requests (least squares over the
   second half of the run, after warm-up) with the level it settles at;
-- open descriptors per worker over time; leftover temporary uploads (d3-video-*/d3-job-*).
+- open descriptors per worker over time; temporary uploads of its workers (d3-video-<pid>-*,
+  d3-job-<pid>-*) in flight during the run and left after it.
 
     .venv/bin/python bench/soak.py                       # 20 minutes, 24 clients
     .venv/bin/python bench/soak.py --minutes 3 --clients 8
@@ -97,9 +98,11 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
-def leftover_uploads() -> int:
+def leftover_uploads(pids) -> int:
+    """Temporary uploads of these worker pids (the names carry the pid; the temp folder may be shared)."""
     folder = tempfile.gettempdir()
-    return sum(len(glob.glob(os.path.join(folder, pattern))) for pattern in ("d3-video-*.upload", "d3-job-*.upload"))
+    return sum(len(glob.glob(os.path.join(folder, f"d3-{kind}-{pid}-*.upload")))
+               for pid in pids for kind in ("video", "job"))
 
 
 def start_service(workdir: Path, port: int, workers: int, threads: int) -> tuple[subprocess.Popen, dict]:
@@ -189,7 +192,7 @@ class Soak:
                 samples.append({"t": time.monotonic() - started, "requests": total,
                                 "rss": {pid: rss_mib(pid) for pid in workers},
                                 "fds": {pid: open_fds(pid) for pid in workers},
-                                "leftover": leftover_uploads()})
+                                "leftover": leftover_uploads(workers)})
                 print(f"  {samples[-1]['t']:6.0f} s  {total:7d} requests  RSS "
                       + " ".join(f"{pid}:{v:.0f}MiB" for pid, v in samples[-1]["rss"].items() if v)
                       + f"  leftover uploads {samples[-1]['leftover']}", flush=True)
@@ -232,9 +235,8 @@ def main() -> None:
         port = free_port()
         process, _env = start_service(workdir, port, args.workers, args.threads)
         url, master = f"http://127.0.0.1:{port}", process.pid
-    leftover_before = leftover_uploads()
     print(f"soak: {args.minutes:g} min, {args.clients} clients, {url}; machine: {platform.node()} "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; leftover uploads before: {leftover_before}")
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     soak = Soak(url, args.clients, small_video(workdir))
     try:
         samples = soak.run(args.minutes * 60, args.sample_s, master)
@@ -267,8 +269,9 @@ def main() -> None:
         for s in samples:
             print(f"  {s['t']:6.0f} s {s['requests']:7d} req  " + "  ".join(
                 f"{pid}: {s['rss'].get(pid) or 0:.0f}" for pid in pids))
-    print(f"\nleftover temporary uploads: {samples[-1]['leftover'] if samples else '-'} "
-          f"(before: {leftover_before})")
+    # After the service stopped: whatever its workers left behind (in-flight ones are gone by now).
+    print(f"\ntemporary uploads of its workers left after the run: {leftover_uploads(pids)} "
+          f"(during the run, in flight, last sample: {samples[-1]['leftover'] if samples else '-'})")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def service(tmp_path_factory, freezable_postgres, moto_s3, redis_proc):
             return False
 
     try:
-        wait_until(ready, 180, interval=0.5, what="Gunicorn's /health to answer 200")
+        wait_until(ready, 300, interval=0.5, what="Gunicorn's /health to answer 200")
         yield svc
     finally:
         svc.process.terminate()
