@@ -47,7 +47,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     metrics.init_app(app)
     auth.init_app(app)
     limits.init_app(app)
-    tasks.init_app(app)  # recovery of interrupted video jobs, temp uploads of dead workers
+    tasks.init_app(app)  # starts the video job executor; sweeps temp uploads of dead workers
     app.extensions["d3"].prober.start()  # /health answers from its verdicts
     app.extensions["d3"].reconciler.start()  # objects no row references, older than the grace period
     # Exactly one trusted proxy hop (nginx on the same host) tells the client address.

@@ -66,6 +66,7 @@ def _network(raw: Any) -> Any:
 Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 NetworkList = Annotated[tuple[Network, ...], NoDecode, BeforeValidator(split_commas)]
 StringList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(split_commas)]
+IntList = Annotated[tuple[Annotated[int, Field(ge=1)], ...], NoDecode, BeforeValidator(split_commas)]
 
 
 def _lower(raw: Any) -> Any:
@@ -107,6 +108,21 @@ class Settings(BaseSettings):
     d3_queue_size: int = Field(1024, ge=1)
     d3_infer_timeout_s: float = Field(120.0, ge=0.1)
 
+    # --- inference tier (Triton; see api/detector/triton_server.py, api/detector/remote_engine.py) ---
+    d3_inference_url: str = Field("", description="grpc://host:8001 or http://host:8000 of a Triton tier; "
+                                                  "empty = the model in each worker")
+    d3_inference_timeout_s: float = Field(5.0, ge=0.1, description="bound on one call to the tier (down or hung: 503)")
+    d3_inference_model: str = Field("d3", description="model name on the tier")
+    d3_inference_host: str = Field("127.0.0.1", description="address `d3 serve-inference` listens on")
+    d3_inference_http_port: int = Field(8000, ge=1, le=65535)
+    d3_inference_grpc_port: int = Field(8001, ge=1, le=65535)
+    d3_inference_metrics_port: int = Field(8002, ge=1, le=65535)
+    d3_triton_max_batch_size: int = Field(64, ge=1, le=4096, description="images per forward on the tier")
+    d3_triton_preferred_batch_size: IntList = Field((), description="batch sizes Triton prefers; empty = largest")
+    d3_triton_max_queue_delay_microseconds: int = Field(2000, ge=0, description="how long a batch waits for more")
+    d3_triton_max_queue_size: int = Field(256, ge=0, description="requests waiting on the tier; more: 503")
+    d3_triton_queue_timeout_microseconds: int = Field(0, ge=0, description="longer in the queue: 503; 0 = never")
+
     # --- HTTP service ---
     bind: str = Field("127.0.0.1:6000", description="host:port Gunicorn binds (also decides auth rules)")
     secret_key: SecretStr = Field(SecretStr(""), description="signs local result URLs; generated per process if "
@@ -139,6 +155,11 @@ class Settings(BaseSettings):
     default_video_frames: int = Field(32, ge=1)
     max_video_frames: int = Field(256, ge=1)
     keep_videos: bool = True
+    # Provenance (C2PA + IPTC digital source type), reported beside the verdict: docs/PROVENANCE.md.
+    c2pa_trust_anchors: str = Field("", description="PEM file of trusted C2PA root certificates (empty: none)")
+    provenance_timeout_s: float = Field(5.0, gt=0, le=120)
+    provenance_memory_mb: int = Field(512, ge=64, le=16384)
+    provenance_max_xmp_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     video_async_bytes: int = Field(100 * 1024 * 1024, ge=1, description="uploads larger than this run async")
     video_async_seconds: float = Field(120.0, ge=0.1, description="videos longer than this run async")
     video_workers: int = Field(2, ge=1, le=64)
@@ -146,6 +167,16 @@ class Settings(BaseSettings):
     video_decode_memory_mb: int = Field(4096, ge=64)
     callback_allow_http: bool = False
     callback_allow_private: bool = False
+
+    # --- video job queue (api/services/jobs.py, api/tasks.py, api/worker.py) ---
+    celery_broker_url: SecretStr = Field(SecretStr(""), description="Celery broker; default REDIS_URL")
+    video_executor: Annotated[Literal["auto", "threads", "celery"], BeforeValidator(_lower)] = Field(
+        "auto", description="auto: Celery when a broker is set, else threads in the API process")
+    job_max_attempts: int = Field(3, ge=1, le=100, description="claims of a job before it is failed")
+    job_heartbeat_s: float = Field(20.0, ge=0.05, description="how often a running job says it is alive")
+    job_stale_after_s: float = Field(300.0, ge=0.2, description="silence after which a running job is re-queued")
+    celery_visibility_timeout_s: float = Field(3600.0, ge=1.0,
+                                               description="unacknowledged messages go back to the queue after this")
 
     # --- access control and limits ---
     auth_required: bool = True
@@ -192,6 +223,14 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
 
+    @field_validator("d3_inference_url")
+    @classmethod
+    def _inference_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not (value.startswith(("grpc://", "http://", "https://")) and value.split("://", 1)[1].strip("/")):
+            raise ValueError(f"must be grpc://host:port or http(s)://host:port, got {value!r}")
+        return value
+
     @field_validator("bind")
     @classmethod
     def _bind(cls, value: str) -> str:
@@ -207,6 +246,10 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.default_video_frames > self.max_video_frames:
             raise ValueError("DEFAULT_VIDEO_FRAMES must not exceed MAX_VIDEO_FRAMES")
+        if self.video_executor == "celery" and not self.broker_url:
+            raise ValueError("VIDEO_EXECUTOR=celery needs CELERY_BROKER_URL or REDIS_URL")
+        if self.job_stale_after_s <= 2 * self.job_heartbeat_s:
+            raise ValueError("JOB_STALE_AFTER_S must be more than twice JOB_HEARTBEAT_S")
         if self.uses_minio and not (self.minio_access_key.get_secret_value()
                                     and self.minio_secret_key.get_secret_value()):
             raise ValueError("MINIO_ACCESS_KEY and MINIO_SECRET_KEY are required when MINIO_ENDPOINT is set")
@@ -265,6 +308,17 @@ class Settings(BaseSettings):
     @property
     def uses_minio(self) -> bool:
         return bool(self.minio_endpoint)
+
+    @property
+    def broker_url(self) -> str:
+        return self.celery_broker_url.get_secret_value() or self.redis_url
+
+    @property
+    def uses_celery(self) -> bool:
+        """Video jobs go to the Celery worker tier (else: threads in the API process)."""
+        if self.video_executor == "auto":
+            return bool(self.broker_url)
+        return self.video_executor == "celery"
 
     def secret_values(self) -> list[str]:
         """Every configured secret value (for the log redaction)."""

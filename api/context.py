@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flask import current_app
 from flask_limiter import Limiter
@@ -16,15 +17,22 @@ from flask_limiter import Limiter
 from api.config import Settings
 from api.database import Database
 from api.detector import DetectorConfig, InferenceEngine
+from api.detector.interface import Engine
+from api.detector.remote_engine import RemoteConfig, RemoteEngine
 from api.health_probe import HealthProber, database_check, store_check
 from api.limits import build_limiter
+from api.services.callbacks import CallbackSender
+from api.services.jobs import JobStore
 from api.services.keys import KeyService
 from api.services.predictions import PredictionService
 from api.services.queries import QueryService
 from api.services.reconcile import BackgroundReconciler
 from api.services.videos import VideoService
 from api.storage import ObjectStore, make_object_store
-from api.tasks import VideoJobs
+from api.tasks import JobRunner, ThreadExecutor
+
+if TYPE_CHECKING:
+    from api.worker import CeleryExecutor
 
 
 @dataclass
@@ -32,18 +40,21 @@ class Services:
     settings: Settings
     db: Database
     store: ObjectStore
-    engine: InferenceEngine
+    engine: Engine  # in-process or the remote tier: build_engine decides
     predictions: PredictionService
     queries: QueryService
     keys: KeyService
+    jobs: JobStore  # video job state (api/services/jobs.py): the only writer of job rows
     videos: VideoService
-    video_jobs: VideoJobs  # background video jobs (api/tasks.py); recovery starts in create_app
+    callbacks: CallbackSender
+    job_runner: JobRunner  # runs one claimed job, the same code under every executor (api/tasks.py)
+    video_jobs: ThreadExecutor | CeleryExecutor  # the executor: threads here, or the Celery tier (api/worker.py)
     limiter: Limiter
     prober: HealthProber  # /health's verdicts; opens and closes each outside system's breaker
     reconciler: BackgroundReconciler  # objects no row references (api/services/reconcile.py)
 
 
-def build_services(settings: Settings, engine: InferenceEngine | None = None) -> Services:
+def build_services(settings: Settings, engine: Engine | None = None) -> Services:
     db = Database(settings.resolved_database_url, settings.db_timeout_s, fail_max=settings.breaker_fail_max,
                   max_in_flight=settings.resolved_max_in_flight)
     db.require_migrated()
@@ -52,17 +63,32 @@ def build_services(settings: Settings, engine: InferenceEngine | None = None) ->
     store = make_object_store(settings, signing_key)
     store.ensure_buckets()
     if engine is None:
-        engine = InferenceEngine(DetectorConfig.from_settings(settings))
-        engine.start()  # loads in the background; /health says when it is ready
+        engine = build_engine(settings)
+        engine.start()  # loads (or connects) in the background; /health says when it is ready
     prober = build_prober(settings, db, store)
-    videos = VideoService(db, store, engine, settings)
-    video_jobs = VideoJobs(videos, settings.video_workers)
-    videos.on_job_queued = video_jobs.notify
+    jobs = JobStore(db, store, settings.bucket_videos, settings.job_max_attempts, settings.job_stale_after_s)
+    videos = VideoService(db, store, engine, settings, jobs)
+    callbacks = CallbackSender(jobs, videos.final_body, settings.callback_allow_http, settings.callback_allow_private)
+    runner = JobRunner(jobs, videos, callbacks, settings.job_heartbeat_s)
+    if settings.uses_celery:
+        from api.worker import CeleryExecutor  # imports Celery only where it is used
+
+        video_jobs: ThreadExecutor | CeleryExecutor = CeleryExecutor(settings)
+    else:
+        video_jobs = ThreadExecutor(runner, settings.video_workers)
+    videos.queue = video_jobs  # the service hands committed jobs to the executor, which runs them through it
     return Services(settings=settings, db=db, store=store, engine=engine,
                     predictions=PredictionService(db, store, engine, settings), queries=QueryService(db),
-                    keys=KeyService(db), videos=videos, video_jobs=video_jobs,
-                    limiter=build_limiter(settings, prober), prober=prober,
+                    keys=KeyService(db), jobs=jobs, videos=videos, callbacks=callbacks, job_runner=runner,
+                    video_jobs=video_jobs, limiter=build_limiter(settings, prober), prober=prober,
                     reconciler=BackgroundReconciler(db, store, settings))
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The model in this process, or the shared inference tier when D3_INFERENCE_URL is set."""
+    if settings.d3_inference_url:
+        return RemoteEngine(RemoteConfig.from_settings(settings))
+    return InferenceEngine(DetectorConfig.from_settings(settings))
 
 
 def build_prober(settings: Settings, db: Database, store: ObjectStore) -> HealthProber:

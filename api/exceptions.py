@@ -73,3 +73,19 @@ class StoreUnavailable(Unavailable):
     def __init__(self, message: str = "the object store is unavailable; retry shortly", retry_after: int = 5,
                  **details: object) -> None:
         super().__init__(message, retry_after, **details)
+
+
+class InferenceTierUnavailable(Unavailable):
+    """The inference tier (D3_INFERENCE_URL) cannot be reached: refused, reset, or no route."""
+
+    def __init__(self, message: str = "the inference tier is unavailable; retry shortly", retry_after: int = 5,
+                 **details: object) -> None:
+        super().__init__(message, retry_after, **details)
+
+
+class QueueUnavailable(Unavailable):
+    """The video job queue (the Celery broker) cannot take a job now: retry later."""
+
+    def __init__(self, message: str = "the video job queue is unavailable; retry shortly", retry_after: int = 10,
+                 **details: object) -> None:
+        super().__init__(message, retry_after, **details)
