@@ -69,6 +69,7 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     jobs = JobStore(db, store, settings.bucket_videos, settings.job_max_attempts, settings.job_stale_after_s)
     videos = VideoService(db, store, engine, settings, jobs)
     callbacks = CallbackSender(jobs, videos.final_body, settings.callback_allow_http, settings.callback_allow_private)
+    callbacks.timeout_s = settings.callback_timeout_s
     runner = JobRunner(jobs, videos, callbacks, settings.job_heartbeat_s)
     if settings.uses_celery:
         from api.worker import CeleryExecutor  # imports Celery only where it is used
