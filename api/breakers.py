@@ -30,7 +30,7 @@ import pybreaker
 BACKSTOP_RESET_S = 30.0
 # A healthy system's calls take milliseconds: a short wait for a slot absorbs contention, while
 # slots held by a frozen system (for its whole deadline) make the others fail fast.
-SLOT_WAIT_S = 0.1
+SLOT_WAIT_S = 0.5
 
 
 class Guard:

@@ -201,7 +201,7 @@ class Settings(BaseSettings):
     breaker_fail_max: int = Field(3, ge=1, description="failures in a row that open a system's breaker")
     max_in_flight_per_system: int = Field(
         0, ge=0, description="request threads of a worker that may wait on one outside system at once; "
-                             "0 = half of GUNICORN_THREADS")
+                             "0 = half of GUNICORN_THREADS (at least 4) + VIDEO_WORKERS")
     reconcile_interval_s: float = Field(3600.0, ge=0, description="background store reconcile; 0 = off")
     reconcile_grace_s: float = Field(3600.0, ge=0, description="age before an object without a row is removed")
 
@@ -296,14 +296,15 @@ class Settings(BaseSettings):
 
     @property
     def resolved_max_in_flight(self) -> int:
-        """MAX_IN_FLIGHT_PER_SYSTEM, or half the worker's threads: a frozen system never holds them all."""
+        """MAX_IN_FLIGHT_PER_SYSTEM, or half the worker's request threads (at least 4) plus its video job
+        threads (they use the database and the store too): a frozen system never holds them all."""
         if self.max_in_flight_per_system:
             return self.max_in_flight_per_system
         try:
             threads = int(os.environ.get("GUNICORN_THREADS", "2"))
         except ValueError:
             threads = 2
-        return max(1, threads // 2)
+        return max(4, threads // 2) + self.video_workers
 
     @property
     def uses_minio(self) -> bool:
