@@ -25,8 +25,8 @@ from api.health_probe import HealthProber, store_check
 from api.models import Prediction
 from api.services.records import put_objects
 from api.storage import MinioObjectStore, StoreUnavailable
-from tests.conftest import image_bytes, make_app, multipart_body
 from tests.fault_servers import wait_until
+from tests.helpers import image_bytes, make_app, multipart_body
 
 pytest_plugins = ["tests.fault_servers"]  # the freezable servers' fixtures
 

@@ -30,8 +30,8 @@ from sqlalchemy import select
 
 from api.database import Database, upgrade_schema
 from api.models import Prediction
-from tests.conftest import TINY_MODEL, free_port, image_bytes, multipart_body
 from tests.fault_servers import children_of, wait_until
+from tests.helpers import TINY_MODEL, free_port, image_bytes, multipart_body
 
 pytest_plugins = ["tests.fault_servers"]
 pytestmark = pytest.mark.timeout(420)
