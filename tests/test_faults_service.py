@@ -363,8 +363,9 @@ def test_kill_9_of_one_worker_loses_nothing_and_costs_no_503(service):
     # machine) is not what this test is about; it is printed above.
     assert not [o for o in load.outcomes if o.status == 503 and "model" in o.message], \
         [o.message for o in load.outcomes if o.status == 503][:3]
-    # Only the requests in flight on the killed worker may lose their connection (never acknowledged).
-    assert len(lost_connections) <= 8, lost_connections[:3]
+    # Only requests in flight on the killed worker (running or queued in its gthread pool) may lose
+    # their connection, never acknowledged: at most one per client.
+    assert len(lost_connections) <= 16, lost_connections[:3]
     assert set(statuses) - {200} <= {s for s in statuses if isinstance(s, str)}
     respawned_lines = [line for line in service.access_log().splitlines() if f"pid=<{respawned}>" in line]
     assert respawned_lines and not any('" 503 ' in line for line in respawned_lines)
