@@ -54,6 +54,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -189,6 +190,35 @@ def when_ready(server) -> None:
 
 def post_fork(server, worker) -> None:
     server.log.info("worker %s started; it loads the model now", worker.pid)
+
+
+MODEL_WAIT_TICK_S = 1.0
+
+
+def post_worker_init(worker) -> None:
+    """Accept no connection before the model is ready (or has failed to load).
+
+    Gunicorn calls this after the worker imported the app and before it starts accepting. While a
+    respawned worker loads its model, the listening socket's connections go to the workers that
+    can serve them, instead of being answered 503 "model is still loading" here. The master's
+    heartbeat is kept up meanwhile, so a slow load is not mistaken for a hung worker.
+    """
+    extensions = getattr(getattr(worker, "wsgi", None), "extensions", None) or {}
+    services = extensions.get("d3")
+    engine = getattr(services, "engine", None)
+    if engine is None or not hasattr(engine, "wait_ready"):
+        return
+    started = time.monotonic()
+    while not engine.wait_ready(MODEL_WAIT_TICK_S):
+        if engine.load_error:
+            break
+        worker.notify()
+    if engine.ready:
+        worker.log.info("worker %s: model ready after %.1f s; accepting requests", worker.pid,
+                        time.monotonic() - started)
+    else:
+        worker.log.error("worker %s: model failed to load (%s); serving 503s and /health", worker.pid,
+                         engine.load_error)
 
 
 def worker_abort(worker) -> None:

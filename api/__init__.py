@@ -48,7 +48,9 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None, det
     metrics.init_app(app)
     auth.init_app(app)
     limits.init_app(app)
-    tasks.init_app(app)  # starts the video job executor (in-process: recovery of interrupted jobs)
+    tasks.init_app(app)  # starts the video job executor; sweeps temp uploads of dead workers
+    app.extensions["d3"].prober.start()  # /health answers from its verdicts
+    app.extensions["d3"].reconciler.start()  # objects no row references, older than the grace period
     # Exactly one trusted proxy hop (nginx on the same host) tells the client address.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)
 

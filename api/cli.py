@@ -102,6 +102,9 @@ def _register_command_groups() -> None:
     from api.services.keys_commands import register as register_key_commands
 
     register_key_commands(cli)
+    from api.services.store_commands import register as register_store_commands
+
+    register_store_commands(cli)
     from api.detector.commands import register as register_model_commands
 
     register_model_commands(cli)

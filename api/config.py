@@ -218,6 +218,23 @@ class Settings(BaseSettings):
                                        description="comma-separated networks allowed to read /metrics")
     cors_origins: StringList = Field((), description="comma-separated allow-list; empty = CORS off")
 
+    # --- outside systems: deadlines and failing fast (api/breakers.py, api/health_probe.py) ---
+    db_timeout_s: float = Field(3.0, ge=0.1, le=600,
+                                description="deadline of each database round trip (connect, each statement)")
+    store_timeout_s: float = Field(3.0, ge=0.1, le=600,
+                                   description="object store deadline per attempt (connect + response)")
+    store_retries: int = Field(1, ge=0, le=10, description="object store retries of a failed attempt")
+    redis_timeout_s: float = Field(0.5, ge=0.05, le=60, description="rate-limit Redis socket deadline")
+    callback_timeout_s: float = Field(5.0, ge=0.1, le=120, description="webhook deadline per attempt")
+    probe_interval_s: float = Field(1.0, ge=0.05, le=300, description="how often /health's prober checks")
+    probe_timeout_s: float = Field(2.0, ge=0.05, le=60, description="deadline of each probe")
+    breaker_fail_max: int = Field(3, ge=1, description="failures in a row that open a system's breaker")
+    max_in_flight_per_system: int = Field(
+        0, ge=0, description="request threads of a worker that may wait on one outside system at once; "
+                             "0 = half of GUNICORN_THREADS (at least 4) + VIDEO_WORKERS")
+    reconcile_interval_s: float = Field(3600.0, ge=0, description="background store reconcile; 0 = off")
+    reconcile_grace_s: float = Field(3600.0, ge=0, description="age before an object without a row is removed")
+
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource,
@@ -306,6 +323,18 @@ class Settings(BaseSettings):
     @property
     def resolved_object_store_dir(self) -> Path:
         return Path(self.object_store_dir or Path(self.instance_dir) / "objects")
+
+    @property
+    def resolved_max_in_flight(self) -> int:
+        """MAX_IN_FLIGHT_PER_SYSTEM, or half the worker's request threads (at least 4) plus its video job
+        threads (they use the database and the store too): a frozen system never holds them all."""
+        if self.max_in_flight_per_system:
+            return self.max_in_flight_per_system
+        try:
+            threads = int(os.environ.get("GUNICORN_THREADS", "2"))
+        except ValueError:
+            threads = 2
+        return max(4, threads // 2) + self.video_workers
 
     @property
     def uses_minio(self) -> bool:

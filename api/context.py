@@ -20,6 +20,7 @@ from api.detector import DetectorConfig, InferenceEngine
 from api.detector.interface import Engine
 from api.detector.registry import DetectorRegistry
 from api.detector.remote_engine import RemoteConfig, RemoteEngine
+from api.health_probe import HealthProber, database_check, store_check
 from api.limits import build_limiter
 from api.services.audio import AudioService
 from api.services.callbacks import CallbackSender
@@ -27,6 +28,7 @@ from api.services.jobs import JobStore
 from api.services.keys import KeyService
 from api.services.predictions import PredictionService
 from api.services.queries import QueryService
+from api.services.reconcile import BackgroundReconciler
 from api.services.texts import TextService
 from api.services.videos import VideoService
 from api.storage import ObjectStore, make_object_store
@@ -54,11 +56,14 @@ class Services:
     detectors: DetectorRegistry  # speech (AASIST) and text (Fast-DetectGPT), each loading on its own
     audio: AudioService
     texts: TextService
+    prober: HealthProber  # /health's verdicts; opens and closes each outside system's breaker
+    reconciler: BackgroundReconciler  # objects no row references (api/services/reconcile.py)
 
 
 def build_services(settings: Settings, engine: Engine | None = None,
                    detectors: DetectorRegistry | None = None) -> Services:
-    db = Database(settings.resolved_database_url)
+    db = Database(settings.resolved_database_url, settings.db_timeout_s, fail_max=settings.breaker_fail_max,
+                  max_in_flight=settings.resolved_max_in_flight)
     db.require_migrated()
     # Without a configured secret, links signed by one process are valid only in that process.
     signing_key = (settings.secret_key.get_secret_value() or secrets.token_hex(32)).encode()
@@ -67,9 +72,11 @@ def build_services(settings: Settings, engine: Engine | None = None,
     if engine is None:
         engine = build_engine(settings)
         engine.start()  # loads (or connects) in the background; /health says when it is ready
+    prober = build_prober(settings, db, store)
     jobs = JobStore(db, store, settings.bucket_videos, settings.job_max_attempts, settings.job_stale_after_s)
     videos = VideoService(db, store, engine, settings, jobs)
     callbacks = CallbackSender(jobs, videos.final_body, settings.callback_allow_http, settings.callback_allow_private)
+    callbacks.timeout_s = settings.callback_timeout_s
     runner = JobRunner(jobs, videos, callbacks, settings.job_heartbeat_s)
     if settings.uses_celery:
         from api.worker import CeleryExecutor  # imports Celery only where it is used
@@ -87,8 +94,9 @@ def build_services(settings: Settings, engine: Engine | None = None,
     return Services(settings=settings, db=db, store=store, engine=engine,
                     predictions=PredictionService(db, store, engine, settings), queries=QueryService(db),
                     keys=KeyService(db), jobs=jobs, videos=videos, callbacks=callbacks, job_runner=runner,
-                    video_jobs=video_jobs, limiter=build_limiter(settings), detectors=detectors, audio=audio,
-                    texts=TextService(db, store, detectors, settings))
+                    video_jobs=video_jobs, limiter=build_limiter(settings, prober), detectors=detectors, audio=audio,
+                    texts=TextService(db, store, detectors, settings), prober=prober,
+                    reconciler=BackgroundReconciler(db, store, settings))
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -96,6 +104,14 @@ def build_engine(settings: Settings) -> Engine:
     if settings.d3_inference_url:
         return RemoteEngine(RemoteConfig.from_settings(settings))
     return InferenceEngine(DetectorConfig.from_settings(settings))
+
+
+def build_prober(settings: Settings, db: Database, store: ObjectStore) -> HealthProber:
+    """Checks for the database and the store; Redis (build_limiter) and an inference tier add theirs."""
+    prober = HealthProber(settings.probe_interval_s, settings.probe_timeout_s)
+    prober.add("database", database_check(db, settings.probe_timeout_s), guard=db.guard)
+    prober.add("object_store", store_check(store), guard=store.guard, on_ok=store.pending_deletes.retry)
+    return prober
 
 
 def services() -> Services:

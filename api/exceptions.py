@@ -57,7 +57,10 @@ class DatabaseUnavailable(Unavailable):
     """The database cannot be reached (connection refused, lost, timed out, locked): retry later.
 
     Only connection-level failures: an integrity error or a bad query is a bug, left to be a 500.
+    `commit_unknown`: the failure hit the COMMIT itself, so whether it was applied is unknown.
     """
+
+    commit_unknown = False
 
     def __init__(self, message: str = "the database is unavailable; retry shortly", retry_after: int = 5,
                  **details: object) -> None:

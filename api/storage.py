@@ -6,6 +6,7 @@ always made by the service (date prefix + id); nothing here trusts a client-supp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
@@ -13,7 +14,9 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +26,7 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
 
+from api.breakers import Guard
 from api.exceptions import StoreUnavailable
 
 __all__ = ["LocalObjectStore", "MinioObjectStore", "ObjectNotFound", "ObjectStore", "StoreError",
@@ -44,6 +48,46 @@ class ObjectNotFound(KeyError):
     """No object under that bucket and key."""
 
 
+class PendingDeletes:
+    """Objects that must go but could not be deleted yet (the store was failing): retried later.
+
+    A put that timed out may still land when a frozen store wakes up, after our delete. So an
+    entry is deleted again at every retry until SETTLE_S after its first successful delete;
+    the reconciler (api/services/reconcile.py) catches whatever lands later still.
+    """
+
+    SETTLE_S = 15.0
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, str], float | None] = {}  # -> when first deleted
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, bucket: str, key: str) -> None:
+        with self._lock:
+            self._entries.setdefault((bucket, key), None)
+
+    def retry(self) -> int:
+        """Delete what is owed; returns how many entries are still owed."""
+        with self._lock:
+            entries = list(self._entries.items())
+        now = time.monotonic()
+        for (bucket, key), first_deleted in entries:
+            try:
+                self._store.delete(bucket, key)
+            except (StoreUnavailable, ObjectNotFound, ValueError):
+                continue
+            with self._lock:
+                if first_deleted is None:
+                    self._entries[(bucket, key)] = now
+                elif now - first_deleted >= self.SETTLE_S:
+                    self._entries.pop((bucket, key), None)
+        return len(self._entries)
+
+
 def object_key(object_id: str, suffix: str, when: datetime | None = None) -> str:
     """A server-made key: `YYYY/MM/DD/<id><suffix>`."""
     when = when or datetime.now(timezone.utc)
@@ -57,9 +101,13 @@ def _check_key(key: str) -> None:
 
 class ObjectStore(Protocol):
     buckets: tuple[str, ...]
+    guard: Guard
+    pending_deletes: PendingDeletes
 
     def ensure_buckets(self) -> None: ...
     def ping(self) -> bool: ...
+    def missing_buckets(self) -> list[str]: ...
+    def list_objects(self, bucket: str) -> Iterator[tuple[str, datetime]]: ...
     def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str) -> None: ...
     def put_file(self, bucket: str, key: str, path: str | os.PathLike, content_type: str) -> None: ...
     def get_bytes(self, bucket: str, key: str) -> bytes: ...
@@ -78,6 +126,8 @@ class LocalObjectStore:
         self.buckets = buckets
         self._signing_key = signing_key
         self._url_prefix = url_prefix
+        self.guard = Guard("object store", StoreUnavailable)  # a local disk: only for a uniform interface
+        self.pending_deletes = PendingDeletes(self)
 
     def _path(self, bucket: str, key: str) -> Path:
         if bucket not in self.buckets:
@@ -94,6 +144,19 @@ class LocalObjectStore:
 
     def ping(self) -> bool:
         return all(os.access(self.root / b, os.W_OK) for b in self.buckets)
+
+    def missing_buckets(self) -> list[str]:
+        """Buckets whose folder is missing or not writable (probed by api/health_probe.py)."""
+        return [b for b in self.buckets if not os.access(self.root / b, os.W_OK)]
+
+    def list_objects(self, bucket: str) -> Iterator[tuple[str, datetime]]:
+        """Every (key, last modified) in a bucket; half-written `.part-` files are not objects."""
+        base = self.root / bucket
+        for path in base.rglob("*"):
+            if path.is_file() and not path.name.startswith(".part-"):
+                with contextlib.suppress(FileNotFoundError):
+                    yield (path.relative_to(base).as_posix(),
+                           datetime.fromtimestamp(path.stat().st_mtime, timezone.utc))
 
     def _write(self, bucket: str, key: str, writer) -> None:
         path = self._path(bucket, key)
@@ -163,18 +226,37 @@ class MinioObjectStore:
     """MinIO or any S3-protocol server."""
 
     def __init__(self, endpoint: str, access_key: str, secret_key: str, *, secure: bool, region: str,
-                 buckets: tuple[str, ...], timeout_s: float = 10.0) -> None:
-        # Few retries and short timeouts: a dead store must become a quick 503, not a hung worker.
+                 buckets: tuple[str, ...], timeout_s: float = 3.0, retries: int = 1, fail_max: int = 3,
+                 max_in_flight: int = 8) -> None:
+        # Each attempt has `timeout_s` in all (connect + response), and only `retries` more attempts
+        # follow: a call takes at most (retries + 1) * timeout_s (+ 0.1 s backoff), then 503. A
+        # frozen store accepts connections (the kernel does) and never answers: the read deadline
+        # is what ends the wait.
+        self.timeout_s = timeout_s
+        self.retries = retries
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=min(timeout_s, 5.0), read=timeout_s * 6),
-            retries=urllib3.Retry(total=1, backoff_factor=0.2, status_forcelist=[502, 503, 504]),
+            timeout=urllib3.Timeout(total=timeout_s, connect=timeout_s, read=timeout_s),
+            retries=urllib3.Retry(total=retries, connect=retries, read=retries, status=retries,
+                                  backoff_factor=0.1, backoff_max=1.0, status_forcelist=[502, 503, 504]),
             maxsize=32,
         )
         self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
                             region=region, http_client=http)
         self.buckets = buckets
+        self.guard = Guard("object store", StoreUnavailable, fail_max=fail_max, max_in_flight=max_in_flight,
+                           is_failure=lambda exc: isinstance(exc, StoreUnavailable))
+        self.pending_deletes = PendingDeletes(self)
+
+    @property
+    def budget_s(self) -> float:
+        """The longest one call can take before it fails."""
+        return (self.retries + 1) * self.timeout_s + self.retries * 0.1
 
     def _call(self, what: str, fn, *args, **kwargs):
+        with self.guard.call():
+            return self._unguarded(what, fn, *args, **kwargs)
+
+    def _unguarded(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except S3Error as exc:
@@ -187,21 +269,36 @@ class MinioObjectStore:
             raise StoreUnavailable() from exc
 
     def ensure_buckets(self) -> None:
+        # Past the guard: the prober creates missing buckets as soon as the store is back.
+        call = self._unguarded
         for bucket in self.buckets:
-            if not self._call(f"bucket check {bucket}", self.client.bucket_exists, bucket):
+            if not call(f"bucket check {bucket}", self.client.bucket_exists, bucket):
                 try:
-                    self._call(f"create bucket {bucket}", self.client.make_bucket, bucket)
+                    call(f"create bucket {bucket}", self.client.make_bucket, bucket)
                 except (StoreError, StoreUnavailable):
                     # Another worker may have created it between our check and our create.
-                    if not self._call(f"bucket check {bucket}", self.client.bucket_exists, bucket):
+                    if not call(f"bucket check {bucket}", self.client.bucket_exists, bucket):
                         raise
 
     def ping(self) -> bool:
         try:
-            self._call("ping", self.client.bucket_exists, self.buckets[0])
-            return True
+            return not self.missing_buckets()
         except (StoreError, StoreUnavailable):
             return False
+
+    def missing_buckets(self) -> list[str]:
+        """Buckets that do not exist; past the guard (the prober calls it); StoreUnavailable if unreachable."""
+        return [b for b in self.buckets
+                if not self._unguarded(f"bucket check {b}", self.client.bucket_exists, b)]
+
+    def list_objects(self, bucket: str) -> Iterator[tuple[str, datetime]]:
+        listing = self._call(f"list {bucket}", self.client.list_objects, bucket, recursive=True)
+        while True:
+            item = self._call(f"list {bucket}", next, listing, None)
+            if item is None:
+                return
+            if not item.is_dir:
+                yield item.object_name, item.last_modified
 
     def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
         _check_key(key)
@@ -248,5 +345,8 @@ def make_object_store(settings, signing_key: bytes) -> ObjectStore:
     if settings.uses_minio:
         return MinioObjectStore(settings.minio_endpoint, settings.minio_access_key.get_secret_value(),
                                 settings.minio_secret_key.get_secret_value(),
-                                secure=settings.minio_secure, region=settings.minio_region, buckets=buckets)
+                                secure=settings.minio_secure, region=settings.minio_region, buckets=buckets,
+                                timeout_s=settings.store_timeout_s, retries=settings.store_retries,
+                                fail_max=settings.breaker_fail_max,
+                                max_in_flight=settings.resolved_max_in_flight)
     return LocalObjectStore(settings.resolved_object_store_dir, buckets, signing_key)

@@ -33,7 +33,7 @@ from api.exceptions import DatabaseUnavailable, ServiceError, Unavailable, Unpro
 from api.models import Prediction
 from api.services.callbacks import CallbackSender
 from api.services.jobs import JobStore, worker_token
-from api.services.videos import VideoParams, VideoService
+from api.services.videos import VideoParams, VideoService, temp_prefix
 from api.storage import ObjectNotFound, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ class JobRunner:
         upload_key = row.video.upload_object
         if not upload_key:
             return ended(self.jobs.fail(job_id, worker, "the uploaded video is no longer stored"))
-        fd, path = tempfile.mkstemp(prefix="d3-job-", suffix=".upload")
+        fd, path = tempfile.mkstemp(prefix=temp_prefix("job"), suffix=".upload")
         os.close(fd)
         started = time.perf_counter()
         try:
@@ -246,4 +246,7 @@ class ThreadExecutor:
 
 def init_app(app: Flask) -> None:
     """Start the executor built in api/context.py (in-process: recovery of interrupted jobs)."""
+    from api.services.videos import sweep_dead_uploads
+
+    sweep_dead_uploads()  # temporary uploads of workers that died are nobody's now
     app.extensions["d3"].video_jobs.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 
 import pytest
 from sqlalchemy import func, select
@@ -15,6 +16,15 @@ from tests.helpers import image_bytes, make_app
 def post(client, seed: int):
     return client.post("/predict", data={"file": (io.BytesIO(image_bytes(seed=seed)), "x.png")},
                        content_type="multipart/form-data")
+
+
+def wait_for_health(client, predicate, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        response = client.get("/health")
+        if predicate(response.get_json()) or time.monotonic() > deadline:
+            return response
+        time.sleep(0.05)
 
 
 def count_rows(app) -> int:
@@ -33,10 +43,12 @@ def test_object_store_down_gives_503_and_no_row(tmp_path, tiny_engine, s3_server
         assert response.headers["Retry-After"].isdigit()
         assert "object store" in response.get_json()["error"]["message"]
         assert count_rows(app) == 1  # only the earlier, complete prediction
-        health = client.get("/health")
-        assert health.status_code == 503 and health.get_json()["object_store"]["reachable"] is False
+        # /health answers from the background prober's verdict, which the failure just woke up.
+        health = wait_for_health(client, lambda body: body["object_store"]["reachable"] is False)
+        assert health.status_code == 503 and "object_store" in health.get_json()["down"]
     finally:
         s3_server_process.start()
+    assert wait_for_health(client, lambda body: body["object_store"]["reachable"]).status_code == 200
     assert post(client, 3).status_code == 200
 
 
@@ -53,11 +65,13 @@ def test_database_down_gives_503_and_no_orphan_object(tmp_path, tiny_engine, pos
         assert response.headers["Retry-After"].isdigit()
         assert "database" in response.get_json()["error"]["message"]
         assert sorted(p for p in results_dir.rglob("*.json")) == objects_before  # the object was removed
-        assert client.get("/health").get_json()["database"]["reachable"] is False
+        assert wait_for_health(client, lambda body: body["database"]["reachable"] is False).status_code == 503
         listing = client.get("/predictions")
         assert listing.status_code == 503 and listing.is_json
     finally:
         postgres_server.start()
+    # Requests fail fast until the prober sees the database again (its breaker is open).
+    assert wait_for_health(client, lambda body: body["database"]["reachable"]).status_code == 200
     assert count_rows(app) == 1
     assert post(client, 3).status_code == 200
 

@@ -1,4 +1,9 @@
-"""GET /health: liveness and readiness in one cheap body (no model forward)."""
+"""GET /health: liveness and readiness in one cheap body, from the background prober's verdicts.
+
+No I/O here: the database, the object store (buckets included), Redis and any inference tier
+are checked by api/health_probe.py on threads of their own, so /health answers at once even
+while one of them hangs, and says which one is down and since when.
+"""
 
 from __future__ import annotations
 
@@ -20,15 +25,20 @@ def health():
     """Liveness and readiness"""
     svc = services()
     model = svc.engine.describe()
-    database_ok = svc.db.ping()
-    store_ok = svc.store.ping()
-    ready = bool(model.get("ready")) and database_ok and store_ok
+    verdicts = svc.prober.snapshot()
+    systems = {name: verdict.as_dict() for name, verdict in verdicts.items()}
+    down = sorted(name for name, verdict in verdicts.items() if not verdict.ok)
+    database_ok = "database" in verdicts and verdicts["database"].ok
+    store_ok = "object_store" in verdicts and verdicts["object_store"].ok
+    ready = bool(model.get("ready")) and not down and database_ok and store_ok
     body = {
         "status": "ok" if ready else "unavailable",
         "ready": ready,
         "model": model,
         "database": {"reachable": database_ok, "backend": svc.db.backend},
         "object_store": {"reachable": store_ok, "kind": "minio" if svc.settings.uses_minio else "local"},
+        "down": down,
+        "systems": systems,
         "queue_depth": svc.engine.stats().get("queue_depth", 0),
         # Each kind of media on its own: a modality whose weights are missing is unavailable (naming the
         # file) while the others serve; `ready` above stays the image/video model's.
@@ -42,7 +52,7 @@ def health():
     response = jsonify(body)
     response.status_code = 200 if ready else 503
     if not ready:
-        response.headers["Retry-After"] = "10"
+        response.headers["Retry-After"] = "10" if not model.get("ready") else "2"
     return response
 
 

@@ -167,6 +167,7 @@ class CallbackSender:
         self.allow_private = allow_private
         self.attempts = CALLBACK_ATTEMPTS
         self.backoff_s = CALLBACK_BACKOFF_S
+        self.timeout_s = CALLBACK_TIMEOUT_S  # per attempt; build_services sets CALLBACK_TIMEOUT_S
 
     def send(self, job_id: uuid.UUID) -> threading.Thread:
         thread = threading.Thread(target=self.deliver, args=(job_id,), daemon=True, name="d3-video-callback")
@@ -184,7 +185,7 @@ class CallbackSender:
                 return None
             url, payload = final
             status = deliver_callback(url, payload, self.allow_http, self.allow_private,
-                                      attempts=self.attempts, backoff_s=self.backoff_s)
+                                      attempts=self.attempts, backoff_s=self.backoff_s, timeout_s=self.timeout_s)
             self.jobs.record_callback(job_id, status)
             log.info("callback for video job %s: %s", job_id, status)
             return status

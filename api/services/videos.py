@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -116,13 +117,57 @@ class SpooledUpload:
             os.unlink(self.path)
 
 
+_TEMP_NAME = re.compile(r"^d3-(?:video|job)-(\d+)-[^/]*\.upload$")
+
+
+def temp_prefix(kind: str) -> str:
+    # The pid in the name tells a dead worker's leftovers from a live one's (sweep_dead_uploads).
+    return f"d3-{kind}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_dead_uploads(directory: str | None = None) -> list[str]:
+    """Remove temporary uploads left by processes that died (kill -9, OOM) mid-request or mid-job.
+
+    Run at start-up. Files of live processes (this one included) are kept.
+    """
+    folder = directory or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMP_NAME.match(name)
+        if not match:
+            continue
+        pid = int(match.group(1))
+        if _pid_alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+    if removed:
+        log.info("removed %d temporary upload(s) of dead workers from %s", len(removed), folder)
+    return removed
+
+
 def spool_upload(stream: IO[bytes], filename: str | None, limit: int, directory: str | None = None) -> SpooledUpload:
     """Copy a stream to a new temporary file, counting and hashing; over `limit` bytes -> 413.
 
     The temporary file's name carries no client text and no extension, so nothing downstream
     (FFmpeg probes by extension too) can be steered by the filename.
     """
-    fd, path = tempfile.mkstemp(prefix="d3-video-", suffix=".upload", dir=directory)
+    fd, path = tempfile.mkstemp(prefix=temp_prefix("video"), suffix=".upload", dir=directory)
     digest = hashlib.sha256()
     size = 0
     try:
