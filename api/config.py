@@ -155,6 +155,11 @@ class Settings(BaseSettings):
     default_video_frames: int = Field(32, ge=1)
     max_video_frames: int = Field(256, ge=1)
     keep_videos: bool = True
+    # Provenance (C2PA + IPTC digital source type), reported beside the verdict: docs/PROVENANCE.md.
+    c2pa_trust_anchors: str = Field("", description="PEM file of trusted C2PA root certificates (empty: none)")
+    provenance_timeout_s: float = Field(5.0, gt=0, le=120)
+    provenance_memory_mb: int = Field(512, ge=64, le=16384)
+    provenance_max_xmp_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     video_async_bytes: int = Field(100 * 1024 * 1024, ge=1, description="uploads larger than this run async")
     video_async_seconds: float = Field(120.0, ge=0.1, description="videos longer than this run async")
     video_workers: int = Field(2, ge=1, le=64)
@@ -162,6 +167,16 @@ class Settings(BaseSettings):
     video_decode_memory_mb: int = Field(4096, ge=64)
     callback_allow_http: bool = False
     callback_allow_private: bool = False
+
+    # --- video job queue (api/services/jobs.py, api/tasks.py, api/worker.py) ---
+    celery_broker_url: SecretStr = Field(SecretStr(""), description="Celery broker; default REDIS_URL")
+    video_executor: Annotated[Literal["auto", "threads", "celery"], BeforeValidator(_lower)] = Field(
+        "auto", description="auto: Celery when a broker is set, else threads in the API process")
+    job_max_attempts: int = Field(3, ge=1, le=100, description="claims of a job before it is failed")
+    job_heartbeat_s: float = Field(20.0, ge=0.05, description="how often a running job says it is alive")
+    job_stale_after_s: float = Field(300.0, ge=0.2, description="silence after which a running job is re-queued")
+    celery_visibility_timeout_s: float = Field(3600.0, ge=1.0,
+                                               description="unacknowledged messages go back to the queue after this")
 
     # --- access control and limits ---
     auth_required: bool = True
@@ -214,6 +229,10 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.default_video_frames > self.max_video_frames:
             raise ValueError("DEFAULT_VIDEO_FRAMES must not exceed MAX_VIDEO_FRAMES")
+        if self.video_executor == "celery" and not self.broker_url:
+            raise ValueError("VIDEO_EXECUTOR=celery needs CELERY_BROKER_URL or REDIS_URL")
+        if self.job_stale_after_s <= 2 * self.job_heartbeat_s:
+            raise ValueError("JOB_STALE_AFTER_S must be more than twice JOB_HEARTBEAT_S")
         if self.uses_minio and not (self.minio_access_key.get_secret_value()
                                     and self.minio_secret_key.get_secret_value()):
             raise ValueError("MINIO_ACCESS_KEY and MINIO_SECRET_KEY are required when MINIO_ENDPOINT is set")
@@ -261,6 +280,17 @@ class Settings(BaseSettings):
     @property
     def uses_minio(self) -> bool:
         return bool(self.minio_endpoint)
+
+    @property
+    def broker_url(self) -> str:
+        return self.celery_broker_url.get_secret_value() or self.redis_url
+
+    @property
+    def uses_celery(self) -> bool:
+        """Video jobs go to the Celery worker tier (else: threads in the API process)."""
+        if self.video_executor == "auto":
+            return bool(self.broker_url)
+        return self.video_executor == "celery"
 
     def secret_values(self) -> list[str]:
         """Every configured secret value (for the log redaction)."""
