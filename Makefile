@@ -4,14 +4,50 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The quick-start serves loopback only, where running without API keys is allowed.
-QUICKSTART_ENV := BIND=$${BIND:-127.0.0.1:6000} AUTH_REQUIRED=$${AUTH_REQUIRED:-false} \
-	GUNICORN_ACCESS_LOG=- GUNICORN_ERROR_LOG=-
+# The quick-start serves loopback only, where running without API keys is allowed, on a port
+# browsers open (production's 6000, behind nginx, is one Chrome refuses: ERR_UNSAFE_PORT).
+# The terminal shows the app's own JSON line per request; Gunicorn's access log goes to logs/.
+QUICKSTART_PORT ?= 8000
+QUICKSTART_ENV := BIND=$${BIND:-127.0.0.1:$(QUICKSTART_PORT)} AUTH_REQUIRED=$${AUTH_REQUIRED:-false} \
+	GUNICORN_ERROR_LOG=-
 TINY_MODEL_ENV := D3_BACKBONE=d3-tiny D3_CLIP_WEIGHTS=random:0 D3_HEAD_WEIGHTS=random:0
 
-.PHONY: setup run demo test lint bench clean
+WEB := web
+WEB_SOURCES := $(shell find $(WEB)/src $(WEB)/public -type f 2>/dev/null) $(WEB)/index.html $(WEB)/vite.config.ts \
+	$(WEB)/tsconfig.json
+HAVE_NODE := $(shell command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && echo yes)
+NO_NODE_MESSAGE := Node.js (20.19+) and npm not found: the web front end (/ui) is not built and its tests \
+	are skipped. Install Node.js, then run make setup again.
 
-setup: $(STAMP)
+.PHONY: setup run demo test lint bench clean web web-test web-client screenshots
+
+setup: $(STAMP) web
+
+# The web front end (web/): npm ci and a Vite build into web/dist, which the app serves at /ui/.
+ifeq ($(HAVE_NODE),yes)
+web: $(WEB)/dist/index.html
+web-test: $(WEB)/node_modules/.installed
+	cd $(WEB) && npx vitest run
+else
+web web-test:
+	@echo "make: $(NO_NODE_MESSAGE)" >&2
+endif
+
+$(WEB)/node_modules/.installed: $(WEB)/package.json $(WEB)/package-lock.json
+	cd $(WEB) && npm ci --no-audit --no-fund
+	touch $@
+
+$(WEB)/dist/index.html: $(WEB)/node_modules/.installed $(WEB_SOURCES)
+	cd $(WEB) && npm run build
+
+# Regenerate the typed API client from the OpenAPI document the service serves now.
+web-client: $(STAMP) $(WEB)/node_modules/.installed
+	$(BIN)/python scripts/export_openapi.py $(WEB)/openapi.json
+	cd $(WEB) && npm run gen:api
+
+# Pictures of the main views for the README (docs/screenshots/), taken by the end-to-end tests.
+screenshots: setup
+	UI_SCREENSHOTS=docs/screenshots $(BIN)/pytest tests/test_web_ui.py -q
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +70,7 @@ demo: setup
 test: setup
 	scripts/install-test-deps.sh
 	$(BIN)/ruff check .
+	$(MAKE) --no-print-directory web-test
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: setup
@@ -44,4 +81,4 @@ bench: setup
 	$(BIN)/python bench/api_load.py --tiny
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(WEB)/node_modules $(WEB)/dist

@@ -21,7 +21,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     from api import auth, errors, limits, metrics, request_log, tasks
     from api.context import build_services
     from api.detector.config import UNTRAINED_WARNING
-    from api.routes import docs, health, objects, predict, predictions, video
+    from api.routes import docs, health, objects, predict, predictions, video, web
 
     settings = load_settings(test_config)
     logging.basicConfig(level=settings.log_level)
@@ -39,7 +39,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     app.extensions["d3"] = build_services(settings, engine)
 
     errors.init_app(app)
-    for module in (health, predict, predictions, video, objects, docs):
+    for module in (health, predict, predictions, video, objects, docs, web):
         app.register_blueprint(module.bp)
     # Cross-cutting concerns, in order: the request id and timing cover every later hook, and a
     # verified key decides the rate-limit bucket.

@@ -45,6 +45,10 @@ PUBLIC_ENDPOINTS = frozenset({
     "docs.openapi",
     "objects.get_object",
     "metrics.metrics",
+    "web.root",
+    "web.ui_redirect",
+    "web.index",
+    "web.asset",
 })
 PUBLIC_PREFIXES = ("docs.swagger_ui.",)  # the Swagger UI page and its bundled assets
 

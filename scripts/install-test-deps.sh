@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install the system packages the deployment tests need, only those that are missing:
-# nginx, postgresql, redis-server, systemd (for systemd-analyze), openssl, curl.
+# nginx, postgresql, redis-server, systemd (for systemd-analyze), openssl, curl, and chromium (the web
+# front end's end-to-end tests drive Debian's Chromium: Playwright's own browser download is not used).
 #
 # Idempotent and quiet: a no-op when everything is present. Runs as root on Debian/Ubuntu.
 # Package maintainer scripts are stopped from starting services (policy-rc.d exiting 101),
 # so installing nginx or PostgreSQL on a test machine leaves nothing listening.
 set -euo pipefail
 
-PACKAGES=(nginx postgresql redis-server systemd openssl curl)
+PACKAGES=(nginx postgresql redis-server systemd openssl curl chromium)
 
 is_installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" = "installed" ]

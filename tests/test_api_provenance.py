@@ -8,7 +8,7 @@ import pytest
 import urllib3
 
 from tests import provenance_files as pf
-from tests.conftest import make_app
+from tests.helpers import make_app
 from tests.video_clips import clip_bytes
 
 

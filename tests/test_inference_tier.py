@@ -25,7 +25,7 @@ from api.detector import preprocess_image
 from api.detector.remote_engine import RemoteConfig, RemoteEngine
 from api.detector.triton_server import libpython_env
 from api.request_log import JsonFormatter
-from tests.conftest import TINY_MODEL, app_settings, free_port, image_bytes, make_app, post_form
+from tests.helpers import TINY_MODEL, app_settings, free_port, image_bytes, make_app, post_form
 from tests.video_clips import VIDEO_APP_SETTINGS, clip_bytes, post_video
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from api.models import Prediction
-from tests.conftest import ROOT, TINY_MODEL, free_port, image_bytes, make_app, wait_for_port
+from tests.helpers import ROOT, TINY_MODEL, free_port, image_bytes, make_app, wait_for_port
 from tests.video_clips import VIDEO_APP_SETTINGS, clip_bytes, post_video
 
 WAIT_S = 120.0  # a worker process imports torch and builds the tiny model first: generous on 2 busy cores

@@ -36,7 +36,7 @@ def _mapped_shared_memory() -> set[str]:
 
 class TritonTier:
     def __init__(self, model_env: dict[str, str], **tier_env: str) -> None:
-        from tests.conftest import free_port
+        from tests.helpers import free_port
 
         self.model_env = model_env
         self.tier_env = tier_env
