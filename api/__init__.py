@@ -13,15 +13,16 @@ from api.config import load_settings
 from api.utils.multipart import Request
 
 
-def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> Flask:
+def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None, detectors=None) -> Flask:
     """Build the app: settings from the environment (and `test_config` on top), then services.
 
-    `engine` lets tests and benchmarks share one already-started InferenceEngine.
+    `engine` and `detectors` let tests and benchmarks share an already-started InferenceEngine and
+    DetectorRegistry (speech and text).
     """
     from api import auth, errors, limits, metrics, request_log, tasks
     from api.context import build_services
     from api.detector.config import UNTRAINED_WARNING
-    from api.routes import docs, health, objects, predict, predictions, video, web
+    from api.routes import audio, docs, health, objects, predict, predictions, text, video, web
 
     settings = load_settings(test_config)
     logging.basicConfig(level=settings.log_level)
@@ -31,15 +32,15 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     app.config.from_mapping(
         SETTINGS=settings,
         # The largest body any route accepts; routes lower it for themselves.
-        MAX_CONTENT_LENGTH=max(settings.max_video_bytes,
+        MAX_CONTENT_LENGTH=max(settings.max_video_bytes, settings.max_audio_bytes, settings.max_text_bytes,
                                settings.max_image_bytes * settings.max_batch_files) + 1024 * 1024,
         MAX_FORM_PARTS=settings.max_batch_files + 16,
     )
     app.json.sort_keys = False
-    app.extensions["d3"] = build_services(settings, engine)
+    app.extensions["d3"] = build_services(settings, engine, detectors)
 
     errors.init_app(app)
-    for module in (health, predict, predictions, video, objects, docs, web):
+    for module in (health, predict, predictions, video, audio, text, objects, docs, web):
         app.register_blueprint(module.bp)
     # Cross-cutting concerns, in order: the request id and timing cover every later hook, and a
     # verified key decides the rate-limit bucket.

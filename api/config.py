@@ -123,6 +123,35 @@ class Settings(BaseSettings):
     d3_triton_max_queue_size: int = Field(256, ge=0, description="requests waiting on the tier; more: 503")
     d3_triton_queue_timeout_microseconds: int = Field(0, ge=0, description="longer in the queue: 503; 0 = never")
 
+    # --- speech detector: AASIST (api/detector/aasist.py, docs/AASIST.md) ---
+    aasist_model: Literal["AASIST", "AASIST-L", "aasist-tiny"] = Field(
+        "AASIST", description="architecture: the authors' AASIST or AASIST-L, or aasist-tiny (tests)")
+    aasist_weights: str = Field("", description="checkpoint file, https URL, or random:<seed>; empty = "
+                                                "<D3_CACHE_DIR>/aasist/<AASIST_MODEL>.pth")
+    aasist_device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    aasist_max_batch_size: int = Field(8, ge=1, le=1024, description="windows per forward pass")
+    audio_hop_seconds: float = Field(4.0375, gt=0, le=600, description="step between scoring windows "
+                                                                       "(a window is 4.0375 s)")
+    max_audio_bytes: int = Field(100 * 1024 * 1024, ge=1)
+    max_audio_seconds: float = Field(600.0, ge=0.1)
+    audio_async_seconds: float = Field(120.0, ge=0.1, description="recordings longer than this run async")
+    keep_audio: bool = Field(False, description="keep uploaded audio in BUCKET_MEDIA")
+
+    # --- text detector: Fast-DetectGPT (api/detector/fast_detectgpt.py, docs/FAST_DETECTGPT.md) ---
+    text_scoring_model: str = Field("EleutherAI/gpt-neo-2.7B", description="Hugging Face name[@revision], "
+                                                                           "model folder, or random:<seed>")
+    text_sampling_model: str = Field("EleutherAI/gpt-j-6B@float16", description="the sampling (reference) model")
+    text_calibration: str = Field("", description="criterion-to-probability constants; empty = from the pair")
+    text_device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    text_precision: Precision = "auto"
+    text_min_tokens: int = Field(32, ge=2)
+    text_max_tokens: int = Field(16_384, ge=2)
+    text_max_chars: int = Field(100_000, ge=1)
+    text_chunk_tokens: int = Field(0, ge=0, description="tokens per chunk; 0 = the models' context length")
+    text_max_batch_size: int = Field(4, ge=1, le=256, description="chunks per forward pass")
+    max_text_bytes: int = Field(1024 * 1024, ge=1, description="largest text upload (file or JSON body)")
+    keep_texts: bool = Field(False, description="keep submitted texts in BUCKET_MEDIA")
+
     # --- HTTP service ---
     bind: str = Field("127.0.0.1:6000", description="host:port Gunicorn binds (also decides auth rules)")
     secret_key: SecretStr = Field(SecretStr(""), description="signs local result URLs; generated per process if "
@@ -148,6 +177,7 @@ class Settings(BaseSettings):
     bucket_results: str = "d3-results"
     bucket_videos: str = "d3-videos"
     bucket_frames: str = "d3-frames"
+    bucket_media: str = Field("d3-media", description="kept audio and text inputs (KEEP_AUDIO, KEEP_TEXTS)")
 
     # --- video ---
     max_video_bytes: int = Field(500 * 1024 * 1024, ge=1)
@@ -198,7 +228,7 @@ class Settings(BaseSettings):
         return init_settings, _MappingEnvSource(settings_cls), dotenv_settings
 
     # -- single values --------------------------------------------------------------------------------
-    @field_validator("d3_device")
+    @field_validator("d3_device", "aasist_device", "text_device")
     @classmethod
     def _device(cls, value: str) -> str:
         value = value.strip().lower()

@@ -18,13 +18,16 @@ from api.config import Settings
 from api.database import Database
 from api.detector import DetectorConfig, InferenceEngine
 from api.detector.interface import Engine
+from api.detector.registry import DetectorRegistry
 from api.detector.remote_engine import RemoteConfig, RemoteEngine
 from api.limits import build_limiter
+from api.services.audio import AudioService
 from api.services.callbacks import CallbackSender
 from api.services.jobs import JobStore
 from api.services.keys import KeyService
 from api.services.predictions import PredictionService
 from api.services.queries import QueryService
+from api.services.texts import TextService
 from api.services.videos import VideoService
 from api.storage import ObjectStore, make_object_store
 from api.tasks import JobRunner, ThreadExecutor
@@ -45,12 +48,16 @@ class Services:
     jobs: JobStore  # video job state (api/services/jobs.py): the only writer of job rows
     videos: VideoService
     callbacks: CallbackSender
-    job_runner: JobRunner  # runs one claimed job, the same code under every executor (api/tasks.py)
+    job_runner: JobRunner  # runs one claimed job (video or audio), the same code under every executor (api/tasks.py)
     video_jobs: ThreadExecutor | CeleryExecutor  # the executor: threads here, or the Celery tier (api/worker.py)
     limiter: Limiter
+    detectors: DetectorRegistry  # speech (AASIST) and text (Fast-DetectGPT), each loading on its own
+    audio: AudioService
+    texts: TextService
 
 
-def build_services(settings: Settings, engine: Engine | None = None) -> Services:
+def build_services(settings: Settings, engine: Engine | None = None,
+                   detectors: DetectorRegistry | None = None) -> Services:
     db = Database(settings.resolved_database_url)
     db.require_migrated()
     # Without a configured secret, links signed by one process are valid only in that process.
@@ -71,10 +78,17 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     else:
         video_jobs = ThreadExecutor(runner, settings.video_workers)
     videos.queue = video_jobs  # the service hands committed jobs to the executor, which runs them through it
+    if detectors is None:
+        detectors = DetectorRegistry.from_settings(settings)
+        detectors.start()  # each modality loads in the background; /health says which is ready
+    audio = AudioService(db, store, detectors, settings, jobs)
+    audio.queue = video_jobs  # speech jobs ride on the same queue and rows
+    runner.audio = audio
     return Services(settings=settings, db=db, store=store, engine=engine,
                     predictions=PredictionService(db, store, engine, settings), queries=QueryService(db),
                     keys=KeyService(db), jobs=jobs, videos=videos, callbacks=callbacks, job_runner=runner,
-                    video_jobs=video_jobs, limiter=build_limiter(settings))
+                    video_jobs=video_jobs, limiter=build_limiter(settings), detectors=detectors, audio=audio,
+                    texts=TextService(db, store, detectors, settings))
 
 
 def build_engine(settings: Settings) -> Engine:

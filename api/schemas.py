@@ -106,6 +106,11 @@ class VideoParams(Params):
         "POSTed the final result (the GET /predictions/{id} body) when the job ends, with retries. https only "
         "unless CALLBACK_ALLOW_HTTP; hosts that resolve to private, loopback, link-local or reserved addresses "
         "are refused unless CALLBACK_ALLOW_PRIVATE. Implies async."))
+    audio: bool = Field(False, description=(
+        "Also score the soundtrack with the speech detector (AASIST): the answer gets an `audio` member with "
+        "its own verdict (a separate audio prediction of the same upload; queued as an audio job when the video "
+        "is). When the soundtrack cannot be scored (no audio track, speech detector unavailable) `audio` holds "
+        "that error and its status_code; the frames' verdict stands."))
 
 
 class VideoFile(Params):
@@ -136,7 +141,7 @@ class TimeRange(Params):
 
 class PredictionQuery(TimeRange):
     prediction: Literal["fake", "real"] | None = Field(None, description="Only this verdict.")
-    media_type: Literal["image", "video"] | None = Field(None, description="Only this media type.")
+    media_type: Literal["image", "video", "audio", "text"] | None = Field(None, description="Only this media type.")
     status: Literal["queued", "running", "done", "failed"] | None = Field(None, description="Only this status.")
     min_probability: float | None = Field(None, **PROBABILITY, description="Minimum fake probability.")
     max_probability: float | None = Field(None, **PROBABILITY, description="Maximum fake probability.")
@@ -167,6 +172,40 @@ class ObjectLink(Params):
     # Not constrained here: a bad, expired or missing proof is a 404 like a missing object (nothing to probe).
     expires: str | None = Field(None, description="Unix time the link expires at (from the link).")
     signature: str | None = Field(None, description="HMAC-SHA256 of bucket, key and expires (from the link).")
+# -- POST /predict/audio -------------------------------------------------------------------------
+class AudioParams(Params):
+    threshold: float | None = threshold_field()
+    aggregation: Literal["mean", "vote", "max"] = Field("mean", description=(
+        "mean of the windows' fake probabilities, vote = share of windows over the threshold, or max; the "
+        "verdict is fake when it exceeds the threshold."))
+    run_async: bool = Field(False, alias="async", description=(
+        "Queue a job and answer 202 at once. Also automatic above AUDIO_ASYNC_SECONDS."))
+
+
+class AudioFile(Params):
+    file: UploadedFile = Field(description=(
+        "The recording: WAV, FLAC, Ogg (Opus, Vorbis), MP3, AAC or M4A, or a video whose first audio track is "
+        "scored; told by its content, never the filename. Decoded to 16 kHz mono."))
+
+
+# -- POST /predict/text --------------------------------------------------------------------------
+TEXT_EXAMPLE = ("The committee met on Tuesday to review the budget and, after a long discussion about the roads "
+                "and the library opening hours, decided to postpone the vote until the spring meeting.")
+
+
+class TextParams(Params):
+    threshold: float | None = threshold_field()
+
+
+class TextBody(Params):
+    text: str = Field(min_length=1, examples=[TEXT_EXAMPLE], description=(
+        "The text, scored as it is (no cleaning). At least TEXT_MIN_TOKENS tokens of the scoring model's "
+        "tokenizer, at most TEXT_MAX_CHARS characters and TEXT_MAX_TOKENS tokens."))
+    threshold: float | None = threshold_field()
+
+
+class TextFile(Params):
+    file: UploadedFile = Field(description="A UTF-8 text file (at most MAX_TEXT_BYTES), instead of a JSON body.")
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -219,12 +258,12 @@ class Provenance(BaseModel):
 
 
 class Prediction(BaseModel):
-    """One stored prediction (image or video)."""
+    """One stored prediction (image, video, audio or text)."""
 
     model_config = ConfigDict(extra="allow")
 
     id: str = Field(description="UUID of the record.")
-    media_type: Literal["image", "video"]
+    media_type: Literal["image", "video", "audio", "text"]
     status: Literal["queued", "running", "done", "failed"]
     prediction: Literal["fake", "real"] | None = None
     fake_probability: float | None = Field(None, ge=0, le=1)
@@ -374,3 +413,74 @@ class Health(BaseModel):
     object_store: dict[str, Any] | None = None
     queue_depth: int | None = None
     warning: str | None = None
+class AudioWindow(BaseModel):
+    index: int = Field(description="Window number (0-based).")
+    start_s: float
+    end_s: float
+    score: float = Field(description="AASIST's bona fide logit (the authors' score): higher = more bona fide.")
+    fake_probability: float = Field(ge=0, le=1, description="sigmoid(-score).")
+
+
+class AudioSegment(BaseModel):
+    start_s: float = Field(description="Start of the run's first window.")
+    end_s: float = Field(description="End of the run's last window.")
+    start_window: int
+    end_window: int
+    windows: int = Field(description="Windows in the run.")
+    mean_probability: float = Field(ge=0, le=1)
+    max_probability: float = Field(ge=0, le=1)
+
+
+class AudioTopWindow(BaseModel):
+    index: int
+    start_s: float
+    end_s: float
+    fake_probability: float = Field(ge=0, le=1)
+
+
+class AudioPrediction(Prediction):
+    """A speech prediction: every 4.0375 s window scored by AASIST, aggregated like video frames."""
+
+    aggregation: Literal["mean", "vote", "max"] | None = None
+    aggregates: Aggregates | None = None
+    windows_analyzed: int | None = None
+    duration_s: float | None = None
+    container: str | None = None
+    codec: str | None = None
+    audio: dict[str, Any] | None = Field(None, description="Decoding facts: channels, source sample rate, samples.")
+    window: dict[str, Any] | None = Field(None, description="samples (64,600), seconds, hop_s, sample_rate.")
+    score_meaning: str | None = None
+    progress: Progress | None = None
+    top_windows: list[AudioTopWindow] | None = None
+    segments: list[AudioSegment] | None = Field(None, description="Runs of consecutive windows over the threshold.")
+    windows: list[AudioWindow] | None = None
+    timeline_url: str | None = None
+    timings_ms: dict[str, float] | None = None
+    status_url: str | None = None
+
+
+class TextChunk(BaseModel):
+    start_token: int
+    end_token: int
+    scored_tokens: int
+    criterion: float
+
+
+class TextPrediction(Prediction):
+    """A text prediction: Fast-DetectGPT's criterion and the authors' display probability."""
+
+    criterion: float | None = Field(None, description="Analytic sampling discrepancy: higher = more machine-like. "
+                                                      "Rank texts by it.")
+    criterion_meaning: str | None = None
+    calibration: str | None = Field(None, description="The model pair whose constants map criterion to "
+                                                      "fake_probability (not monotone).")
+    characters: int | None = None
+    tokens: int | None = None
+    scored_tokens: int | None = None
+    chunks: list[TextChunk] | None = Field(None, description="Chunks of a text longer than the models' context "
+                                                             "(overlapping by one token); sums pooled.")
+
+
+class VideoWithAudio(VideoPrediction):
+    audio: AudioPrediction | dict[str, Any] | None = Field(
+        None, description="With audio=true: the soundtrack's own prediction, or {status_code, error}.")

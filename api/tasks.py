@@ -39,6 +39,8 @@ from api.storage import ObjectNotFound, StoreUnavailable
 if TYPE_CHECKING:
     from flask import Flask
 
+    from api.services.audio import AudioService
+
 log = logging.getLogger(__name__)
 
 REAP_EVERY_S = 60.0
@@ -65,6 +67,7 @@ class JobRunner:
         self.videos = videos
         self.callbacks = callbacks
         self.heartbeat_s = heartbeat_s
+        self.audio: AudioService | None = None  # set by build_services: audio jobs share the queue and rows
 
     def run(self, row: Prediction, worker: str) -> RunResult:
         job_id = row.id
@@ -119,6 +122,9 @@ class JobRunner:
                 return ended(self.jobs.fail(job_id, worker, "the uploaded video is no longer stored"))
             except StoreUnavailable:
                 return again("the object store was unavailable")
+            if row.media_type == "audio" and self.audio is not None:  # a speech job: the audio service's analysis
+                fill = self.audio.job_filler(row, path, progress, started)
+                return ended(self.jobs.complete(job_id, worker, fill, keep_upload=False))
             params = VideoParams.from_row(row)
             analysis = self.videos.analyze_file(path, params, progress=progress)
             fill = self.videos.result_filler(analysis, params, (time.perf_counter() - started) * 1000.0)

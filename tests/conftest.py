@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_MODEL, free_port, make_app, wait_for_port
+from tests.helpers import TINY_DETECTORS, TINY_MODEL, free_port, make_app, wait_for_port
 
 # Keep every test away from a developer's own .env and environment.
 for _name in list(os.environ):
@@ -169,6 +169,19 @@ def tiny_engine():
     assert engine.wait_ready(120), engine.load_error
     yield engine
     engine.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_detectors():
+    """The speech and text detectors on their tiny random models, loaded once for the session."""
+    from api.config import load_settings
+    from api.detector.registry import DetectorRegistry
+
+    registry = DetectorRegistry.from_settings(load_settings({**TINY_MODEL, **TINY_DETECTORS}))
+    registry.start(background=False)
+    for modality, state in registry.describe().items():
+        assert state["status"] == "ready", (modality, state)
+    return registry
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ Test modules import these from here, never from conftest.py (which holds only fi
 from __future__ import annotations
 
 import io
+import os
 import socket
 import time
 import uuid
@@ -17,6 +18,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 
 # The tiny seeded random model: the whole stack runs in a second on a CPU.
+# Transformers (Fast-DetectGPT) must never reach the Hugging Face hub from a test.
+os.environ["HF_HUB_OFFLINE"] = "1"
+# The speech and text detectors on tiny seeded random models (reported trained: false).
+TINY_DETECTORS = {
+    "AASIST_MODEL": "aasist-tiny", "AASIST_WEIGHTS": "random:0", "AASIST_DEVICE": "cpu",
+    "TEXT_SCORING_MODEL": "random:0", "TEXT_SAMPLING_MODEL": "random:1", "TEXT_DEVICE": "cpu",
+    "TEXT_MIN_TOKENS": "16",
+}
 TINY_MODEL = {
     "D3_BACKBONE": "d3-tiny",
     "D3_CLIP_WEIGHTS": "random:0",
@@ -83,11 +92,11 @@ def app_settings(tmp_path: Path, **overrides: str) -> dict[str, str]:
     return settings
 
 
-def make_app(tmp_path: Path, engine, **overrides: str):
+def make_app(tmp_path: Path, engine, detectors=None, **overrides: str):
     from api import create_app
     from api.database import upgrade_schema
 
     settings = app_settings(tmp_path, **overrides)
     if "DATABASE_URL" not in settings:
         upgrade_schema(f"sqlite:///{tmp_path / 'instance' / 'd3.sqlite'}")
-    return create_app(settings, engine=engine)
+    return create_app(settings, engine=engine, detectors=detectors)

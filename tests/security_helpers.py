@@ -7,9 +7,9 @@ from pathlib import Path
 from tests.helpers import make_app, post_form
 
 
-def secure_app(tmp_path: Path, engine, **overrides: str):
+def secure_app(tmp_path: Path, engine, detectors=None, **overrides: str):
     """An app with auth on (the production default) on the embedded backends."""
-    return make_app(tmp_path, engine, AUTH_REQUIRED="true", **overrides)
+    return make_app(tmp_path, engine, detectors, AUTH_REQUIRED="true", **overrides)
 
 
 def new_key(app, name: str, admin: bool = False) -> str:

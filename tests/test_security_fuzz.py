@@ -21,9 +21,10 @@ EXAMPLES = 20  # per operation and per test: about 500 requests in all
 
 
 @pytest.fixture
-def fuzz_target(tmp_path, tiny_engine):
-    app = secure_app(tmp_path, tiny_engine, RATE_LIMIT_DEFAULT="100000/minute", RATE_LIMIT_VIDEO="100000/minute",
-                     MAX_IMAGE_PIXELS="4000000", VIDEO_WORKERS="1")
+def fuzz_target(tmp_path, tiny_engine, tiny_detectors):
+    # Every modality serving (speech and text on their tiny models): a 503 would count as a server error.
+    app = secure_app(tmp_path, tiny_engine, tiny_detectors, RATE_LIMIT_DEFAULT="100000/minute",
+                     RATE_LIMIT_VIDEO="100000/minute", MAX_IMAGE_PIXELS="4000000", VIDEO_WORKERS="1")
     key = new_key(app, "fuzzer", admin=True)
     client = app.test_client()
     for seed in (1, 2):  # a few stored records, so list and detail answers have bodies to check

@@ -18,7 +18,7 @@ import urllib.parse
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +53,11 @@ class WeightsRef:
     part: str  # "backbone" or "head"
     setting: str  # the environment variable, for messages
     spec: str  # the setting's value
-    kind: str  # "tag", "file", "url" or "random"
+    kind: str  # "tag", "file", "url", "random", or "hub" (a Hugging Face model repo)
     path: Path | None = None  # the file to read; None for random, or a tag not in any cache
     seed: int | None = None  # for random:<seed>
     looked_in: tuple[str, ...] = ()
+    fix: str = ""  # how to provide the weights, when `d3 fetch-weights` is not the way
 
     @property
     def present(self) -> bool:
@@ -66,7 +67,7 @@ class WeightsRef:
         """The weights' name in a model version: the tag, random:<seed>, or sha256:<12 hex>."""
         if self.kind == "random":
             return f"random:{self.seed}"
-        if self.kind == "tag":
+        if self.kind in ("tag", "hub"):
             return self.spec
         if self.path is None or not self.path.is_file():
             return "missing"
@@ -74,9 +75,11 @@ class WeightsRef:
 
     def missing_error(self) -> WeightsError:
         where = "; ".join(self.looked_in) or str(self.path)
-        what = f"file {self.path}" if self.kind != "tag" else f"open_clip pretrained tag {self.spec!r}"
+        what = {"tag": f"open_clip pretrained tag {self.spec!r}",
+                "hub": f"Hugging Face model {self.spec!r}"}.get(self.kind, f"file {self.path}")
+        fix = self.fix or f"{FETCH_HINT}, or set {self.setting} to a checkpoint file"
         return WeightsError(f"{self.part} weights not found: {what} ({self.setting}={self.spec!r}; looked in: "
-                            f"{where}). To fix: {FETCH_HINT}, or set {self.setting} to a checkpoint file.")
+                            f"{where}). To fix: {fix}.")
 
 
 @dataclass(frozen=True)
@@ -113,10 +116,15 @@ def _looks_like_path(spec: str) -> bool:
 
 def hf_cache_dirs(config: DetectorConfig) -> list[Path]:
     """Hugging Face hub caches searched for a pretrained tag: the d3 cache's own, then the user's."""
+    return hf_cache_dirs_under(config.resolved_cache_dir)
+
+
+def hf_cache_dirs_under(cache_root: Path) -> list[Path]:
+    """<cache_root>/huggingface, then the user's Hugging Face hub cache (for every detector's weights)."""
     # Read at call time (not huggingface_hub's import-time constant) so HF_HUB_CACHE/HF_HOME set later count.
     hf_home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
     user_cache = os.environ.get("HF_HUB_CACHE") or os.path.join(hf_home, "hub")
-    dirs = [config.resolved_cache_dir / "huggingface", Path(os.path.expanduser(user_cache))]
+    dirs = [cache_root / "huggingface", Path(os.path.expanduser(user_cache))]
     return list(dict.fromkeys(dirs))
 
 
@@ -132,12 +140,14 @@ def pretrained_source(backbone: str, tag: str) -> tuple[str, tuple[str, ...], st
     return repo_id, ((filename,) if filename else HF_WEIGHT_FILES), cfg.get("url", "")
 
 
-def _find_in_hf_cache(repo_id: str, filenames: tuple[str, ...], cache_dirs: list[Path]) -> Path | None:
+def find_in_hf_cache(repo_id: str, filenames: tuple[str, ...], cache_dirs: list[Path],
+                     revision: str | None = None) -> Path | None:
+    """The first of these files of a hub repo (at a revision: a branch, tag or commit) found in a cache."""
     from huggingface_hub import try_to_load_from_cache
 
     for cache_dir in cache_dirs:
         for filename in filenames:
-            found = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache_dir))
+            found = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache_dir), revision=revision)
             if isinstance(found, str) and os.path.isfile(found):
                 return Path(found)
     return None
@@ -155,7 +165,7 @@ def resolve_backbone(config: DetectorConfig) -> WeightsRef:
         return WeightsRef("backbone", setting, spec, "file", path=path, looked_in=(str(path),))
     repo_id, filenames, url = pretrained_source(config.backbone, spec)
     dirs = hf_cache_dirs(config)
-    found = _find_in_hf_cache(repo_id, filenames, dirs)
+    found = find_in_hf_cache(repo_id, filenames, dirs)
     looked = [str(d / f"models--{repo_id.replace('/', '--')}") for d in dirs]
     if found is None and url:  # OpenAI's own archive, where clip.load / open_clip cache it
         clip_file = Path.home() / ".cache" / "clip" / os.path.basename(url)
@@ -173,25 +183,42 @@ def head_download_path(config: DetectorConfig, url: str) -> Path:
 
 
 def resolve_head(config: DetectorConfig) -> WeightsRef:
-    spec, setting = config.head_weights.strip(), "D3_HEAD_WEIGHTS"
+    # Default: the authors' head, where `d3 fetch-weights` puts it.
+    return resolve_checkpoint_setting("head", "D3_HEAD_WEIGHTS", config.head_weights,
+                                      default_path=config.resolved_cache_dir / HEAD_FILENAME,
+                                      url_path=lambda url: head_download_path(config, url))
+
+
+def resolve_checkpoint_setting(part: str, setting: str, value: str, *, default_path: Path,
+                               url_path: Callable[[str], Path]) -> WeightsRef:
+    """One checkpoint-file setting: random:<seed>, empty (default_path), an https URL (cached at
+    url_path(url)) or a local file. Shared by every detector whose weights are one file."""
+    spec = value.strip()
     seed = _random_seed(spec)
     if seed is not None:
-        return WeightsRef("head", setting, spec, "random", seed=seed)
-    if not spec:  # default: the authors' head, where `d3 fetch-weights` puts it
-        path = config.resolved_cache_dir / HEAD_FILENAME
-        return WeightsRef("head", setting, spec, "file", path=path, looked_in=(str(path),))
+        return WeightsRef(part, setting, spec, "random", seed=seed)
+    if not spec:
+        return WeightsRef(part, setting, spec, "file", path=default_path, looked_in=(str(default_path),))
     if spec.lower().startswith(("https://", "http://")):
-        path = head_download_path(config, spec)
-        return WeightsRef("head", setting, spec, "url", path=path, looked_in=(str(path),))
+        path = url_path(spec)
+        return WeightsRef(part, setting, spec, "url", path=path, looked_in=(str(path),))
     path = Path(os.path.expanduser(spec))
-    return WeightsRef("head", setting, spec, "file", path=path, looked_in=(str(path),))
+    return WeightsRef(part, setting, spec, "file", path=path, looked_in=(str(path),))
+
+
+def download_if_missing(ref: WeightsRef) -> WeightsRef:
+    """A URL setting's file is fetched once into the cache (refused offline); others unchanged."""
+    if ref.kind == "url" and not ref.present:
+        assert ref.path is not None
+        download_file(ref.spec, ref.path, setting=ref.setting)
+    return ref
 
 
 def resolve_weights(config: DetectorConfig, *, download: bool = True) -> WeightsPlan:
     """Resolve both settings; a head URL is downloaded once into the cache when `download`."""
     head = resolve_head(config)
-    if download and head.kind == "url" and not head.present:
-        download_file(head.spec, head.path)
+    if download:
+        download_if_missing(head)
     return WeightsPlan(config.backbone, config.shuffle_seed, resolve_backbone(config), head)
 
 
@@ -231,13 +258,13 @@ def _resolves(url: str) -> bool:
         return False
 
 
-def download_file(url: str, dest: Path) -> Path:
+def download_file(url: str, dest: Path, setting: str = "D3_HEAD_WEIGHTS") -> Path:
     """Fetch url to dest atomically (a partial download never looks like a checkpoint)."""
     if not url.lower().startswith("https://"):
         raise WeightsError(f"refusing to download weights over plain http: {url} (use https)")
     if offline_mode():
         raise WeightsError(f"offline (HF_HUB_OFFLINE is set): cannot download {url}; place the file at {dest} "
-                           "by hand or set D3_HEAD_WEIGHTS to a local file")
+                           f"by hand or set {setting} to a local file")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     try:
@@ -247,7 +274,7 @@ def download_file(url: str, dest: Path) -> Path:
         os.replace(tmp, dest)
     except OSError as exc:  # URLError is an OSError: no network, DNS, HTTP error
         raise WeightsError(f"could not download {url} to {dest}: {exc}. Offline? Place the file there by hand "
-                           f"or set D3_HEAD_WEIGHTS to a local file") from exc
+                           f"or set {setting} to a local file") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -30,6 +30,9 @@ def health():
         "database": {"reachable": database_ok, "backend": svc.db.backend},
         "object_store": {"reachable": store_ok, "kind": "minio" if svc.settings.uses_minio else "local"},
         "queue_depth": svc.engine.stats().get("queue_depth", 0),
+        # Each kind of media on its own: a modality whose weights are missing is unavailable (naming the
+        # file) while the others serve; `ready` above stays the image/video model's.
+        "modalities": modalities(svc, bool(model.get("ready"))),
     }
     if model.get("ready") and not model.get("trained", True):
         body["warning"] = UNTRAINED_WARNING
@@ -41,3 +44,10 @@ def health():
     if not ready:
         response.headers["Retry-After"] = "10"
     return response
+
+
+def modalities(svc, d3_ready: bool) -> dict:
+    detectors = svc.detectors.describe()
+    d3 = {"status": "ready" if d3_ready else ("unavailable" if svc.engine.load_error else "loading"),
+          "ready": d3_ready, "detector": "d3", "trained": svc.engine.trained}
+    return {"image": d3, "video": d3, **detectors}

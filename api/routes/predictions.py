@@ -21,6 +21,10 @@ def _public(row, detail: bool = False) -> dict:
     body = serialize_prediction(row, svc.store, svc.settings)
     if detail and row.media_type == "video":  # frames, progress, aggregates, timeline
         body.update(svc.videos.detail(row))
+    elif detail and row.media_type == "audio":  # windows, progress, aggregates, timeline
+        body.update(svc.audio.detail(row))
+    elif detail and row.media_type == "text":  # criterion, chunks
+        body.update(svc.texts.detail(row))
     return absolute_links(body)
 
 

@@ -7,11 +7,12 @@ from flask import Blueprint, Response, jsonify, request, url_for
 from api.auth import current_caller
 from api.context import services
 from api.detector.config import UNTRAINED_WARNING
-from api.exceptions import InvalidInput
+from api.errors import error_body, status_for
+from api.exceptions import InvalidInput, ServiceError
 from api.openapi import Response as Responses
 from api.openapi import api_spec, produces, response_header
 from api.routes.common import absolute_links
-from api.schemas import ErrorBody, VideoFile, VideoParams, VideoPrediction
+from api.schemas import ErrorBody, VideoFile, VideoParams, VideoWithAudio
 
 bp = Blueprint("video", __name__)
 
@@ -27,8 +28,8 @@ def _body_limit() -> None:
 @bp.post("/predict/video")
 @response_header(202, "Location", "GET /predictions/{id} of the job")
 @api_spec.validate(tags=["predict"], operation_id="predictVideo", resp=Responses(
-    HTTP_200=(VideoPrediction, "Analysed and stored"),
-    HTTP_202=(VideoPrediction, "Queued as a job; poll status_url (also the Location header)"),
+    HTTP_200=(VideoWithAudio, "Analysed and stored"),
+    HTTP_202=(VideoWithAudio, "Queued as a job; poll status_url (also the Location header)"),
     HTTP_413=(ErrorBody, "Upload over MAX_VIDEO_BYTES, video longer than MAX_VIDEO_SECONDS (reason too_long), or "
                          "frames over MAX_IMAGE_PIXELS (reason too_many_pixels)"),
     HTTP_422=(ErrorBody, "Not usable as a video; `reason` says which: empty, image, not_video, undecodable, "
@@ -53,6 +54,8 @@ def predict_video(query: VideoParams, form: VideoFile):
     upload = svc.videos.spool(form.file.stream, form.file.filename)
     try:
         status, body = svc.videos.submit(upload, params, current_caller().owner, base_url=request.host_url)
+        if query.audio:
+            body["audio"] = _soundtrack(svc, upload, threshold, query.aggregation, status == 202)
     finally:
         upload.remove()  # every path, errors included: the job keeps its own copy in the object store
     absolute_links(body)
@@ -68,20 +71,34 @@ def predict_video(query: VideoParams, form: VideoFile):
     return jsonify(body)
 
 
+def _soundtrack(svc, upload, threshold: float, aggregation: str, queued: bool) -> dict:
+    """The soundtrack's own audio prediction beside the frames' verdict; its failure (no audio track,
+    the speech detector unavailable) is reported there, the video's result stands."""
+    try:
+        status, body = svc.audio.submit(upload, svc.audio.params(threshold, aggregation, queued),
+                                        current_caller().owner, base_url=request.host_url)
+    except ServiceError as exc:
+        return {"status_code": status_for(exc), **error_body(exc.code, exc.message, **exc.details)}
+    body = absolute_links(body)
+    if status == 202:
+        body["status_url"] = url_for("predictions.get_prediction", prediction_id=body["id"], _external=True)
+    return body
+
+
 @bp.get("/predictions/<prediction_id>/timeline.png")
 @produces(200, "image/png")
 @api_spec.validate(tags=["query"], operation_id="getTimeline", resp=Responses(
     HTTP_200=(None, "The PNG"),
-    HTTP_404=(ErrorBody, "Unknown id, another owner's, not a video, or the job is not done yet"),
+    HTTP_404=(ErrorBody, "Unknown id, another owner's, not a video or audio, or the job is not done yet"),
     HTTP_503=(ErrorBody, "The database or object store is unavailable; see Retry-After")))
 def timeline(prediction_id: str):
-    """Timeline picture of a video prediction
+    """Timeline picture of a video or audio prediction
 
-    Fake probability of every sampled frame over time, the threshold line and the fake segments
-    shaded (PNG, 1000x320). Only the owner's records.
+    Fake probability of every sampled frame (video) or scoring window (audio) over time, the
+    threshold line and the fake segments shaded (PNG, 1000x320). Only the owner's records.
     """
     caller = current_caller()
     svc = services()
     row = svc.queries.get(prediction_id, caller.owner, caller.is_admin)  # another owner's id: 404
-    png = svc.videos.timeline_png(row)
+    png = svc.audio.timeline_png(row) if row.media_type == "audio" else svc.videos.timeline_png(row)
     return Response(png, content_type="image/png", headers={"Cache-Control": "private, max-age=300"})

@@ -14,7 +14,9 @@ from flask import Blueprint, Response, current_app, redirect, send_from_director
 from werkzeug.security import safe_join
 
 from api.exceptions import NotFound
-from api.openapi import error, register_paths
+from api.openapi import Response as Responses
+from api.openapi import api_spec, produces
+from api.schemas import ErrorBody
 
 bp = Blueprint("web", __name__)
 
@@ -57,18 +59,28 @@ def _security_headers(response: Response) -> Response:
     return response
 
 
+NOT_BUILT = (ErrorBody, "The front end is not built (make setup builds it when Node.js is present)")
+
+
 @bp.get("/")
+@api_spec.validate(tags=["ui"], operation_id="getRoot", resp=Responses("HTTP_302"))
 def root():
+    """Redirect to the web front end"""
     return redirect("/ui/", code=302)
 
 
 @bp.get("/ui")
+@api_spec.validate(tags=["ui"], operation_id="getUiRedirect", resp=Responses("HTTP_308"))
 def ui_redirect():
+    """Redirect to /ui/, where the page is"""
     return redirect("/ui/", code=308)
 
 
 @bp.get("/ui/")
+@produces(200, "text/html", schema={"type": "string"})
+@api_spec.validate(tags=["ui"], operation_id="getUi", resp=Responses(HTTP_200=(None, "The page"), HTTP_404=NOT_BUILT))
 def index():
+    """The web front end (check a file, history, stats)"""
     directory = dist_dir()
     if not (directory / "index.html").is_file():
         raise _not_built()
@@ -78,7 +90,11 @@ def index():
 
 
 @bp.get("/ui/<path:name>")
+@produces(200, "application/javascript", "text/css", "image/svg+xml")
+@api_spec.validate(tags=["ui"], operation_id="getUiFile", resp=Responses(
+    HTTP_200=(None, "The file"), HTTP_404=(ErrorBody, "No such file")))
 def asset(name: str):
+    """A file of the web front end (scripts, styles, icons)"""
     directory = dist_dir()
     if safe_join(str(directory), name) is None or not (directory / name).is_file():
         raise NotFound(f"no such file in the web front end: {name}")
@@ -87,27 +103,3 @@ def asset(name: str):
     if hashed:
         response.headers["Cache-Control"] = "public, max-age=31536000, immutable"
     return response
-
-
-# -- OpenAPI ------------------------------------------------------------------------------------------
-_HTML = {"text/html": {"schema": {"type": "string"}}}
-register_paths({
-    "/": {"get": {
-        "summary": "Redirect to the web front end", "tags": ["ui"], "security": [], "operationId": "getRoot",
-        "responses": {"302": {"description": "To /ui/"}}}},
-    "/ui": {"get": {
-        "summary": "Redirect to /ui/", "tags": ["ui"], "security": [], "operationId": "getUiRedirect",
-        "responses": {"308": {"description": "To /ui/, where the page is"}}}},
-    "/ui/": {"get": {
-        "summary": "The web front end (check a file, history, stats)", "tags": ["ui"], "security": [],
-        "operationId": "getUi",
-        "responses": {"200": {"description": "The page", "content": _HTML},
-                      "404": error("The front end is not built (make setup builds it when Node.js is present)")}}},
-    "/ui/{name}": {"get": {
-        "summary": "A file of the web front end (scripts, styles, icons)", "tags": ["ui"], "security": [],
-        "operationId": "getUiFile",
-        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-        "responses": {"200": {"description": "The file",
-                              "content": {"application/javascript": {}, "text/css": {}, "image/svg+xml": {}}},
-                      "404": error("No such file")}}},
-})

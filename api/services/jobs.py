@@ -36,6 +36,7 @@ from api.services.records import StoredObject, delete_objects, insert_with_objec
 from api.storage import ObjectStore
 
 log = logging.getLogger(__name__)
+JOB_MEDIA_TYPES = ("video", "audio")  # speech jobs are rows of the same shape (api/services/audio.py)
 
 STATUSES = ("queued", "running", "done", "failed")
 ACTIVE = ("queued", "running")
@@ -147,7 +148,7 @@ class JobStore:
 
     def count_active(self, owner: str | None) -> int:
         query = (select(func.count()).select_from(Prediction)
-                 .where(Prediction.media_type == "video", Prediction.status.in_(ACTIVE),
+                 .where(Prediction.media_type.in_(JOB_MEDIA_TYPES), Prediction.status.in_(ACTIVE),
                         Prediction.owner.is_(None) if owner is None else Prediction.owner == owner))
         with self.db.session() as session:
             return int(session.scalar(query) or 0)
@@ -156,10 +157,10 @@ class JobStore:
         """Jobs by status, and the queue an autoscaler watches: its length and its oldest job's age."""
         with self.db.session() as session:
             counts = dict(session.execute(select(Prediction.status, func.count())
-                                          .where(Prediction.media_type == "video")
+                                          .where(Prediction.media_type.in_(JOB_MEDIA_TYPES))
                                           .group_by(Prediction.status)).all())
             oldest = session.scalar(select(func.min(Prediction.created_at))
-                                    .where(Prediction.media_type == "video", Prediction.status == "queued"))
+                                    .where(Prediction.media_type.in_(JOB_MEDIA_TYPES), Prediction.status == "queued"))
         age = max(0.0, (utcnow() - aware(oldest)).total_seconds()) if oldest is not None else 0.0
         return QueueStats(counts={status: int(counts.get(status, 0)) for status in STATUSES},
                           queued=int(counts.get("queued", 0)), oldest_queued_age_s=age)
@@ -171,7 +172,7 @@ class JobStore:
     def oldest_queued(self, limit: int = 10) -> list[uuid.UUID]:
         with self.db.session() as session:
             return list(session.scalars(
-                select(Prediction.id).where(Prediction.media_type == "video", Prediction.status == "queued")
+                select(Prediction.id).where(Prediction.media_type.in_(JOB_MEDIA_TYPES), Prediction.status == "queued")
                 .order_by(Prediction.created_at).limit(limit)))
 
     # ---------------------------------------------------------------- claim
@@ -350,7 +351,7 @@ class JobStore:
                             .where(VideoPrediction.callback_status == "sending",
                                    VideoPrediction.updated_at < now - timedelta(seconds=self.stale_after_s))
                             .values(callback_status="pending"))
-            rows = list(session.scalars(select(Prediction).where(Prediction.media_type == "video",
+            rows = list(session.scalars(select(Prediction).where(Prediction.media_type.in_(JOB_MEDIA_TYPES),
                                                                  Prediction.status.in_(ACTIVE))))
             callbacks = list(session.scalars(
                 select(VideoPrediction.prediction_id).join(Prediction)

@@ -20,6 +20,7 @@ from api.exceptions import InvalidInput, NotFound
 from api.models import Prediction
 
 MAX_LIMIT = 500
+MEDIA_TYPES = ("image", "video", "audio", "text")
 DEFAULT_LIMIT = 50
 MAX_OFFSET = 10_000_000
 
@@ -220,7 +221,7 @@ class QueryService:
             "until": until.isoformat().replace("+00:00", "Z"),
             "total": sum(by_media.values()),
             "by_prediction": {"fake": by_prediction.get("fake", 0), "real": by_prediction.get("real", 0)},
-            "by_media_type": {"image": by_media.get("image", 0), "video": by_media.get("video", 0)},
+            "by_media_type": {kind: by_media.get(kind, 0) for kind in MEDIA_TYPES},
             "by_status": {k: by_status.get(k, 0) for k in ("queued", "running", "done", "failed")},
             # What the metadata claimed (docs/PROVENANCE.md); unknown includes records made before it was read.
             "by_declared_ai": {"true": by_declared_ai.get(True, 0), "false": by_declared_ai.get(False, 0),

@@ -21,23 +21,6 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
-    "/docs": {
-        parameters: {
-            query?: never;
-            header?: never;
-            path?: never;
-            cookie?: never;
-        };
-        /** Human-readable API documentation */
-        get: operations["getDocs"];
-        put?: never;
-        post?: never;
-        delete?: never;
-        options?: never;
-        head?: never;
-        patch?: never;
-        trace?: never;
-    };
     "/health": {
         parameters: {
             query?: never;
@@ -201,7 +184,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** One prediction with a fresh result_url */
+        /** One prediction */
         get: operations["getPrediction"];
         put?: never;
         post?: never;
@@ -238,7 +221,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Redirect to /ui/ */
+        /** Redirect to /ui/, where the page is */
         get: operations["getUiRedirect"];
         put?: never;
         post?: never;
@@ -308,6 +291,8 @@ export interface components {
             /** @enum {string} */
             media_type: "image" | "video";
             model_version: string;
+            /** @description What was done that the sender may not expect: a reused result, EXIF orientation ignored (the pixels are scored as stored, as in the authors' evaluation), a 16-bit image scaled to 8 bits. */
+            notes?: string[] | null;
             /** @enum {string|null} */
             prediction?: "fake" | "real" | null;
             processing_ms?: number | null;
@@ -315,7 +300,7 @@ export interface components {
             provenance?: components["schemas"]["Provenance"];
             /** @description Signed, expiring link to the stored result JSON. */
             result_url?: string | null;
-            /** @description true: an earlier record for the same bytes (see reuse). */
+            /** @description true: the stored record of an earlier request with the same bytes, threshold and model version, returned without a new analysis (same id and created_at); send reuse=false to analyse again. false: a new analysis. */
             reused?: boolean | null;
             sha256: string;
             size_bytes?: number | null;
@@ -370,14 +355,10 @@ export interface components {
             status: string;
             url: string;
         };
-        Error: {
-            error: {
-                code: string;
-                message: string;
-                parameter?: string;
-            } & {
-                [key: string]: unknown;
-            };
+        /** DayCount */
+        DayCount: {
+            count: number;
+            date: string;
         };
         /**
          * ErrorBody
@@ -397,15 +378,25 @@ export interface components {
         } & {
             [key: string]: unknown;
         };
+        /**
+         * Health
+         * @description Without a key (when keys are required) only status and ready.
+         */
         Health: {
-            database?: Record<string, never>;
-            model?: Record<string, never>;
-            object_store?: Record<string, never>;
-            queue_depth?: number;
+            database?: {
+                [key: string]: unknown;
+            } | null;
+            model?: {
+                [key: string]: unknown;
+            } | null;
+            object_store?: {
+                [key: string]: unknown;
+            } | null;
+            queue_depth?: number | null;
             ready: boolean;
             /** @enum {string} */
             status: "ok" | "unavailable";
-            warning?: string;
+            warning?: string | null;
         } & {
             [key: string]: unknown;
         };
@@ -436,6 +427,16 @@ export interface components {
             threshold: number | null;
         };
         /**
+         * ObjectLink
+         * @description The proof a signed /objects link carries (api/storage.py signs it).
+         */
+        ObjectLink: {
+            /** @description Unix time the link expires at (from the link). */
+            expires?: string | null;
+            /** @description HMAC-SHA256 of bucket, key and expires (from the link). */
+            signature?: string | null;
+        };
+        /**
          * Prediction
          * @description One stored prediction (image or video).
          */
@@ -452,6 +453,8 @@ export interface components {
             /** @enum {string} */
             media_type: "image" | "video";
             model_version: string;
+            /** @description What was done that the sender may not expect: a reused result, EXIF orientation ignored (the pixels are scored as stored, as in the authors' evaluation), a 16-bit image scaled to 8 bits. */
+            notes?: string[] | null;
             /** @enum {string|null} */
             prediction?: "fake" | "real" | null;
             processing_ms?: number | null;
@@ -459,7 +462,7 @@ export interface components {
             provenance?: components["schemas"]["Provenance"];
             /** @description Signed, expiring link to the stored result JSON. */
             result_url?: string | null;
-            /** @description true: an earlier record for the same bytes (see reuse). */
+            /** @description true: the stored record of an earlier request with the same bytes, threshold and model version, returned without a new analysis (same id and created_at); send reuse=false to analyse again. false: a new analysis. */
             reused?: boolean | null;
             sha256: string;
             size_bytes?: number | null;
@@ -472,13 +475,78 @@ export interface components {
         } & {
             [key: string]: unknown;
         };
+        /** PredictionList */
         PredictionList: {
-            count?: number;
-            limit?: number;
+            /** @description Records on this page. */
+            count: number;
+            limit: number;
+            /** @description Pass as cursor for the next page; null on the last one. */
             next_cursor?: string | null;
+            /** @description null when paging by cursor. */
             offset?: number | null;
             results: components["schemas"]["Prediction"][];
+            /** @description Records matching the filters. */
             total: number;
+        };
+        /** PredictionQuery */
+        PredictionQuery: {
+            /** @description Whether a C2PA manifest was present. */
+            c2pa?: boolean | null;
+            /** @description Opaque cursor from next_cursor: it carries the filters and limit of its listing (send it alone; a different filter or limit is a 400); overrides offset. */
+            cursor?: string | null;
+            /**
+             * @description What the file's metadata claims (docs/PROVENANCE.md): generative AI, not, or no claim.
+             * @enum {string|null}
+             */
+            declared_ai?: "true" | "false" | "unknown" | null;
+            /** @description Substring of the filename (case-insensitive). */
+            filename?: string | null;
+            /**
+             * @description Page size (default 50; with a cursor, the cursor's).
+             * @example 50
+             */
+            limit?: number | null;
+            /** @description Maximum fake probability. */
+            max_probability?: number | null;
+            /**
+             * @description Only this media type.
+             * @enum {string|null}
+             */
+            media_type?: "image" | "video" | null;
+            /** @description Minimum fake probability. */
+            min_probability?: number | null;
+            /**
+             * @description Rows to skip (ignored with cursor).
+             * @default 0
+             */
+            offset: number;
+            /**
+             * @description Only this verdict.
+             * @enum {string|null}
+             */
+            prediction?: "fake" | "real" | null;
+            /** @description Exact SHA-256 of the input. */
+            sha256?: string | null;
+            /**
+             * Format: date-time
+             * @description Created at or after (ISO 8601 date or date-time, UTC if no offset).
+             */
+            since?: string | null;
+            /**
+             * @description Only this status.
+             * @enum {string|null}
+             */
+            status?: "queued" | "running" | "done" | "failed" | null;
+            /**
+             * Format: date-time
+             * @description Created at or before (ISO 8601).
+             */
+            until?: string | null;
+        };
+        /** ProcessingTimes */
+        ProcessingTimes: {
+            mean?: number | null;
+            p95?: number | null;
         };
         /** Progress */
         Progress: {
@@ -509,36 +577,42 @@ export interface components {
             label?: string | null;
             uri: string;
         };
+        /** Stats */
         Stats: {
+            /** @description true, false, unknown (no claim). */
             by_declared_ai?: {
-                false?: number;
-                true?: number;
-                unknown?: number;
-            };
-            by_media_type?: {
+                [key: string]: number;
+            } | null;
+            by_media_type: {
                 [key: string]: number;
             };
-            by_prediction?: {
+            by_prediction: {
                 [key: string]: number;
             };
-            by_status?: {
+            by_status: {
                 [key: string]: number;
             };
-            c2pa_present?: number;
+            /** @description Records whose file carried a C2PA manifest. */
+            c2pa_present?: number | null;
             mean_fake_probability?: number | null;
-            per_day?: {
-                count?: number;
-                date?: string;
-            }[];
-            processing_ms?: {
-                mean?: number | null;
-                p95?: number | null;
-            };
-            /** Format: date-time */
-            since?: string;
-            total?: number;
-            /** Format: date-time */
-            until?: string;
+            per_day: components["schemas"]["DayCount"][];
+            processing_ms: components["schemas"]["ProcessingTimes"];
+            since: string;
+            total: number;
+            until: string;
+        };
+        /** TimeRange */
+        TimeRange: {
+            /**
+             * Format: date-time
+             * @description Created at or after (ISO 8601 date or date-time, UTC if no offset).
+             */
+            since?: string | null;
+            /**
+             * Format: date-time
+             * @description Created at or before (ISO 8601).
+             */
+            until?: string | null;
         };
         /** VideoFile */
         VideoFile: {
@@ -617,6 +691,8 @@ export interface components {
             /** @enum {string} */
             media_type: "image" | "video";
             model_version: string;
+            /** @description What was done that the sender may not expect: a reused result, EXIF orientation ignored (the pixels are scored as stored, as in the authors' evaluation), a 16-bit image scaled to 8 bits. */
+            notes?: string[] | null;
             /** @enum {string|null} */
             prediction?: "fake" | "real" | null;
             processing_ms?: number | null;
@@ -625,7 +701,7 @@ export interface components {
             provenance?: components["schemas"]["Provenance"];
             /** @description Signed, expiring link to the stored result JSON. */
             result_url?: string | null;
-            /** @description true: an earlier record for the same bytes (see reuse). */
+            /** @description true: the stored record of an earlier request with the same bytes, threshold and model version, returned without a new analysis (same id and created_at); send reuse=false to analyse again. false: a new analysis. */
             reused?: boolean | null;
             /** @description mode (frames|fps), requested_frames, planned_frames, capped, rule. */
             sampling?: {
@@ -687,7 +763,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description To /ui/ */
+            /** @description Found */
             302: {
                 headers: {
                     [name: string]: unknown;
@@ -701,44 +777,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-        };
-    };
-    getDocs: {
-        parameters: {
-            query?: never;
-            header?: never;
-            path?: never;
-            cookie?: never;
-        };
-        requestBody?: never;
-        responses: {
-            /** @description HTML page */
-            200: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "text/html": unknown;
-                };
-            };
-            /** @description Redirect to /docs/, where the page is */
-            308: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content?: never;
-            };
-            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
-            429: {
-                headers: {
-                    "Retry-After"?: number;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -761,9 +800,11 @@ export interface operations {
                     "application/json": components["schemas"]["Health"];
                 };
             };
-            /** @description Not ready */
+            /** @description Not ready (model loading, database or object store down) */
             503: {
                 headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -796,7 +837,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description A valid key that is not an admin key, from a network not allow-listed */
@@ -805,16 +846,18 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
     };
     getObject: {
         parameters: {
-            query: {
-                expires: number;
-                signature: string;
+            query?: {
+                /** @description Unix time the link expires at (from the link). */
+                expires?: string | null;
+                /** @description HMAC-SHA256 of bucket, key and expires (from the link). */
+                signature?: string | null;
             };
             header?: never;
             path: {
@@ -831,9 +874,18 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
-                    "application/octet-stream": unknown;
-                    "image/png": unknown;
+                    "application/json": string;
+                    "application/octet-stream": string;
+                    "image/png": string;
+                };
+            };
+            /** @description A missing or invalid parameter or field; error.parameter names it */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description No such object, or the signature is bad or expired */
@@ -842,7 +894,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
@@ -852,7 +904,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -882,7 +934,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -930,7 +982,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Over MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS */
@@ -967,7 +1019,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
@@ -1026,7 +1078,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Request body too large */
@@ -1045,7 +1097,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
@@ -1123,7 +1175,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Upload over MAX_VIDEO_BYTES, video longer than MAX_VIDEO_SECONDS (reason too_long), or frames over MAX_IMAGE_PIXELS (reason too_many_pixels) */
@@ -1169,34 +1221,34 @@ export interface operations {
     listPredictions: {
         parameters: {
             query?: {
-                /** @description Only this verdict. */
-                prediction?: "fake" | "real";
-                /** @description Only this media type. */
-                media_type?: "image" | "video";
-                /** @description Only this status. */
-                status?: "queued" | "running" | "done" | "failed";
-                /** @description Created at or after (ISO 8601). */
-                since?: string;
+                /** @description Created at or after (ISO 8601 date or date-time, UTC if no offset). */
+                since?: string | null;
                 /** @description Created at or before (ISO 8601). */
-                until?: string;
+                until?: string | null;
+                /** @description Only this verdict. */
+                prediction?: "fake" | "real" | null;
+                /** @description Only this media type. */
+                media_type?: "image" | "video" | null;
+                /** @description Only this status. */
+                status?: "queued" | "running" | "done" | "failed" | null;
                 /** @description Minimum fake probability. */
-                min_probability?: number;
+                min_probability?: number | null;
                 /** @description Maximum fake probability. */
-                max_probability?: number;
+                max_probability?: number | null;
                 /** @description Exact SHA-256 of the input. */
-                sha256?: string;
-                /** @description Substring of the filename. */
-                filename?: string;
+                sha256?: string | null;
+                /** @description Substring of the filename (case-insensitive). */
+                filename?: string | null;
                 /** @description What the file's metadata claims (docs/PROVENANCE.md): generative AI, not, or no claim. */
-                declared_ai?: "true" | "false" | "unknown";
+                declared_ai?: "true" | "false" | "unknown" | null;
                 /** @description Whether a C2PA manifest was present. */
-                c2pa?: "true" | "false";
-                /** @description Page size (default 50). */
-                limit?: number;
-                /** @description Rows to skip. */
+                c2pa?: boolean | null;
+                /** @description Page size (default 50; with a cursor, the cursor's). */
+                limit?: number | null;
+                /** @description Rows to skip (ignored with cursor). */
                 offset?: number;
-                /** @description Opaque cursor from next_cursor; overrides offset. */
-                cursor?: string;
+                /** @description Opaque cursor from next_cursor: it carries the filters and limit of its listing (send it alone; a different filter or limit is a 400); overrides offset. */
+                cursor?: string | null;
             };
             header?: never;
             path?: never;
@@ -1204,7 +1256,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description A page */
+            /** @description A page, newest first */
             200: {
                 headers: {
                     [name: string]: unknown;
@@ -1213,13 +1265,13 @@ export interface operations {
                     "application/json": components["schemas"]["PredictionList"];
                 };
             };
-            /** @description Bad filter value (names the parameter) */
+            /** @description A missing or invalid parameter or field; error.parameter names it */
             400: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Missing, malformed, unknown or revoked API key */
@@ -1229,7 +1281,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
@@ -1239,17 +1291,18 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
+            /** @description The database is unavailable; see Retry-After */
             503: {
                 headers: {
+                    /** @description Seconds to wait before retrying */
                     "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -1257,10 +1310,10 @@ export interface operations {
     getPredictionStats: {
         parameters: {
             query?: {
-                /** @description Created at or after (ISO 8601). */
-                since?: string;
+                /** @description Created at or after (ISO 8601 date or date-time, UTC if no offset). */
+                since?: string | null;
                 /** @description Created at or before (ISO 8601). */
-                until?: string;
+                until?: string | null;
             };
             header?: never;
             path?: never;
@@ -1268,7 +1321,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Statistics */
+            /** @description Statistics over the range (default: the last 30 days) */
             200: {
                 headers: {
                     [name: string]: unknown;
@@ -1277,13 +1330,13 @@ export interface operations {
                     "application/json": components["schemas"]["Stats"];
                 };
             };
-            /** @description Bad range */
+            /** @description A missing or invalid parameter or field; error.parameter names it */
             400: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Missing, malformed, unknown or revoked API key */
@@ -1293,7 +1346,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
@@ -1303,17 +1356,18 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
+            /** @description The database is unavailable; see Retry-After */
             503: {
                 headers: {
+                    /** @description Seconds to wait before retrying */
                     "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -1329,13 +1383,13 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description The record */
+            /** @description The record with a fresh result_url (a video's also its frames and progress) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Prediction"];
+                    "application/json": components["schemas"]["VideoPrediction"];
                 };
             };
             /** @description Missing, malformed, unknown or revoked API key */
@@ -1345,16 +1399,16 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Unknown id */
+            /** @description Unknown id, or another owner's */
             404: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
@@ -1364,17 +1418,18 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
+            /** @description The database is unavailable; see Retry-After */
             503: {
                 headers: {
+                    /** @description Seconds to wait before retrying */
                     "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -1406,7 +1461,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Unknown id, another owner's, not a video, or the job is not done yet */
@@ -1415,7 +1470,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
@@ -1425,17 +1480,18 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Model, database or object store unavailable, or overloaded; see Retry-After. */
+            /** @description The database or object store is unavailable; see Retry-After */
             503: {
                 headers: {
+                    /** @description Seconds to wait before retrying */
                     "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -1449,7 +1505,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description To /ui/, where the page is */
+            /** @description Permanent Redirect */
             308: {
                 headers: {
                     [name: string]: unknown;
@@ -1463,7 +1519,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -1492,7 +1548,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
@@ -1502,7 +1558,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -1524,9 +1580,9 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/javascript": unknown;
-                    "image/svg+xml": unknown;
-                    "text/css": unknown;
+                    "application/javascript": string;
+                    "image/svg+xml": string;
+                    "text/css": string;
                 };
             };
             /** @description No such file */
@@ -1535,7 +1591,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
@@ -1545,7 +1601,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Error"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };

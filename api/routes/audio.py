@@ -1,0 +1,68 @@
+"""POST /predict/audio: a recording in, AASIST's verdict per window and overall out."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request, url_for
+
+from api.auth import current_caller
+from api.context import services
+from api.detector.config import UNTRAINED_WARNING
+from api.exceptions import InvalidInput
+from api.openapi import Response, api_spec
+from api.routes.common import absolute_links
+from api.schemas import AudioFile, AudioParams, AudioPrediction, ErrorBody
+
+bp = Blueprint("audio", __name__)
+
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+@bp.before_request
+def _body_limit() -> None:
+    # Before the schema reads the form: the body limit must hold while it is parsed.
+    request.max_content_length = services().settings.max_audio_bytes + MULTIPART_OVERHEAD
+
+
+def shaped(status: int, body: dict, trained: bool):
+    """200 with the result, or 202 + Location for a job (as POST /predict/video answers)."""
+    absolute_links(body)
+    if not trained:
+        body["warning"] = UNTRAINED_WARNING
+    response = jsonify(body)
+    if status == 202:
+        status_url = url_for("predictions.get_prediction", prediction_id=body["id"], _external=True)
+        body["status_url"] = status_url
+        response = jsonify(body)
+        response.status_code = 202
+        response.headers["Location"] = status_url
+    return response
+
+
+@bp.post("/predict/audio")
+@api_spec.validate(tags=["predict"], operation_id="predictAudio", resp=Response(
+    HTTP_200=(AudioPrediction, "Analysed and stored"),
+    HTTP_202=(AudioPrediction, "Queued as a job; poll status_url (also the Location header)"),
+    HTTP_413=(ErrorBody, "Upload over MAX_AUDIO_BYTES, or recording longer than MAX_AUDIO_SECONDS (reason too_long)"),
+    HTTP_422=(ErrorBody, "Not usable as audio; `reason` says which: empty, image, not_audio, undecodable, "
+                         "no_audio (no audio track), timeout (VIDEO_DECODE_TIMEOUT_S), memory "
+                         "(VIDEO_DECODE_MEMORY_MB), crashed"),
+    HTTP_503=(ErrorBody, "The speech detector is unavailable (its weights are missing: `missing` names the file; "
+                         "or still loading), or the database or object store is; see Retry-After")))
+def predict_audio(query: AudioParams, form: AudioFile):
+    """Predict speech: synthetic or bona fide, per 4-second window and overall
+
+    AASIST (Jung et al., ICASSP 2022) on the raw 16 kHz waveform, 64,600-sample windows every
+    AUDIO_HOP_SECONDS; per-window scores, mean/vote/max aggregates, fake segments and a timeline picture.
+    Decoded in a child process with VIDEO_DECODE_TIMEOUT_S and VIDEO_DECODE_MEMORY_MB limits.
+    """
+    if form is None:
+        raise InvalidInput("send multipart/form-data with a 'file' part", parameter="file")
+    svc = services()
+    threshold = svc.settings.default_threshold if query.threshold is None else query.threshold
+    params = svc.audio.params(threshold, query.aggregation, query.run_async)
+    upload = svc.audio.spool(form.file.stream, form.file.filename)
+    try:
+        status, body = svc.audio.submit(upload, params, current_caller().owner, base_url=request.host_url)
+    finally:
+        upload.remove()  # a job keeps its own copy in the object store
+    return shaped(status, body, svc.detectors.get("audio").trained)
