@@ -236,6 +236,20 @@ def tier_best_batch(address: str, batch_sizes: list[int], seconds: float, client
     return rows
 
 
+def wait_all_workers(url: str, image: bytes, workers: int, timeout: float = 900) -> None:
+    """/health answered by one worker says nothing of the others' models: wait until enough
+    predictions in a row succeed that every worker has served one (503 = still loading)."""
+    deadline, streak = time.monotonic() + timeout, 0
+    while streak < 4 * workers:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the API's workers were not all ready in {timeout} s")
+        response = requests.post(url + "/predict", files={"file": ("w.jpg", image, "image/jpeg")},
+                                 params={"reuse": "false"}, timeout=3600)
+        streak = streak + 1 if response.status_code == 200 else 0
+        if response.status_code != 200:
+            time.sleep(1)
+
+
 def tier_metrics(metrics_port: int) -> dict[str, float]:
     values: dict[str, float] = {}
     for line in requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text.splitlines():
@@ -262,6 +276,7 @@ def run_tier_comparison(args: argparse.Namespace, env: dict[str, str], workdir: 
             process = start_service(mode_env, workdir, port)
             try:
                 url = f"http://127.0.0.1:{port}"
+                wait_all_workers(url, images[0], int(args.workers))
                 drive(url, images, 4, 2, "/predict", 1)  # warm the connections (and the in-process models)
                 before = tier_metrics(tier["metrics"])
                 for concurrency in args.concurrency:

@@ -399,3 +399,29 @@ def test_gpu_bench_script_runs_on_the_cpu():
     assert out.count("| batch | latency per forward (ms) | images/s |") == 2
     assert "max |p_bf16 - p_fp32|" in out and "| tier alone: batch | images/s |" in out
     assert "| tier | 2 |" in out and "gpu.sh: done in" in out
+
+
+def test_deploy_installs_the_tier_unit_when_the_url_is_on_this_host(tmp_path):
+    from tests.test_deployment import clean_env, make_prefix_venv, source_snapshot
+
+    prefix = tmp_path / "root"
+    make_prefix_venv(prefix)
+    app = prefix / "opt" / "d3-api"
+    (app / ".env").write_text("".join(f"{k}={v}\n" for k, v in {
+        **TINY_MODEL, "SECRET_KEY": "s" * 64, "INSTANCE_DIR": str(app / "instance"),
+        "D3_CACHE_DIR": str(app / ".cache" / "d3"), "D3_INFERENCE_URL": "grpc://127.0.0.1:8001"}.items()))
+    src = source_snapshot(tmp_path / "src")
+    result = subprocess.run(["bash", str(src / "deploy.sh"), "--prefix", str(prefix), "--skip-weights", "--no-nginx",
+                             "--no-preflight"], capture_output=True, text=True, timeout=600, env=clean_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    unit = prefix / "etc" / "systemd" / "system" / "d3-inference.service"
+    text = unit.read_text()
+    assert f"ExecStart={app}/bin/d3 serve-inference" in text and "/opt/d3-api" not in text.replace(str(app), "")
+    assert "d3-inference.service goes in too" in result.stdout and "(after d3-inference)" in result.stdout
+    # Without the URL (the model in each worker) the tier unit is not installed.
+    (app / ".env").write_text((app / ".env").read_text().replace("D3_INFERENCE_URL=grpc://127.0.0.1:8001\n", ""))
+    unit.unlink()
+    again = subprocess.run(["bash", str(src / "deploy.sh"), "--prefix", str(prefix), "--skip-weights", "--no-nginx",
+                            "--no-preflight"], capture_output=True, text=True, timeout=600, env=clean_env())
+    assert again.returncode == 0 and not unit.exists(), again.stdout[-3000:]
+    assert "no d3-inference.service" in again.stdout

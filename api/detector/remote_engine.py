@@ -13,7 +13,7 @@ into the engine's own exceptions, so services and routes cannot tell the two eng
   system's `Unavailable` (api/exceptions.py), so it says what is down
 All of them end as 503 + Retry-After.
 
-A monitor thread polls the tier's model readiness, so `ready` is a plain attribute (read on every
+A monitor thread polls the tier's model readiness and config, so `ready` is a plain attribute (read on every
 request) and the model's identity is re-read whenever the tier comes back (it may come back with
 another model). A call made while the tier is marked down tries it at once, so the API recovers
 as soon as the tier does, without a restart.
@@ -157,13 +157,8 @@ class RemoteEngine:
 
     def _monitor(self) -> None:
         while not self._stopping.is_set():
-            try:
-                kw = self._timeout_kw(self.config.timeout_s)
-                if self.ready:
-                    if not self._client().is_model_ready(self.config.model_name, **kw):
-                        self._mark_down("the tier reports the model is not ready")
-                else:
-                    self.connect(self.config.timeout_s)
+            try:  # the config too, every time: a tier restarted between two polls may serve another model
+                self.connect(self.config.timeout_s)
             except Exception as exc:  # any failure to reach the tier: down until the next poll says otherwise
                 self._mark_down(_describe(exc))
             self._wake.wait(self.config.poll_interval_s if self.ready else min(1.0, self.config.poll_interval_s))
