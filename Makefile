@@ -9,7 +9,7 @@ QUICKSTART_ENV := BIND=$${BIND:-127.0.0.1:6000} AUTH_REQUIRED=$${AUTH_REQUIRED:-
 	GUNICORN_ACCESS_LOG=- GUNICORN_ERROR_LOG=-
 TINY_MODEL_ENV := D3_BACKBONE=d3-tiny D3_CLIP_WEIGHTS=random:0 D3_HEAD_WEIGHTS=random:0
 
-.PHONY: setup run demo test lint bench clean
+.PHONY: setup tools run demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,11 @@ demo: setup
 	$(TINY_MODEL_ENV) $(BIN)/d3 db upgrade
 	$(QUICKSTART_ENV) $(TINY_MODEL_ENV) $(BIN)/gunicorn -c gunicorn_config.py api.app:app
 
-test: setup
+# checkov (Kubernetes and Dockerfile checks) in its own venv: its pins would fight the app's.
+tools:
+	scripts/setup-tools-venv.sh
+
+test: setup tools
 	scripts/install-test-deps.sh
 	$(BIN)/ruff check .
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -44,4 +48,4 @@ bench: setup
 	$(BIN)/python bench/api_load.py --tiny
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-tools .pytest_cache .ruff_cache
