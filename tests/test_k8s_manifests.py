@@ -333,7 +333,7 @@ def test_keda_scaled_objects(rendered, overlay):
             assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata values are strings"
         if name == "worker":
             (trigger,) = spec["triggers"]
-            assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == "celery"
+            assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == "d3-video"
             container = next(c for c in containers(target) if c["name"] == spec["envSourceContainerName"])
             env = container_env(r, container)
             address = env[trigger["metadata"]["addressFromEnv"]]
