@@ -96,7 +96,7 @@ class LocalCluster:
         # Volumes live outside pytest's private (0700) folders: like an emptyDir they are open to
         # the pod's user, as whom (root here) every process runs, so the work tree is read-only
         # to it just as the image's root filesystem is.
-        self.volume_root = Path(tempfile.mkdtemp(prefix="d3-k8s-volumes-"))
+        self.volume_root = Path(tempfile.mkdtemp(prefix="d3-k8s-volumes-", dir=VOLUME_BASE if SANDBOX else None))
         self.volume_root.chmod(0o755)
         self._map_ports()
         self._check_image_paths()
@@ -169,6 +169,11 @@ class LocalCluster:
                 self._fill(paths[mount["mountPath"]], volumes[mount["name"]], name, paths)
         return paths
 
+    def mounts(self, container: dict[str, Any], paths: dict[str, Path]) -> list[tuple[Path, str, bool]]:
+        """(local folder, mountPath, read-only) of each volumeMount."""
+        return [(paths[m["mountPath"]], m["mountPath"], bool(m.get("readOnly")))
+                for m in container.get("volumeMounts", [])]
+
     def identity(self, workload: dict[str, Any], container: dict[str, Any]) -> dict[str, Any]:
         """Popen arguments that run a process as the pod's user (runAsUser/runAsGroup), when we can."""
         if os.geteuid() != 0 or not _reachable_by_others(ROOT / ".venv" / "bin" / "python"):
@@ -224,7 +229,7 @@ class LocalCluster:
         argv = [expand(a, env_raw) for a in container.get("command", []) + container.get("args", [])]
         assert argv, f"{workload['metadata']['name']}/{container['name']}: no command in the manifest"
         env, paths = self.environment(workload, container)
-        argv = self._argv(argv, workload["metadata"]["name"], paths)
+        argv = sandboxed(self._argv(argv, workload["metadata"]["name"], paths), self.mounts(container, paths))
         workdir = container.get("workingDir")
         cwd = Path(self.rewrite(workdir, workload["metadata"]["name"], paths)) if workdir else self.volume_root
         return argv, env, cwd
@@ -386,7 +391,8 @@ class LocalCluster:
             return ProbeResult(name, container["name"], kind, f"tcp :{port}", _port_open(own.get(port, port)))
         if "exec" in probe:
             env, paths = self.environment(workload, container)
-            argv = self._argv(probe["exec"]["command"], name, paths)  # exec commands are not $(VAR)-expanded
+            argv = sandboxed(self._argv(probe["exec"]["command"], name, paths),  # not $(VAR)-expanded
+                             self.mounts(container, paths))
             what = "exec " + shlex.join(probe["exec"]["command"])
             try:
                 result = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=self.volume_root,
@@ -415,6 +421,7 @@ class LocalCluster:
         container = next(c for c in containers(workload_obj) if c["name"] == container_name)
         env, paths = self.environment(workload_obj, container)
         cwd = Path(self.rewrite(container.get("workingDir", "/app"), workload, paths))
+        argv = sandboxed(argv, self.mounts(container, paths))
         result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                                 **self.identity(workload_obj, container))
         assert result.returncode == 0, f"{shlex.join(argv)} in {workload}/{container_name}: {result.stderr}"
@@ -474,6 +481,53 @@ class LocalCluster:
             elif name == "minio":
                 helper.stop()
         shutil.rmtree(self.volume_root, ignore_errors=True)
+
+
+_SANDBOX = """
+set -e
+while [ "$1" != -- ]; do
+    mount --bind "${1%%=*}" "${1#*=}"
+    shift
+done
+shift
+while [ "$1" != -- ]; do
+    mount --bind "$1" "$1"
+    mount -o remount,bind,ro "$1"
+    shift
+done
+shift
+mount -o remount,bind,ro /
+exec "$@"
+"""
+
+
+def _sandbox_works() -> bool:
+    """Whether this machine lets root give a process a private mount namespace (unshare -m)."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not os.path.isdir(VOLUME_BASE):
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            "mount -o remount,bind,ro / && ! touch /.d3-rw-probe 2>/dev/null"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+# Volumes live on the tmpfs that every container has writable anyway (/dev/shm), apart from the
+# root filesystem, which the sandbox makes read-only.
+VOLUME_BASE = "/dev/shm"
+SANDBOX = _sandbox_works()
+
+
+def sandboxed(argv: list[str], mounts: list[tuple[Path, str, bool]]) -> list[str]:
+    """argv in a private mount namespace where the whole root filesystem is read-only, as
+    readOnlyRootFilesystem makes it: only the container's volumes can be written. A volume whose
+    mountPath exists here (/tmp) is also mounted there, as in the pod, because some paths are
+    not settings (tempfile's /tmp); the others are reached through the rewritten settings."""
+    if not SANDBOX:
+        return argv
+    over = [f"{folder}={path}" for folder, path, _ in mounts if os.path.isdir(path) and path != "/"]
+    readonly = [str(folder) for folder, _, read_only in mounts if read_only]
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _SANDBOX, "sandbox",
+            *over, "--", *readonly, "--", *argv]
 
 
 def _reachable_by_others(path: Path) -> bool:

@@ -20,6 +20,9 @@ How a manifest becomes a process (tests/k8s_topology.py, class LocalCluster):
   (tests/conftest.py: a throwaway PostgreSQL cluster configured with the StatefulSet's POSTGRES_*
   env and password authentication, the moto S3 server), on the ports their Services declare.
   Redis runs the StatefulSet's own command and args (redis-server is installed here).
+- read-only root: as root (CI), each process runs in a private mount namespace whose root
+  filesystem is read-only (unshare -m), with its volumes on a tmpfs and /tmp mounted where the pod
+  mounts it, so a write outside the declared volumes fails here as it would in the pod.
 - order: storage, then the Job (must exit 0), then each Deployment's init containers (each must
   exit 0), then its containers; startup probes must pass before the others are tried.
 
@@ -38,7 +41,7 @@ import requests
 
 from tests.conftest import image_bytes
 from tests.k8s_helpers import ROOT, Rendered, containers, render
-from tests.k8s_topology import LocalCluster
+from tests.k8s_topology import SANDBOX, LocalCluster
 from tests.video_clips import clip_bytes
 
 pytestmark = pytest.mark.timeout(900)
@@ -161,7 +164,9 @@ def test_mistakes_in_the_manifests_fail(cluster):
     workload, api = _mutated(cluster, "api", "api", lambda c: c["readinessProbe"]["httpGet"].update(path="/healthz"))
     assert not cluster.probe(workload, api, "readinessProbe", api["readinessProbe"]).ok
     # A probe on a port nothing listens on (the pod declares 6000; 6999 is not rewritten).
-    workload, api = _mutated(cluster, "api", "api", lambda c: c["livenessProbe"]["httpGet"].update(port=6999))
+    workload, api = _mutated(cluster, "api", "api", lambda c: c["startupProbe"]["httpGet"].update(port=6999))
+    assert not cluster.probe(workload, api, "startupProbe", api["startupProbe"]).ok
+    workload, api = _mutated(cluster, "api", "api", lambda c: c["livenessProbe"]["tcpSocket"].update(port=6999))
     assert not cluster.probe(workload, api, "livenessProbe", api["livenessProbe"]).ok
 
     def run(workload: dict, container: dict, timeout: float = 120) -> int:
@@ -190,6 +195,12 @@ def test_mistakes_in_the_manifests_fail(cluster):
     # A command the image does not have exits at once.
     workload, api = _mutated(cluster, "api", "api", lambda c: c.update(command=["d3", "serve"]))
     assert run(workload, api, timeout=60) != 0
+    # Outside its volumes a container cannot write (readOnlyRootFilesystem), inside it can.
+    if SANDBOX:
+        workload, api = _mutated(cluster, "api", "api", lambda c: c.update(
+            command=["sh", "-c", "touch /tmp/ok \"$INSTANCE_DIR/ok\" && ! touch /app/not-ok /not-ok 2>/dev/null"]))
+        assert run(workload, api) == 0
+        assert not (ROOT / "not-ok").exists()
     # A Service whose targetPort no container declares cannot even be laid out.
     broken = [json.loads(json.dumps(o)) for o in cluster.r.objects]
     service = next(o for o in broken if o["kind"] == "Service" and o["metadata"]["name"] == "api")
