@@ -93,13 +93,13 @@ class LocalCluster:
         self._service_ports: dict[tuple[str, int], int] = {}
         self._pod_ports: dict[tuple[str, int], int] = {}
         self._volumes: dict[tuple[str, str], Path] = {}
+        self._map_ports()
+        self._check_image_paths()
         # Volumes live outside pytest's private (0700) folders: like an emptyDir they are open to
         # the pod's user, as whom (root here) every process runs, so the work tree is read-only
         # to it just as the image's root filesystem is.
         self.volume_root = Path(tempfile.mkdtemp(prefix="d3-k8s-volumes-", dir=VOLUME_BASE if SANDBOX else None))
         self.volume_root.chmod(0o755)
-        self._map_ports()
-        self._check_image_paths()
 
     # -- tables ----------------------------------------------------------------------------------
     def _map_ports(self) -> None:
