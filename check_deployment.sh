@@ -360,10 +360,16 @@ check_env() {
     fi
     local problems=() warnings=() key value example mode DEFAULTED=""
     value="$(setting SECRET_KEY '')"
+    # The app's own secret policy (api/config.py SECRET_MIN_LENGTH); 16 if the app cannot be run.
+    local min_length=16
+    if [ "$HAVE_VENV" -eq 1 ]; then
+        min_length="$(app_python -c 'from api.config import SECRET_MIN_LENGTH; print(SECRET_MIN_LENGTH)' 2>/dev/null)" \
+            || min_length=16
+    fi
     if is_placeholder "$value"; then
         problems+=("SECRET_KEY is ${value:+the placeholder }'${value:-empty}'")
-    elif [ "${#value}" -lt 32 ]; then
-        problems+=("SECRET_KEY is only ${#value} characters")
+    elif [ "${#value}" -lt "$min_length" ]; then
+        problems+=("SECRET_KEY is only ${#value} characters (at least $min_length)")
     fi
     if [ -n "$(setting MINIO_ENDPOINT '')" ]; then
         for key in MINIO_ACCESS_KEY MINIO_SECRET_KEY; do

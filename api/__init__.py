@@ -12,8 +12,6 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from api.config import load_settings
 from api.utils.multipart import Request
 
-UNTRAINED_WARNING = "model has random (untrained) weights: its verdicts mean nothing"
-
 
 def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> Flask:
     """Build the app: settings from the environment (and `test_config` on top), then services.
@@ -22,6 +20,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     """
     from api import auth, errors, limits, metrics, request_log, tasks
     from api.context import build_services
+    from api.detector.config import UNTRAINED_WARNING
     from api.routes import docs, health, objects, predict, predictions, video
 
     settings = load_settings(test_config)
@@ -48,7 +47,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     metrics.init_app(app)
     auth.init_app(app)
     limits.init_app(app)
-    tasks.init_app(app)  # video service, background job pool, recovery of interrupted jobs
+    tasks.init_app(app)  # recovery of interrupted video jobs
     # Exactly one trusted proxy hop (nginx on the same host) tells the client address.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)
 

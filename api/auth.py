@@ -13,13 +13,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from flask import Flask, g, request
 from werkzeug.routing import RequestRedirect
 
-from api.context import services
 from api.errors import error_response
-from api.routes.common import Caller
-from api.services.keys import KeyProblem, KeyService
+from api.services.keys import KeyProblem
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: `owner` scopes what they see (None = anonymous); admins see everything."""
+
+    owner: str | None
+    name: str
+    is_admin: bool = False
+
+
+ANONYMOUS = Caller(owner=None, name="anonymous")
+
+
+def current_caller() -> Caller:
+    # The `_authenticate` hook below sets g.caller before the view runs; without it, anonymous.
+    return getattr(g, "caller", ANONYMOUS)
+
 
 # Endpoint names (blueprint.view) that need no key.
 PUBLIC_ENDPOINTS = frozenset({
@@ -62,7 +80,7 @@ def unauthorized(problem: KeyProblem | None):
 
 def init_cors(app: Flask) -> None:
     """CORS only for an explicit allow-list (CORS_ORIGINS); off by default. No cookies are used."""
-    origins = [o.strip() for o in app.config["SETTINGS"].cors_origins.split(",") if o.strip()]
+    origins = app.config["SETTINGS"].cors_origins
     if not origins:
         return
     from flask_cors import CORS
@@ -74,8 +92,8 @@ def init_cors(app: Flask) -> None:
 
 def init_app(app: Flask) -> None:
     init_cors(app)
-    keys = KeyService(app.extensions["d3"].db)
-    app.extensions["d3"].extra["keys"] = keys
+    keys = app.extensions["d3"].keys
+    auth_required = app.extensions["d3"].settings.auth_required
 
     @app.before_request
     def _authenticate():
@@ -86,7 +104,7 @@ def init_app(app: Flask) -> None:
         public = is_public(request.endpoint)
         key = presented_key()
         if key is None:
-            if services().settings.auth_required and not public:
+            if auth_required and not public:
                 return unauthorized(None)
             return None
         verification = keys.verify(key) if key else None

@@ -55,6 +55,9 @@ def _register_command_groups() -> None:
     from api.detector.commands import register as register_model_commands
 
     register_model_commands(cli)
+    from api.detector.training_commands import register as register_training_commands
+
+    register_training_commands(cli)
 
 
 _register_command_groups()

@@ -1,123 +1,210 @@
-"""Settings: defaults, then `.env`, then the process environment, then explicit overrides.
+"""Settings (pydantic-settings): defaults, then `.env`, then the process environment, then overrides.
 
 Every setting is an upper-case environment variable of the same name as the field. Values are
 parsed and validated once, at start-up; a bad value raises `ConfigError` naming the setting.
-`.env.example` documents each one.
+An empty value means "not set here", as .env.example says. `.env.example` documents each one.
+
+To add a setting: add a field to `Settings` (type, default, bounds via Field, `description`),
+document it in .env.example (tests/test_config.py checks), and read it as `settings.<name>`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from dotenv import dotenv_values
-
-from api.utils.parsing import bool_word
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INSTANCE_DIR = PROJECT_ROOT / "instance"
 
-# Values shipped in .env.example; refused outside loopback so nobody deploys them by mistake.
-EXAMPLE_SECRETS = frozenset({"change-me", "minioadmin", "changeme", ""})
+# -- the secret policy (the app here, check_deployment.sh and the log redaction all use it) -----------
+SECRET_MIN_LENGTH = 16  # `openssl rand -hex 32` gives 64; shorter values would also scrub ordinary words in logs
+# Values shipped in .env.example and other obvious placeholders; refused outside loopback.
+PLACEHOLDER_SECRETS = frozenset({"change-me", "changeme", "change_me", "minioadmin", "secret", "password",
+                                 "example", "todo", "placeholder"})
+
+
+def secret_problem(value: str) -> str | None:
+    """Why a value is not a real secret (None: it is one)."""
+    lowered = value.strip().lower()
+    if not lowered:
+        return "it is empty"
+    if lowered in PLACEHOLDER_SECRETS or lowered.startswith(("xxx", "your-")) or lowered.startswith("<"):
+        return "it is a placeholder"
+    if len(value) < SECRET_MIN_LENGTH:
+        return f"it is shorter than {SECRET_MIN_LENGTH} characters"
+    return None
 
 
 class ConfigError(ValueError):
     """A setting is missing or has a value the service cannot use."""
 
 
-def _bool(name: str, raw: str) -> bool:
-    value = bool_word(raw)
-    if value is None:
-        raise ConfigError(f"{name} must be true or false, got {raw!r}")
-    return value
+# -- one parser for comma-separated lists ---------------------------------------------------------
+def split_commas(raw: Any) -> Any:
+    """'a, b,,c' -> ['a', 'b', 'c']; a list or tuple is taken as it is."""
+    if isinstance(raw, str):
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    return raw
 
 
-def _number(kind: type, name: str, raw: str, minimum: float | None, maximum: float | None) -> Any:
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{name} must be at most {maximum}, got {raw!r}")
-    return value
+def _network(raw: Any) -> Any:
+    if isinstance(raw, str):
+        try:
+            return ipaddress.ip_network(raw, strict=False)
+        except ValueError:
+            raise ValueError(f"has an invalid network: {raw!r}") from None
+    return raw
 
 
-def setting(default: Any, *, minimum: float | None = None, maximum: float | None = None,
-            choices: tuple[str, ...] | None = None, secret: bool = False, doc: str = "") -> Any:
-    """A dataclass field with the validation rules of one setting."""
-    meta = {"minimum": minimum, "maximum": maximum, "choices": choices, "secret": secret, "doc": doc}
-    return field(default=default, metadata=meta)
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
+NetworkList = Annotated[tuple[Network, ...], NoDecode, BeforeValidator(split_commas)]
+StringList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(split_commas)]
 
 
-@dataclass(frozen=True)
-class Settings:
+def _lower(raw: Any) -> Any:
+    return raw.strip().lower() if isinstance(raw, str) else raw
+
+
+def _upper(raw: Any) -> Any:
+    return raw.strip().upper() if isinstance(raw, str) else raw
+
+
+Precision = Annotated[Literal["auto", "fp32", "fp16", "bf16"], BeforeValidator(_lower)]
+LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)]
+
+# The mapping load_settings reads as "the environment" (os.environ unless a test passes its own).
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("d3_settings_environ", default=None)
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        environ = _ENVIRON.get()
+        environ = os.environ if environ is None else environ
+        return {k.lower(): v for k, v in environ.items() if v is not None and v.strip() != ""}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False, env_ignore_empty=True,
+                                      env_file=None, validate_default=False)
+
     # --- detector engine (see api/detector) ---
-    d3_backbone: str = setting("ViT-L-14-quickgelu", doc="open_clip model name of the backbone")
-    d3_clip_weights: str = setting("openai", doc="'openai' (open_clip tag, HF cache), a file, or random:<seed>")
-    d3_head_weights: str = setting("", doc="head checkpoint path, https URL, or random:<seed>")
-    d3_shuffle_seed: int = setting(0, minimum=0)
-    d3_device: str = setting("auto", doc="auto, cpu, cuda or cuda:N")
-    d3_precision: str = setting("auto", choices=("auto", "fp32", "fp16", "bf16"))
-    d3_cache_dir: str = setting("", doc="weights cache; default ~/.cache/d3")
-    d3_max_batch_size: int = setting(32, minimum=1, maximum=4096)
-    d3_max_wait_ms: float = setting(2.0, minimum=0, maximum=10_000, doc="how long a batch waits for more images")
-    d3_queue_size: int = setting(1024, minimum=1)
-    d3_infer_timeout_s: float = setting(120.0, minimum=0.1)
+    d3_backbone: str = Field("ViT-L-14-quickgelu", description="open_clip model name of the backbone")
+    d3_clip_weights: str = Field("openai", description="'openai' (open_clip tag, HF cache), a file, or random:<seed>")
+    d3_head_weights: str = Field("", description="head checkpoint path, https URL, or random:<seed>")
+    d3_shuffle_seed: int = Field(0, ge=0)
+    d3_device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    d3_precision: Precision = "auto"
+    d3_cache_dir: str = Field("", description="weights cache; default ~/.cache/d3")
+    d3_max_batch_size: int = Field(32, ge=1, le=4096)
+    d3_max_wait_ms: float = Field(2.0, ge=0, le=10_000, description="how long a batch waits for more images")
+    d3_queue_size: int = Field(1024, ge=1)
+    d3_infer_timeout_s: float = Field(120.0, ge=0.1)
 
     # --- HTTP service ---
-    bind: str = setting("127.0.0.1:6000", doc="host:port Gunicorn binds (also decides auth rules)")
-    secret_key: str = setting("", secret=True, doc="signs local result URLs; generated per process if empty")
-    instance_dir: str = setting(str(DEFAULT_INSTANCE_DIR))
-    default_threshold: float = setting(0.5, minimum=0.0, maximum=1.0)
-    max_image_bytes: int = setting(20 * 1024 * 1024, minimum=1)
-    max_image_pixels: int = setting(50_000_000, minimum=1)
-    max_batch_files: int = setting(64, minimum=1, maximum=1024)
-    result_url_expiry_s: int = setting(3600, minimum=1, maximum=7 * 24 * 3600)
-    log_level: str = setting("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    bind: str = Field("127.0.0.1:6000", description="host:port Gunicorn binds (also decides auth rules)")
+    secret_key: SecretStr = Field(SecretStr(""), description="signs local result URLs; generated per process if "
+                                                             "empty")
+    instance_dir: str = str(DEFAULT_INSTANCE_DIR)
+    default_threshold: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_batch_files: int = Field(64, ge=1, le=1024)
+    result_url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    log_level: LogLevel = "INFO"
 
     # --- database ---
-    database_url: str = setting("", doc="SQLAlchemy URL; default SQLite in the instance folder")
+    database_url: str = Field("", description="SQLAlchemy URL; default SQLite in the instance folder")
 
     # --- object store ---
-    minio_endpoint: str = setting("", doc="host:port of MinIO/S3; empty = local folder store")
-    minio_access_key: str = setting("", secret=True)
-    minio_secret_key: str = setting("", secret=True)
-    minio_secure: bool = setting(True)
-    minio_region: str = setting("us-east-1")
-    object_store_dir: str = setting("", doc="local object store folder; default <instance>/objects")
-    bucket_results: str = setting("d3-results")
-    bucket_videos: str = setting("d3-videos")
-    bucket_frames: str = setting("d3-frames")
+    minio_endpoint: str = Field("", description="host:port of MinIO/S3; empty = local folder store")
+    minio_access_key: SecretStr = SecretStr("")
+    minio_secret_key: SecretStr = SecretStr("")
+    minio_secure: bool = True
+    minio_region: str = "us-east-1"
+    object_store_dir: str = Field("", description="local object store folder; default <instance>/objects")
+    bucket_results: str = "d3-results"
+    bucket_videos: str = "d3-videos"
+    bucket_frames: str = "d3-frames"
 
     # --- video ---
-    max_video_bytes: int = setting(500 * 1024 * 1024, minimum=1)
-    max_video_seconds: float = setting(600.0, minimum=0.1)
-    default_video_frames: int = setting(32, minimum=1)
-    max_video_frames: int = setting(256, minimum=1)
-    keep_videos: bool = setting(True)
-    video_async_bytes: int = setting(100 * 1024 * 1024, minimum=1, doc="uploads larger than this run async")
-    video_async_seconds: float = setting(120.0, minimum=0.1, doc="videos longer than this run async")
-    video_workers: int = setting(2, minimum=1, maximum=64)
-    video_decode_timeout_s: float = setting(120.0, minimum=1)
-    video_decode_memory_mb: int = setting(4096, minimum=64)
-    callback_allow_http: bool = setting(False)
-    callback_allow_private: bool = setting(False)
+    max_video_bytes: int = Field(500 * 1024 * 1024, ge=1)
+    max_video_seconds: float = Field(600.0, ge=0.1)
+    default_video_frames: int = Field(32, ge=1)
+    max_video_frames: int = Field(256, ge=1)
+    keep_videos: bool = True
+    video_async_bytes: int = Field(100 * 1024 * 1024, ge=1, description="uploads larger than this run async")
+    video_async_seconds: float = Field(120.0, ge=0.1, description="videos longer than this run async")
+    video_workers: int = Field(2, ge=1, le=64)
+    video_decode_timeout_s: float = Field(120.0, ge=1)
+    video_decode_memory_mb: int = Field(4096, ge=64)
+    callback_allow_http: bool = False
+    callback_allow_private: bool = False
 
     # --- access control and limits ---
-    auth_required: bool = setting(True)
-    rate_limit_default: str = setting("120/minute")
-    rate_limit_video: str = setting("10/minute")
-    redis_url: str = setting("")
-    video_jobs_per_key: int = setting(2, minimum=1)
-    metrics_allow: str = setting("127.0.0.0/8,::1/128", doc="comma-separated networks allowed to read /metrics")
-    cors_origins: str = setting("", doc="comma-separated allow-list; empty = CORS off")
+    auth_required: bool = True
+    rate_limit_default: str = "120/minute"
+    rate_limit_video: str = "10/minute"
+    redis_url: str = ""
+    video_jobs_per_key: int = Field(2, ge=1)
+    metrics_allow: NetworkList = Field(("127.0.0.0/8", "::1/128"), validate_default=True,
+                                       description="comma-separated networks allowed to read /metrics")
+    cors_origins: StringList = Field((), description="comma-separated allow-list; empty = CORS off")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: overrides, then the environment, then .env; the field defaults last.
+        return init_settings, _MappingEnvSource(settings_cls), dotenv_settings
+
+    # -- single values --------------------------------------------------------------------------------
+    @field_validator("d3_device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not (value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        value = value.strip()
+        if ":" not in value:
+            raise ValueError("must be host:port")
+        if not value.rsplit(":", 1)[1].isdigit():
+            raise ValueError("must end in a port number")
+        return value
+
+    # -- rules across fields ------------------------------------------------------------------------
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_video_frames > self.max_video_frames:
+            raise ValueError("DEFAULT_VIDEO_FRAMES must not exceed MAX_VIDEO_FRAMES")
+        if self.uses_minio and not (self.minio_access_key.get_secret_value()
+                                    and self.minio_secret_key.get_secret_value()):
+            raise ValueError("MINIO_ACCESS_KEY and MINIO_SECRET_KEY are required when MINIO_ENDPOINT is set")
+        if not self.binds_loopback:
+            if not self.auth_required:
+                raise ValueError(
+                    f"AUTH_REQUIRED=false is only allowed when BIND is a loopback address, not {self.bind!r}")
+            secrets = [("SECRET_KEY", self.secret_key)]
+            if self.uses_minio:
+                secrets.append(("MINIO_SECRET_KEY", self.minio_secret_key))
+            for name, value in secrets:
+                problem = secret_problem(value.get_secret_value())
+                if problem:
+                    raise ValueError(f"{name} must be set to a real secret when BIND is not loopback ({problem})")
+        return self
 
     # ------------------------------------------------------------------
     @property
@@ -151,84 +238,60 @@ class Settings:
     def uses_minio(self) -> bool:
         return bool(self.minio_endpoint)
 
+    def secret_values(self) -> list[str]:
+        """Every configured secret value (for the log redaction)."""
+        return [s.get_secret_value() for s in (self.secret_key, self.minio_access_key, self.minio_secret_key)]
+
     def public_view(self) -> dict[str, Any]:
         """Every setting, with secrets masked: safe to print or log."""
-        view = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            view[f.name.upper()] = "***" if f.metadata.get("secret") and value else value
+        view: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "***" if value.get_secret_value() else ""
+            elif isinstance(value, tuple):
+                value = ",".join(str(item) for item in value)
+            view[name.upper()] = value
         return view
 
 
-def _parse(f: dataclasses.Field, raw: Any) -> Any:
-    name = f.name.upper()
-    meta = f.metadata
-    if not isinstance(raw, str):
-        raw = str(raw)
-    if f.type in ("bool", bool):
-        return _bool(name, raw)
-    if f.type in ("int", int):
-        return _number(int, name, raw, meta["minimum"], meta["maximum"])
-    if f.type in ("float", float):
-        return _number(float, name, raw, meta["minimum"], meta["maximum"])
-    value = raw.strip()
-    choices = meta.get("choices")
-    if choices:
-        value = value.upper() if name == "LOG_LEVEL" else value.lower()
-        if value not in choices:
-            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
-    return value
+_MESSAGES = {
+    "int_parsing": "must be an integer", "int_from_float": "must be an integer",
+    "float_parsing": "must be a number", "finite_number": "must be a finite number",
+    "bool_parsing": "must be true or false", "bool_type": "must be true or false",
+}
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    first = exc.errors(include_url=False)[0]
+    kind, ctx, raw = first["type"], first.get("ctx", {}), first.get("input")
+    message = str(first.get("msg", "is invalid")).removeprefix("Value error, ")
+    if not first.get("loc"):  # a rule across fields: its message names the settings itself
+        return ConfigError(message)
+    name = str(first["loc"][0]).upper()
+    if kind in _MESSAGES:
+        message = _MESSAGES[kind]
+    elif kind == "greater_than_equal":
+        message = f"must be at least {ctx['ge']}"
+    elif kind == "less_than_equal":
+        message = f"must be at most {ctx['le']}"
+    elif kind == "literal_error":
+        message = f"must be one of {ctx.get('expected', '')}"
+    if name in ("METRICS_ALLOW", "CORS_ORIGINS") or kind == "value_error":
+        return ConfigError(f"{name} {message}" + ("" if "got" in message or "network" in message
+                                                   else f", got {raw!r}"))
+    return ConfigError(f"{name} {message}, got {raw!r}")
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None,
                   env_file: str | os.PathLike | None = None) -> Settings:
     """Build validated settings; later sources win: defaults < .env < environment < overrides."""
-    environ = os.environ if environ is None else environ
     env_path = Path(env_file) if env_file else PROJECT_ROOT / ".env"
-    layers = [dotenv_values(env_path) if env_path.is_file() else {}, environ,
-              {k.upper(): v for k, v in (overrides or {}).items()}]
-    sources: dict[str, Any] = {}
-    for layer in layers:
-        # An empty value means "not set here", as .env.example says.
-        sources.update({k: v for k, v in layer.items() if v is not None and str(v).strip() != ""})
-
-    values = {}
-    for f in dataclasses.fields(Settings):
-        name = f.name.upper()
-        if name in sources:
-            values[f.name] = _parse(f, sources[name])
-    settings = Settings(**values)
-    validate(settings)
-    return settings
-
-
-def validate(settings: Settings) -> None:
-    """Cross-field rules that a single value cannot express."""
-    if ":" not in settings.bind:
-        raise ConfigError(f"BIND must be host:port, got {settings.bind!r}")
+    given = {k.lower(): v for k, v in (overrides or {}).items() if v is not None and str(v).strip() != ""}
+    token = _ENVIRON.set(environ)
     try:
-        settings.bind_port  # noqa: B018 - parse check
-    except ValueError:
-        raise ConfigError(f"BIND must end in a port number, got {settings.bind!r}") from None
-    device = settings.d3_device
-    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise ConfigError(f"D3_DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if settings.default_video_frames > settings.max_video_frames:
-        raise ConfigError("DEFAULT_VIDEO_FRAMES must not exceed MAX_VIDEO_FRAMES")
-    if settings.uses_minio and not (settings.minio_access_key and settings.minio_secret_key):
-        raise ConfigError("MINIO_ACCESS_KEY and MINIO_SECRET_KEY are required when MINIO_ENDPOINT is set")
-    if not settings.binds_loopback:
-        if not settings.auth_required:
-            raise ConfigError(
-                f"AUTH_REQUIRED=false is only allowed when BIND is a loopback address, not {settings.bind!r}")
-        for name in ("secret_key", "minio_secret_key"):
-            value = getattr(settings, name)
-            if name == "minio_secret_key" and not settings.uses_minio:
-                continue
-            if value in EXAMPLE_SECRETS:
-                raise ConfigError(f"{name.upper()} must be set to a real secret when BIND is not loopback")
-    for network in filter(None, (n.strip() for n in settings.metrics_allow.split(","))):
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise ConfigError(f"METRICS_ALLOW has an invalid network: {network!r}") from None
+        return Settings(_env_file=env_path if env_path.is_file() else None, **given)
+    except ValidationError as exc:
+        raise _config_error(exc) from None
+    finally:
+        _ENVIRON.reset(token)

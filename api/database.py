@@ -12,14 +12,20 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
+
+from api.exceptions import DatabaseUnavailable
+
+__all__ = ["Database", "DatabaseUnavailable", "SchemaNotMigrated"]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-class DatabaseUnavailable(RuntimeError):
-    """The database cannot be reached or refused the operation."""
+# Connection-level failures: the server is down, unreachable, restarting, or (SQLite) locked. Every
+# other SQLAlchemyError (IntegrityError, ProgrammingError, ...) is a bug and propagates as itself.
+CONNECTION_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
 
 
 class SchemaNotMigrated(RuntimeError):
@@ -89,9 +95,9 @@ class Database:
         try:
             yield session
             session.commit()
-        except SQLAlchemyError as exc:
+        except CONNECTION_ERRORS as exc:
             session.rollback()
-            raise DatabaseUnavailable(f"database error: {exc.__class__.__name__}") from exc
+            raise DatabaseUnavailable() from exc
         except BaseException:
             session.rollback()
             raise
@@ -111,7 +117,7 @@ class Database:
         try:
             with self.engine.connect() as conn:
                 current = MigrationContext.configure(conn).get_current_revision()
-        except SQLAlchemyError as exc:
+        except CONNECTION_ERRORS as exc:
             raise DatabaseUnavailable(f"cannot reach the database: {exc.__class__.__name__}: {exc}") from exc
         head = head_revision()
         if current != head:

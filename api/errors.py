@@ -1,4 +1,10 @@
-"""Every error leaves as JSON: {"error": {"code", "message", ...}} with the right status."""
+"""The HTTP boundary for errors: every error leaves as JSON {"error": {"code", "message", ...}}.
+
+Each kind of `api.exceptions.ServiceError` is mapped to its status here and nowhere else: an
+outside system that is down (`DatabaseUnavailable`, `StoreUnavailable`, any `Unavailable`) is a
+503 with Retry-After, its cause logged; any other exception is a 500, logged with its traceback
+and the request id (api/request_log.py puts the id on every line logged while serving).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import logging
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from api.services import errors as service_errors
+from api import exceptions as service_errors
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,9 @@ def service_error_response(exc: service_errors.ServiceError):
     headers = {}
     if isinstance(exc, service_errors.Unavailable):
         headers["Retry-After"] = str(exc.retry_after)
+        cause = exc.__cause__
+        log.warning("%s: %s%s", type(exc).__name__, exc.message,
+                    f" ({type(cause).__name__}: {cause})" if cause is not None else "")
     return error_response(status_for(exc), exc.code, exc.message, headers, **exc.details)
 
 

@@ -22,9 +22,9 @@ from flask import Flask, request
 from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
 from limits import parse_many
 
+from api.auth import current_caller
 from api.config import ConfigError, Settings
 from api.errors import error_response
-from api.routes.common import current_caller
 
 EXEMPT_ENDPOINTS = frozenset({"health.health", "metrics.metrics"})
 VIDEO_BLUEPRINT = "video"
@@ -75,9 +75,8 @@ def build_limiter(settings: Settings) -> Limiter:
 
 def init_app(app: Flask) -> Limiter:
     """Attach after api.auth (the key decides the bucket), so register this hook later."""
-    limiter = build_limiter(app.config["SETTINGS"])
+    limiter = app.extensions["d3"].limiter
     limiter.init_app(app)
-    app.extensions["d3"].extra["limiter"] = limiter
 
     @app.errorhandler(RateLimitExceeded)
     def _too_many(exc: RateLimitExceeded):

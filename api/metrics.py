@@ -27,13 +27,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 
-from api.auth import unauthorized
+from api.auth import current_caller, unauthorized
 from api.context import services
 from api.database import Database, DatabaseUnavailable
 from api.errors import error_response
 from api.models import Prediction
 from api.openapi import error, register_paths
-from api.routes.common import current_caller
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +196,7 @@ def _allowed(address: str | None, networks: list) -> bool:
 @bp.get("/metrics")
 def metrics():
     caller = current_caller()
-    if not (caller.is_admin or _allowed(request.remote_addr, services().extra["metrics_allow"])):
+    if not (caller.is_admin or _allowed(request.remote_addr, services().settings.metrics_allow)):
         if caller.owner is None:
             return unauthorized(None)
         return error_response(403, "forbidden", "/metrics needs an admin key or an allow-listed network")
@@ -215,10 +214,7 @@ register_paths({"/metrics": {"get": {
 
 # -- wiring ----------------------------------------------------------------------------------
 def init_app(app: Flask) -> None:
-    svc = app.extensions["d3"]
-    svc.extra["metrics_allow"] = [ipaddress.ip_network(n.strip(), strict=False)
-                                  for n in svc.settings.metrics_allow.split(",") if n.strip()]
-    instrument_engine(svc.engine)
+    instrument_engine(app.extensions["d3"].engine)
     app.register_blueprint(bp)
 
     @app.before_request

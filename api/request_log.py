@@ -23,16 +23,15 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, g, has_request_context, request
 
-from api.config import Settings
+from api.auth import current_caller
+from api.config import SECRET_MIN_LENGTH, Settings
 from api.detector.timing import model_time_ms, reset_model_time
 from api.metrics import prediction_results
-from api.routes.common import current_caller
 from api.services.keys import KEY_LIKE
 
 HEADER = "X-Request-ID"
 # The same rule as d3-api-nginx.conf, so an id nginx passed on is kept as it is.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
-MIN_SECRET_LENGTH = 6  # shorter values would scrub ordinary words; validate() refuses them anyway outside loopback
 
 MEDIA_BY_BLUEPRINT = {"predict": "image", "video": "video"}  # for requests that produced no verdict
 
@@ -46,14 +45,14 @@ class Redactor:
         self._secrets: set[str] = set()
 
     def add_settings(self, settings: Settings) -> None:
-        for value in (settings.secret_key, settings.minio_access_key, settings.minio_secret_key):
+        for value in settings.secret_values():
             self._add(value)
         for url in (settings.database_url, settings.redis_url):
             with contextlib.suppress(ValueError):  # not a URL: nothing to scrub
                 self._add(urlsplit(url).password or "")
 
     def _add(self, value: str) -> None:
-        if value and len(value) >= MIN_SECRET_LENGTH:
+        if value and len(value) >= SECRET_MIN_LENGTH:  # the secret policy (api/config.py)
             self._secrets.add(value)
 
     def __call__(self, value: Any) -> Any:

@@ -23,11 +23,21 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
 
+from api.exceptions import StoreUnavailable
+
+__all__ = ["LocalObjectStore", "MinioObjectStore", "ObjectNotFound", "ObjectStore", "StoreError",
+           "StoreUnavailable", "make_object_store", "object_key"]
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
 
 
-class StoreUnavailable(RuntimeError):
-    """The object store cannot be reached or refused the operation."""
+# S3 error codes that mean "busy or briefly down, retry": the rest (AccessDenied, NoSuchBucket, ...) are
+# configuration or code bugs, a 500 with the cause in the log, not a "retry shortly".
+TRANSIENT_S3_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                                "XMinioServerNotInitialized", "XMinioStorageFull"})
+
+
+class StoreError(RuntimeError):
+    """The object store refused an operation for a reason retrying will not fix."""
 
 
 class ObjectNotFound(KeyError):
@@ -95,7 +105,7 @@ class LocalObjectStore:
                 writer(out)
             os.replace(tmp, path)
         except OSError as exc:
-            raise StoreUnavailable(f"local object store write failed: {exc.strerror or exc}") from exc
+            raise StoreUnavailable() from exc
 
     def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
         self._write(bucket, key, lambda out: out.write(data))
@@ -113,7 +123,7 @@ class LocalObjectStore:
         except FileNotFoundError:
             raise ObjectNotFound(f"{bucket}/{key}") from None
         except OSError as exc:
-            raise StoreUnavailable(f"local object store read failed: {exc.strerror or exc}") from exc
+            raise StoreUnavailable() from exc
 
     def download_file(self, bucket: str, key: str, path: str | os.PathLike) -> None:
         try:
@@ -170,16 +180,18 @@ class MinioObjectStore:
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject"):
                 raise ObjectNotFound(what) from None
-            raise StoreUnavailable(f"object store refused {what}: {exc.code}") from exc
+            if exc.code in TRANSIENT_S3_CODES:
+                raise StoreUnavailable() from exc
+            raise StoreError(f"object store refused {what}: {exc.code}") from exc
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            raise StoreUnavailable(f"object store unreachable during {what}: {exc.__class__.__name__}") from exc
+            raise StoreUnavailable() from exc
 
     def ensure_buckets(self) -> None:
         for bucket in self.buckets:
             if not self._call(f"bucket check {bucket}", self.client.bucket_exists, bucket):
                 try:
                     self._call(f"create bucket {bucket}", self.client.make_bucket, bucket)
-                except StoreUnavailable:
+                except (StoreError, StoreUnavailable):
                     # Another worker may have created it between our check and our create.
                     if not self._call(f"bucket check {bucket}", self.client.bucket_exists, bucket):
                         raise
@@ -188,7 +200,7 @@ class MinioObjectStore:
         try:
             self._call("ping", self.client.bucket_exists, self.buckets[0])
             return True
-        except StoreUnavailable:
+        except (StoreError, StoreUnavailable):
             return False
 
     def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
@@ -234,6 +246,7 @@ def make_object_store(settings, signing_key: bytes) -> ObjectStore:
     """The store the settings ask for: MinIO when MINIO_ENDPOINT is set, else the local folder."""
     buckets = (settings.bucket_results, settings.bucket_videos, settings.bucket_frames)
     if settings.uses_minio:
-        return MinioObjectStore(settings.minio_endpoint, settings.minio_access_key, settings.minio_secret_key,
+        return MinioObjectStore(settings.minio_endpoint, settings.minio_access_key.get_secret_value(),
+                                settings.minio_secret_key.get_secret_value(),
                                 secure=settings.minio_secure, region=settings.minio_region, buckets=buckets)
     return LocalObjectStore(settings.resolved_object_store_dir, buckets, signing_key)

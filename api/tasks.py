@@ -39,8 +39,8 @@ import urllib3
 from sqlalchemy import select, update
 
 from api.database import DatabaseUnavailable
+from api.exceptions import InvalidInput
 from api.models import Prediction, VideoPrediction
-from api.services.errors import InvalidInput
 from api.storage import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -432,14 +432,7 @@ class VideoJobs:
 
 
 def init_app(app: Flask) -> VideoJobs:
-    """The video service, its job pool and start-up recovery; routes reach them via services().extra."""
-    from api.services.videos import VideoService
-
-    svc = app.extensions["d3"]
-    videos = VideoService(svc.db, svc.store, svc.engine, svc.settings)
-    jobs = VideoJobs(videos, svc.settings.video_workers)
-    videos.on_job_queued = jobs.notify
-    svc.extra["videos"] = videos
-    svc.extra["video_jobs"] = jobs
+    """Start-up recovery of interrupted jobs; the service and its pool are built in api/context.py."""
+    jobs = app.extensions["d3"].video_jobs
     jobs.recover(startup=True)
     return jobs

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from api.detector.config import DetectorConfig  # noqa: E402
 from api.detector.engine import InferenceEngine  # noqa: E402
-from api.detector.model import build_model, resolve_device, resolve_precision  # noqa: E402
+from api.detector.factory import build_model, resolve_device, resolve_precision  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

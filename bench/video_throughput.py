@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from api.detector import DetectorConfig, InferenceEngine, preprocess_image  # noqa: E402
-from api.detector.preprocess import INPUT_SIZE  # noqa: E402
+from api.detector.config import IMAGE_SIZE  # noqa: E402
 from api.utils.video_probe import VideoReader, sample_indices  # noqa: E402
 
 TINY = {"backbone": "d3-tiny", "clip_weights": "random:0", "head_weights": "random:0"}
@@ -111,7 +111,7 @@ def decode(path: Path, indices: list[int], strategy: str) -> tuple[float, list, 
     with VideoReader(path, **LIMITS) as reader:
         reader.probe()
         started = time.perf_counter()
-        frames = list(reader.frames(indices, INPUT_SIZE, strategy))
+        frames = list(reader.frames(indices, IMAGE_SIZE, strategy))
         elapsed = time.perf_counter() - started
         return elapsed, frames, reader.stats
 

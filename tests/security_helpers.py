@@ -14,7 +14,7 @@ def secure_app(tmp_path: Path, engine, **overrides: str):
 
 def new_key(app, name: str, admin: bool = False) -> str:
     """A real key, created by the same service the `d3 keys create` command uses."""
-    _, plaintext = app.extensions["d3"].extra["keys"].create(name, admin)
+    _, plaintext = app.extensions["d3"].keys.create(name, admin)
     return plaintext
 
 

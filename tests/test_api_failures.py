@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 from sqlalchemy import func, select
 
@@ -70,3 +71,25 @@ def test_unmigrated_database_refuses_to_start(tmp_path, tiny_engine, postgres_se
     url = postgres_server.create_database()  # empty: never migrated
     with pytest.raises(SchemaNotMigrated, match="d3 db upgrade"):
         create_app(app_settings(tmp_path, DATABASE_URL=url), engine=tiny_engine)
+
+
+def test_an_integrity_error_is_a_logged_500_not_a_retry(tmp_path, tiny_engine, caplog):
+    """A refused write that retrying cannot fix (here a real SQLite trigger aborting the insert, as a
+    constraint would) is a bug: 500 without Retry-After, logged with its cause and the request id."""
+    app = make_app(tmp_path, tiny_engine)
+    client = app.test_client()
+    with app.extensions["d3"].db.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TRIGGER refuse_predictions BEFORE INSERT ON predictions "
+                             "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END")
+    results_dir = app.extensions["d3"].store.root / app.extensions["d3"].settings.bucket_results
+    with caplog.at_level(logging.ERROR):
+        response = client.post("/predict", data={"file": (io.BytesIO(image_bytes(seed=4)), "x.png")},
+                               content_type="multipart/form-data", headers={"X-Request-ID": "integrity-test-1"})
+    assert response.status_code == 500
+    assert response.get_json()["error"]["code"] == "internal_error"
+    assert "Retry-After" not in response.headers
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
+    assert any(getattr(r, "request_id", None) == "integrity-test-1" and "IntegrityError" in repr(r.exc_info[1])
+               for r in logged), [(r.getMessage(), getattr(r, "request_id", None)) for r in logged]
+    assert not list(results_dir.rglob("*.json"))  # the object written before the row was removed again
+    assert count_rows(app) == 0

@@ -12,7 +12,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_options_header
 
-from api.services.errors import InvalidInput
+from api.exceptions import InvalidInput
 from api.utils.multipart import READ_SIZE, MultipartFormDataParser
 from tests.conftest import image_bytes, multipart_body, post_form
 

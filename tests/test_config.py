@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import pytest
@@ -55,7 +54,7 @@ def test_auth_off_and_example_secrets_only_on_loopback(tmp_path):
 def test_env_example_documents_every_setting():
     example = (PROJECT_ROOT / ".env.example").read_text()
     documented = set(re.findall(r"^([A-Z0-9_]+)=", example, re.MULTILINE))
-    expected = {f.name.upper() for f in dataclasses.fields(Settings)}
+    expected = {name.upper() for name in Settings.model_fields}
     assert expected - documented == set(), "settings missing from .env.example"
     assert documented - expected == set(), ".env.example names settings that do not exist"
 
@@ -64,3 +63,31 @@ def test_public_view_masks_secrets(tmp_path):
     view = load_settings({"SECRET_KEY": "s3cr3t-value"}, environ={}, env_file=tmp_path / "none").public_view()
     assert view["SECRET_KEY"] == "***"
     assert "s3cr3t-value" not in repr(view)
+
+
+def test_lists_of_networks_and_origins_have_one_parser(tmp_path):
+    settings = load_settings({"METRICS_ALLOW": " 10.1.2.3/8 ,, ::1/128", "CORS_ORIGINS": "https://a.example, https://b.example,"},
+                             environ={}, env_file=tmp_path / "none")
+    assert [str(n) for n in settings.metrics_allow] == ["10.0.0.0/8", "::1/128"]  # host bits dropped, blanks skipped
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+    assert load_settings(environ={}, env_file=tmp_path / "none").cors_origins == ()
+    assert load_settings(environ={}, env_file=tmp_path / "none").public_view()["METRICS_ALLOW"] == "127.0.0.0/8,::1/128"
+
+
+def test_one_secret_policy_for_the_app_and_the_log_redaction(tmp_path):
+    from api.config import SECRET_MIN_LENGTH, secret_problem
+    from api.request_log import Redactor
+
+    short = "x7" * ((SECRET_MIN_LENGTH - 1) // 2)
+    assert secret_problem(short) and secret_problem("change-me") and secret_problem("")
+    assert secret_problem("k" * SECRET_MIN_LENGTH) is None
+    with pytest.raises(ConfigError, match=f"shorter than {SECRET_MIN_LENGTH}"):
+        load_settings({"SECRET_KEY": short, "BIND": "0.0.0.0:6000"}, environ={}, env_file=tmp_path / "none")
+    settings = load_settings({"SECRET_KEY": short}, environ={}, env_file=tmp_path / "none")  # loopback: allowed
+    assert repr(settings.secret_key) != repr(short) and short not in repr(settings)  # SecretStr
+    long_secret = "L" * SECRET_MIN_LENGTH
+    redactor = Redactor()
+    redactor.add_settings(load_settings({"SECRET_KEY": long_secret, "MINIO_SECRET_KEY": short},
+                                        environ={}, env_file=tmp_path / "none"))
+    assert redactor(f"a {long_secret} b") == "a *** b"
+    assert redactor(f"a {short} b") == f"a {short} b"  # below the policy's length: too short to scrub safely

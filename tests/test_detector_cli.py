@@ -16,8 +16,8 @@ from PIL import Image
 from api.detector import weights
 from api.detector.commands import register
 from api.detector.config import DetectorConfig
+from api.detector.factory import build_model
 from api.detector.metrics import accuracies, average_precision, best_threshold
-from api.detector.model import build_model
 from api.detector.preprocess import preprocess_image
 from tests.test_detector_model import save_tiny_checkpoints
 

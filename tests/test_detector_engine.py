@@ -12,7 +12,7 @@ from torch import nn
 from api.detector.config import DetectorConfig
 from api.detector.engine import InferenceEngine
 from api.detector.errors import EngineNotReady, EngineOverloaded, EngineTimeout, InferenceError
-from api.detector.model import build_model
+from api.detector.factory import build_model
 
 
 def image(value: float) -> torch.Tensor:

@@ -13,13 +13,11 @@ from torchvision import transforms
 
 from api.detector.config import DetectorConfig
 from api.detector.errors import DetectorError
+from api.detector.factory import build_model, resolve_device, resolve_precision
 from api.detector.model import (
     D3Head,
-    build_model,
     build_visual,
     feature_dim,
-    resolve_device,
-    resolve_precision,
     shuffle_patches,
     shuffle_permutation,
     uses_quick_gelu,

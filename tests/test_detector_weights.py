@@ -15,7 +15,7 @@ from torch import nn
 from api.detector import weights
 from api.detector.config import DetectorConfig
 from api.detector.errors import DetectorError, WeightsError
-from api.detector.model import build_model
+from api.detector.factory import build_model
 from tests.test_detector_model import images, make_head_state, make_visual_state, save_tiny_checkpoints, tiny_config
 
 HF_REPO_DIR = "models--timm--vit_large_patch14_clip_224.openai"

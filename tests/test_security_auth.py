@@ -112,7 +112,7 @@ def test_d3_console_script_creates_and_lists_keys(cli_env):
 def secured(tmp_path, tiny_engine):
     app = secure_app(tmp_path, tiny_engine)
     keys = {"alice": new_key(app, "alice"), "revoked": new_key(app, "gone")}
-    app.extensions["d3"].extra["keys"].revoke(keys["revoked"].split("_")[1])
+    app.extensions["d3"].keys.revoke(keys["revoked"].split("_")[1])
     return app, keys
 
 
@@ -225,7 +225,7 @@ def test_without_auth_required_anonymous_calls_work_but_bad_keys_still_fail(tmp_
 def test_key_format_and_hash(secured):
     app, keys = secured
     assert KEY_PATTERN.match(keys["alice"])
-    service = app.extensions["d3"].extra["keys"]
+    service = app.extensions["d3"].keys
     assert service.verify(keys["alice"]).key.name == "alice"
     assert service.verify(keys["alice"].upper()).key is None
     listed = {k.id: k for k in service.list()}

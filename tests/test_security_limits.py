@@ -128,7 +128,7 @@ def test_bad_rate_settings_are_refused_by_name(tmp_path, tiny_engine, value):
 
 def test_video_jobs_are_limited_per_key(tmp_path, tiny_engine):
     app = secure_app(tmp_path, tiny_engine, VIDEO_JOBS_PER_KEY="1", RATE_LIMIT_VIDEO="1000/minute")
-    app.extensions["d3"].extra["video_jobs"].stop()  # jobs stay queued, as behind a long video
+    app.extensions["d3"].video_jobs.stop()  # jobs stay queued, as behind a long video
     alice, bob = new_key(app, "alice"), new_key(app, "bob")
     client = app.test_client()
     clip = video_bytes()

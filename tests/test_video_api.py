@@ -247,7 +247,7 @@ def test_timeline_png(vapp, vclient, tmp_path):
 def test_timeline_and_record_are_owner_scoped(vapp, vclient, tmp_path):
     from flask import g
 
-    from api.routes.common import Caller
+    from api.auth import Caller
 
     caller = {"value": Caller(owner="alice", name="alice")}
 
@@ -359,11 +359,11 @@ def test_a_decoder_over_its_memory_limit_is_422_and_the_service_survives(tmp_pat
 
 
 def test_a_decode_over_the_time_limit_is_killed_and_reported(vapp, vclient, tmp_path):
-    from api.services.errors import UnprocessableMedia
+    from api.exceptions import UnprocessableMedia
 
     fifo = tmp_path / "stalls.mp4"  # a read that never returns: the child hangs in FFmpeg
     os.mkfifo(fifo)
-    videos = svc(vapp).extra["videos"]
+    videos = svc(vapp).videos
     reader = videos.open_reader(str(fifo), timeout_s=1.0)
     with pytest.raises(UnprocessableMedia) as caught:
         videos.probe(reader, "mp4")
@@ -398,8 +398,11 @@ def test_openapi_documents_the_video_routes(vclient):
     spec = vclient.get("/openapi.json").get_json()
     post = spec["paths"]["/predict/video"]["post"]
     assert set(post["responses"]) >= {"200", "202", "400", "413", "422", "429", "503"}
-    fields = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
-    assert set(fields) == {"file", "frames", "fps", "threshold", "aggregation", "async", "callback_url"}
+    body = post["requestBody"]["content"]["multipart/form-data"]["schema"]
+    fields = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]["properties"]
+    assert set(fields) == {"file"}  # the parameters are query parameters (also accepted as form fields)
+    assert {p["name"] for p in post["parameters"]} == {"frames", "fps", "threshold", "aggregation", "async",
+                                                       "callback_url"}
     assert "Location" in post["responses"]["202"]["headers"]
     timeline = spec["paths"]["/predictions/{prediction_id}/timeline.png"]["get"]
     assert "image/png" in timeline["responses"]["200"]["content"] and "404" in timeline["responses"]

@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from sqlalchemy import update
 
+from api.exceptions import InvalidInput
 from api.models import Prediction
-from api.services.errors import InvalidInput
 from api.services.queries import Filters
 from api.tasks import check_callback_url, deliver_callback
 from tests.conftest import make_app
@@ -46,7 +46,7 @@ def clip(tmp_path, count: int = 40, name: str = "clip") -> bytes:
 
 
 def jobs_of(app):
-    return app.extensions["d3"].extra["video_jobs"]
+    return app.extensions["d3"].video_jobs
 
 
 # -- async ---------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ _EXPORTS = {
     "InferenceEngine": "api.detector.engine",
     "D3Model": "api.detector.model",
     "D3Head": "api.detector.model",
-    "build_model": "api.detector.model",
+    "build_model": "api.detector.factory",
     "shuffle_permutation": "api.detector.model",
     "shuffle_patches": "api.detector.model",
     "preprocess_image": "api.detector.preprocess",
@@ -55,7 +55,8 @@ if TYPE_CHECKING:
         InferenceError,
         WeightsError,
     )
-    from api.detector.model import D3Head, D3Model, build_model, shuffle_patches, shuffle_permutation
+    from api.detector.factory import build_model
+    from api.detector.model import D3Head, D3Model, shuffle_patches, shuffle_permutation
     from api.detector.preprocess import preprocess_image
     from api.detector.weights import verify_weights
 

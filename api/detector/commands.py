@@ -54,7 +54,7 @@ def _config(options: dict[str, Any]) -> DetectorConfig:
 
 def _load_model(config: DetectorConfig) -> Any:
     from api.detector.errors import DetectorError
-    from api.detector.model import build_model
+    from api.detector.factory import build_model
 
     try:
         return build_model(config)
@@ -325,7 +325,7 @@ def info(as_json: bool, **options: Any) -> None:
 
     from api.detector import weights
     from api.detector.errors import DetectorError
-    from api.detector.model import resolve_device, resolve_precision
+    from api.detector.factory import resolve_device, resolve_precision
 
     settings = _settings(options)
     config = DetectorConfig.from_settings(settings)

@@ -11,6 +11,12 @@ if TYPE_CHECKING:  # avoid importing the service config (and dotenv) just to typ
     from api.config import Settings
 
 
+IMAGE_SIZE = 224  # the model's input: 224x224 (ViT-L/14's resolution), the one definition of it
+PATCH_SIZE = 14  # ViT-L/14's patch: a 16x16 grid of patches, what the patch shuffle permutes
+# Said in every response (header and body) while the model has random weights.
+UNTRAINED_WARNING = "model has random (untrained) weights: its verdicts mean nothing"
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     backbone: str = "ViT-L-14-quickgelu"

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from api.detector.config import DetectorConfig
+from api.detector.config import IMAGE_SIZE, DetectorConfig
 from api.detector.errors import (
     DetectorError,
     EngineNotReady,
@@ -32,7 +32,7 @@ from api.detector.errors import (
 from api.detector.timing import add_model_time
 
 log = logging.getLogger(__name__)
-INPUT_SHAPE = (3, 224, 224)
+INPUT_SHAPE = (3, IMAGE_SIZE, IMAGE_SIZE)
 BatchListener = Callable[[int, float], None]
 
 
@@ -128,7 +128,7 @@ class InferenceEngine:
             first = next(iter(list(model.parameters()) + list(model.buffers())), None)
             self.device = first.device if first is not None else torch.device("cpu")
         else:
-            from api.detector.model import build_model
+            from api.detector.factory import build_model
 
             model = build_model(self.config)
             self.device = next(model.parameters()).device

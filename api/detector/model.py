@@ -1,7 +1,8 @@
 """Spec §2-§4: the D³ model = frozen CLIP image tower on two views + the attention head.
 
-Nothing here touches CUDA at import time: Gunicorn forks after import, and a CUDA context
-does not survive a fork. Devices are resolved only when a model is built.
+A pure module: the modules and the pieces they are built from, no weights, devices or settings
+(api/detector/factory.py builds a loaded model from a DetectorConfig). Nothing here touches
+CUDA at import time: Gunicorn forks after import, and a CUDA context does not survive a fork.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import open_clip
 import torch
@@ -19,16 +19,11 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
+from api.detector.config import IMAGE_SIZE, PATCH_SIZE
 from api.detector.errors import DetectorError
 
-if TYPE_CHECKING:
-    from api.detector.config import DetectorConfig
-
-PATCH_SIZE = 14
-IMAGE_SIZE = 224
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 256: the 16x16 grid of ViT-L/14's tokens
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 _registered = False
 
@@ -94,31 +89,6 @@ class D3Model(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.head(self.features(x.float())))
-
-
-def resolve_device(spec: str) -> torch.device:
-    """auto -> cuda when available, else cpu; cuda / cuda:N are checked to exist."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise DetectorError(f"D3_DEVICE={spec} but CUDA is not available on this machine (use auto or cpu)")
-        device = torch.device(spec)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DetectorError(f"D3_DEVICE={spec} but only {torch.cuda.device_count()} CUDA device(s) exist")
-        return device
-    raise DetectorError(f"D3_DEVICE must be auto, cpu, cuda or cuda:N, got {spec!r}")
-
-
-def resolve_precision(spec: str, device: torch.device) -> str:
-    """auto -> fp32 on CPU, fp16 on CUDA; fp32/fp16/bf16 are taken as given."""
-    if spec == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    if spec not in PRECISIONS:
-        raise DetectorError(f"D3_PRECISION must be auto, fp32, fp16 or bf16, got {spec!r}")
-    return spec
 
 
 class _DropOpenClipRandomInitWarning(logging.Filter):
@@ -202,22 +172,3 @@ def build_head(dim: int, seed: int = 0) -> D3Head:
 
 def feature_dim(visual: VisionTransformer) -> int:
     return int(visual.ln_post.normalized_shape[0])
-
-
-def build_model(config: DetectorConfig) -> D3Model:
-    """Build the D³ model a config describes: weights loaded, on its device, in its precision.
-
-    Raises DetectorError (WeightsError for checkpoint problems) with an operator-facing message.
-    """
-    from api.detector import weights  # weights imports this module's helpers
-
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    plan = weights.resolve_weights(config)
-    visual = build_visual(config.backbone, precision, init_seed=plan.backbone.seed)
-    head = build_head(feature_dim(visual), seed=plan.head.seed or 0)
-    weights.load_backbone(visual, plan.backbone, config.backbone)
-    weights.load_head(head, plan.head)
-    model = D3Model(visual, head, shuffle_permutation(config.shuffle_seed), backbone=config.backbone,
-                    precision=precision, model_version=plan.model_version(precision), trained=plan.trained)
-    return model.to(device).eval()

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-INPUT_SIZE = 224
+from api.detector.config import IMAGE_SIZE
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -28,7 +29,7 @@ def preprocess_image(img: Image.Image) -> torch.Tensor:
     # convert("RGB") drops alpha rather than compositing it, as the authors' loader does; an RGB
     # image skips it (it would only copy) since resize makes a new image anyway.
     rgb = img if img.mode == "RGB" else img.convert("RGB")
-    rgb = rgb.resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR)
+    rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
     # CHW float32 copy, then ToTensor's /255 and Normalize's -mean, /std, in place.
     array = np.asarray(rgb).transpose(2, 0, 1).astype(np.float32, order="C")
     np.divide(array, np.float32(255), out=array)

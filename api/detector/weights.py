@@ -29,7 +29,14 @@ from torch import nn
 
 from api.detector.config import DetectorConfig
 from api.detector.errors import WeightsError
-from api.detector.model import backbone_config, materialize_visual, uses_quick_gelu
+from api.detector.model import (
+    backbone_config,
+    build_head,
+    build_visual,
+    feature_dim,
+    materialize_visual,
+    uses_quick_gelu,
+)
 
 AUTHORS_HEAD_URL = "https://github.com/BigAandSmallq/D3/raw/main/ckpt/classifier.pth"
 HEAD_FILENAME = "classifier.pth"  # where `d3 fetch-weights` puts the authors' head in the cache
@@ -437,8 +444,6 @@ def verify_weights(config: DetectorConfig) -> dict[str, dict[str, Any]]:
 
     Checked against a meta-device image tower, so no ViT-L is materialised (or initialised) for it.
     """
-    from api.detector.model import build_head, build_visual, feature_dim
-
     report: dict[str, dict[str, Any]] = {}
     visual = None
     for part, resolve in (("backbone", resolve_backbone), ("head", resolve_head)):

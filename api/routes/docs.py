@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
 from flask_swagger_ui import get_swaggerui_blueprint
 
 from api.context import services
@@ -14,4 +14,8 @@ bp.register_blueprint(get_swaggerui_blueprint("/docs", "/openapi.json", config={
 
 @bp.get("/openapi.json")
 def openapi():
-    return jsonify(build_spec(services().settings))
+    app = current_app._get_current_object()
+    spec = app.extensions.get("d3_openapi")
+    if spec is None:  # built once per app, from its routes and its settings
+        spec = app.extensions["d3_openapi"] = build_spec(app, services().settings)
+    return jsonify(spec)

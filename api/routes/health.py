@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from api import UNTRAINED_WARNING
+from api.auth import current_caller
 from api.context import services
-from api.routes.common import current_caller
+from api.detector.config import UNTRAINED_WARNING
 
 bp = Blueprint("health", __name__)
 

@@ -7,7 +7,7 @@ import mimetypes
 from flask import Blueprint, Response, request
 
 from api.context import services
-from api.services.errors import NotFound
+from api.exceptions import NotFound
 from api.storage import LocalObjectStore, ObjectNotFound
 
 bp = Blueprint("objects", __name__)

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
-from api import UNTRAINED_WARNING
+from api.auth import current_caller
 from api.context import services
+from api.detector.config import UNTRAINED_WARNING
 from api.errors import error_body, status_for
-from api.routes.common import absolute_url, current_caller, parse_bool, parse_threshold
-from api.services.errors import InvalidInput, PayloadTooLarge, ServiceError
+from api.exceptions import InvalidInput, PayloadTooLarge, ServiceError
+from api.openapi import Response, api_spec
+from api.routes.common import absolute_links
+from api.schemas import BatchResult, ErrorBody, ImageFile, ImageFiles, ImageParams, Prediction
 from api.services.predictions import Upload, safe_filename
 
 bp = Blueprint("predict", __name__)
 
 MULTIPART_OVERHEAD = 64 * 1024
+UNAVAILABLE = (ErrorBody, "Model, database or object store unavailable, or overloaded; see Retry-After.")
+
+
+@bp.before_request
+def _body_limit() -> None:
+    # Before the schema reads the form: the body limit must hold while it is parsed.
+    settings = services().settings
+    files = settings.max_batch_files if request.endpoint == "predict.predict_batch" else 1
+    request.max_content_length = (settings.max_image_bytes + MULTIPART_OVERHEAD) * files
 
 
 def _read_upload(storage, limit: int) -> Upload:
@@ -24,38 +36,50 @@ def _read_upload(storage, limit: int) -> Upload:
 
 
 def _shape(body: dict) -> dict:
-    body["result_url"] = absolute_url(body.get("result_url"))
+    absolute_links(body)
     if not services().engine.trained:
         body["warning"] = UNTRAINED_WARNING
     return body
 
 
+def _required(form, field: str):
+    # spectree reads only form bodies: another content type leaves `form` unset.
+    if form is None:
+        raise InvalidInput(f"send multipart/form-data with a '{field}' file part", parameter=field)
+    return form
+
+
 @bp.post("/predict")
-def predict():
+@api_spec.validate(tags=["predict"], operation_id="predictImage", resp=Response(
+    HTTP_200=(Prediction, "The stored verdict (or the earlier one for the same bytes: reused true)"),
+    HTTP_413=(ErrorBody, "Over MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS"),
+    HTTP_415=(ErrorBody, "Not JPEG, PNG, WebP, BMP, GIF or TIFF"),
+    HTTP_422=(ErrorBody, "Truncated or corrupt image"),
+    HTTP_503=UNAVAILABLE))
+def predict(query: ImageParams, form: ImageFile):
+    """Predict one image"""
+    form = _required(form, "file")
     svc = services()
-    request.max_content_length = svc.settings.max_image_bytes + MULTIPART_OVERHEAD
-    threshold = parse_threshold(svc.settings.default_threshold)
-    reuse = parse_bool("reuse", True)
-    storage = request.files.get("file")
-    if storage is None:
-        raise InvalidInput("multipart field 'file' is required", parameter="file")
-    upload = _read_upload(storage, svc.settings.max_image_bytes)
-    [result] = svc.predictions.predict_images([upload], threshold, current_caller().owner, reuse)
+    threshold = svc.settings.default_threshold if query.threshold is None else query.threshold
+    upload = _read_upload(form.file, svc.settings.max_image_bytes)
+    [result] = svc.predictions.predict_images([upload], threshold, current_caller().owner, query.reuse)
     if isinstance(result, ServiceError):
         raise result
     return jsonify(_shape(result))
 
 
 @bp.post("/predict/batch")
-def predict_batch():
+@api_spec.validate(tags=["predict"], operation_id="predictImageBatch", resp=Response(
+    HTTP_200=(BatchResult, "One entry per file, in order; a bad file carries its own error"),
+    HTTP_413=(ErrorBody, "Request body too large"),
+    HTTP_503=UNAVAILABLE))
+def predict_batch(query: ImageParams, form: ImageFiles):
+    """Predict up to MAX_BATCH_FILES images"""
+    form = _required(form, "files")
     svc = services()
     limit = svc.settings.max_batch_files
-    request.max_content_length = (svc.settings.max_image_bytes + MULTIPART_OVERHEAD) * limit
-    threshold = parse_threshold(svc.settings.default_threshold)
-    reuse = parse_bool("reuse", True)
-    files = request.files.getlist("files")
-    if not files:
-        raise InvalidInput("multipart field 'files' is required (repeat it once per image)", parameter="files")
+    threshold = svc.settings.default_threshold if query.threshold is None else query.threshold
+    files = form.files
     if len(files) > limit:
         raise InvalidInput(f"at most {limit} files per batch, got {len(files)}", parameter="files")
     outcomes: list = [None] * len(files)
@@ -65,7 +89,8 @@ def predict_batch():
             readable.append((index, _read_upload(storage, svc.settings.max_image_bytes)))
         except PayloadTooLarge as exc:
             outcomes[index] = exc
-    predicted = svc.predictions.predict_images([u for _, u in readable], threshold, current_caller().owner, reuse)
+    predicted = svc.predictions.predict_images([u for _, u in readable], threshold, current_caller().owner,
+                                               query.reuse)
     for (index, _), outcome in zip(readable, predicted, strict=True):
         outcomes[index] = outcome
 

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
+from api.auth import current_caller
 from api.context import services
-from api.routes.common import absolute_url, current_caller
+from api.routes.common import absolute_links
 from api.services.predictions import serialize_prediction
 from api.services.queries import DEFAULT_LIMIT, MAX_LIMIT, parse_filters, parse_int, parse_time
 
 bp = Blueprint("predictions", __name__)
 
 
-def _public(row) -> dict:
+def _public(row, detail: bool = False) -> dict:
     svc = services()
     body = serialize_prediction(row, svc.store, svc.settings)
-    body["result_url"] = absolute_url(body.get("result_url"))
-    return body
+    if detail and row.media_type == "video":  # frames, progress, aggregates, timeline
+        body.update(svc.videos.detail(row))
+    return absolute_links(body)
 
 
 @bp.get("/predictions")
@@ -45,8 +47,4 @@ def prediction_stats():
 def get_prediction(prediction_id: str):
     caller = current_caller()
     row = services().queries.get(prediction_id, caller.owner, caller.is_admin)
-    body = _public(row)
-    detail = services().extra.get("prediction_detail")
-    if detail is not None:  # media-specific detail (video frames, job progress) from its own service
-        body.update(detail(row))
-    return jsonify(body)
+    return jsonify(_public(row, detail=True))

@@ -21,9 +21,9 @@ from enum import Enum
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.database import Database, DatabaseUnavailable
+from api.database import Database
+from api.exceptions import InvalidInput, NotFound
 from api.models import ApiKey
-from api.services.errors import InvalidInput, NotFound, Unavailable
 
 PREFIX = "d3"
 ID_HEX_CHARS = 16
@@ -143,9 +143,5 @@ class KeyService:
 
     @contextmanager
     def _session(self) -> Iterator[Session]:
-        """db.session() with DatabaseUnavailable turned into the service's 503."""
-        try:
-            with self.db.session() as session:
-                yield session
-        except DatabaseUnavailable:
-            raise Unavailable("the database is unavailable; retry shortly") from None
+        with self.db.session() as session:
+            yield session

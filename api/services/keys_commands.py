@@ -8,7 +8,7 @@ from datetime import datetime
 import click
 
 from api.config import load_settings
-from api.services.errors import ServiceError
+from api.exceptions import ServiceError
 from api.services.keys import KeyInfo, KeyService
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select
 
 from api.config import Settings
-from api.database import Database, DatabaseUnavailable
+from api.database import Database
 from api.detector import (
     EngineNotReady,
     EngineOverloaded,
@@ -24,8 +24,8 @@ from api.detector import (
     InferenceError,
     preprocess_image,
 )
+from api.exceptions import PayloadTooLarge, ServiceError, Unavailable
 from api.models import Prediction
-from api.services.errors import PayloadTooLarge, ServiceError, Unavailable
 from api.services.records import insert_with_objects
 from api.storage import ObjectStore, StoreUnavailable, object_key
 from api.utils.images import decode_image
@@ -108,6 +108,8 @@ class PredictionService:
                         results[index] = stored
                         continue
                 pending.append((index, upload, digest, decode_image(upload.data, self.settings.max_image_pixels)))
+            except Unavailable:
+                raise  # an outside system is down: the whole request fails (503), not this file
             except ServiceError as exc:
                 results[index] = exc
 
@@ -128,11 +130,8 @@ class PredictionService:
                         Prediction.status == "done", Prediction.threshold == threshold,
                         Prediction.model_version == self.engine.model_version, Prediction.owner == owner)
                  .order_by(Prediction.created_at.desc()).limit(1))
-        try:
-            with self.db.session() as session:
-                row = session.scalars(query).first()
-        except DatabaseUnavailable:
-            raise Unavailable("the database is unavailable; retry shortly") from None
+        with self.db.session() as session:
+            row = session.scalars(query).first()
         if row is None:
             return None
         body = serialize_prediction(row, self.store, self.settings)

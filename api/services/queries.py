@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.sql import Select
 
-from api.database import Database, DatabaseUnavailable
+from api.database import Database
+from api.exceptions import InvalidInput, NotFound
 from api.models import Prediction
-from api.services.errors import InvalidInput, NotFound, Unavailable
 
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
@@ -172,12 +172,9 @@ class QueryService:
         else:
             page = page.offset(offset)
         page = page.limit(limit + 1)  # one extra row says whether there is a next page
-        try:
-            with self.db.session() as session:
-                rows = list(session.scalars(page))
-                total = session.scalar(count_query) or 0
-        except DatabaseUnavailable:
-            raise Unavailable("the database is unavailable; retry shortly") from None
+        with self.db.session() as session:
+            rows = list(session.scalars(page))
+            total = session.scalar(count_query) or 0
         next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
         return rows[:limit], total, next_cursor
 
@@ -186,11 +183,8 @@ class QueryService:
             key = uuid.UUID(prediction_id)
         except ValueError:
             raise NotFound(f"no prediction with id {prediction_id!r}") from None
-        try:
-            with self.db.session() as session:
-                row = session.get(Prediction, key)
-        except DatabaseUnavailable:
-            raise Unavailable("the database is unavailable; retry shortly") from None
+        with self.db.session() as session:
+            row = session.get(Prediction, key)
         # Another client's record is reported exactly like a missing one.
         if row is None or (not all_owners and row.owner != owner):
             raise NotFound(f"no prediction with id {prediction_id!r}")
@@ -208,29 +202,26 @@ class QueryService:
             return _apply(query, filters, owner, all_owners)
 
         done = Prediction.status == "done"
-        try:
-            with self.db.session() as session:
-                by_prediction = dict(session.execute(scoped(
-                    select(Prediction.prediction, func.count()).where(done).group_by(Prediction.prediction))).all())
-                by_media = dict(session.execute(scoped(
-                    select(Prediction.media_type, func.count()).group_by(Prediction.media_type))).all())
-                by_status = dict(session.execute(scoped(
-                    select(Prediction.status, func.count()).group_by(Prediction.status))).all())
-                day = func.date(Prediction.created_at)
-                per_day = session.execute(scoped(
-                    select(day, func.count()).group_by(day).order_by(day))).all()
-                mean_probability, mean_ms, timed = session.execute(scoped(select(
-                    func.avg(Prediction.fake_probability), func.avg(Prediction.processing_ms),
-                    func.count(Prediction.processing_ms)).where(done))).one()
-                p95 = None
-                if timed:
-                    # Nearest-rank percentile, portable across SQLite and PostgreSQL.
-                    rank = max(0, math.ceil(0.95 * timed) - 1)
-                    p95 = session.scalar(scoped(
-                        select(Prediction.processing_ms).where(done, Prediction.processing_ms.is_not(None))
-                        .order_by(Prediction.processing_ms).offset(rank).limit(1)))
-        except DatabaseUnavailable:
-            raise Unavailable("the database is unavailable; retry shortly") from None
+        with self.db.session() as session:
+            by_prediction = dict(session.execute(scoped(
+                select(Prediction.prediction, func.count()).where(done).group_by(Prediction.prediction))).all())
+            by_media = dict(session.execute(scoped(
+                select(Prediction.media_type, func.count()).group_by(Prediction.media_type))).all())
+            by_status = dict(session.execute(scoped(
+                select(Prediction.status, func.count()).group_by(Prediction.status))).all())
+            day = func.date(Prediction.created_at)
+            per_day = session.execute(scoped(
+                select(day, func.count()).group_by(day).order_by(day))).all()
+            mean_probability, mean_ms, timed = session.execute(scoped(select(
+                func.avg(Prediction.fake_probability), func.avg(Prediction.processing_ms),
+                func.count(Prediction.processing_ms)).where(done))).one()
+            p95 = None
+            if timed:
+                # Nearest-rank percentile, portable across SQLite and PostgreSQL.
+                rank = max(0, math.ceil(0.95 * timed) - 1)
+                p95 = session.scalar(scoped(
+                    select(Prediction.processing_ms).where(done, Prediction.processing_ms.is_not(None))
+                    .order_by(Prediction.processing_ms).offset(rank).limit(1)))
         return {
             "since": since.isoformat().replace("+00:00", "Z"),
             "until": until.isoformat().replace("+00:00", "Z"),

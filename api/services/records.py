@@ -1,7 +1,7 @@
 """Storing a record all or nothing: its objects first, then its row.
 
 If the row cannot be written the objects are removed again, so no row ever points at a missing
-object and a failed request leaves nothing behind. Either failure becomes a 503 for the client.
+object and a failed request leaves nothing behind. Either failure propagates (a 503 at the HTTP boundary).
 """
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-from api.database import Database, DatabaseUnavailable
-from api.services.errors import Unavailable
+from api.database import Database
 from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -20,7 +19,7 @@ StoredObject = tuple[str, str, bytes | str | os.PathLike, str]
 
 
 def put_objects(store: ObjectStore, objects: list[StoredObject]) -> list[tuple[str, str]]:
-    """Write every object or none: a failure removes those already written and raises Unavailable."""
+    """Write every object or none: a failure removes those already written and re-raises."""
     written: list[tuple[str, str]] = []
     try:
         for bucket, key, payload, content_type in objects:
@@ -29,10 +28,10 @@ def put_objects(store: ObjectStore, objects: list[StoredObject]) -> list[tuple[s
             else:
                 store.put_file(bucket, key, payload, content_type)
             written.append((bucket, key))
-    except StoreUnavailable as exc:
-        log.error("objects not stored: %s", exc)
+    except BaseException:
+        log.error("objects not stored; removing the %d already written", len(written))
         delete_objects(store, written)
-        raise Unavailable("the object store is unavailable; nothing was stored, retry shortly") from None
+        raise
     return written
 
 
@@ -50,7 +49,7 @@ def insert_with_objects(db: Database, store: ObjectStore, row: object, objects: 
     try:
         with db.session() as session:
             session.add(row)
-    except DatabaseUnavailable as exc:
-        log.error("row not stored: %s", exc)
+    except BaseException:
+        log.error("row not stored; removing its %d objects", len(written))
         delete_objects(store, written)
-        raise Unavailable("the database is unavailable; nothing was stored, retry shortly") from None
+        raise

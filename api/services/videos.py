@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any
@@ -42,23 +42,21 @@ from sqlalchemy import func, select, update
 from api.config import Settings
 from api.database import Database, DatabaseUnavailable
 from api.detector import InferenceEngine, preprocess_image
-from api.detector.preprocess import INPUT_SIZE
-from api.models import Prediction, VideoPrediction
-from api.services.errors import (
+from api.detector.config import IMAGE_SIZE
+from api.exceptions import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
     ServiceError,
     TooManyJobs,
-    Unavailable,
     UnprocessableMedia,
 )
+from api.models import Prediction, VideoPrediction
 from api.services.predictions import run_engine, safe_filename, serialize_prediction, verdict
 from api.services.records import delete_objects, insert_with_objects, put_objects
 from api.services.timeline import render_timeline
 from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable, object_key
 from api.tasks import check_callback_url
-from api.utils.parsing import bool_param
 from api.utils.video_probe import ProbeInfo, VideoDecodeError, VideoReader, sample_indices, sniff
 
 log = logging.getLogger(__name__)
@@ -93,10 +91,6 @@ class VideoParams:
         return cls(threshold=row.threshold, frames=stored.get("frames"), fps=stored.get("fps"),
                    aggregation=stored.get("aggregation", row.video.aggregation),
                    run_async=bool(stored.get("async", True)), callback_url=row.video.callback_url)
-
-
-def _parse_bool(name: str, raw: str | None) -> bool:
-    return bool_param(name, raw, False)
 
 
 # -- the upload on disk ---------------------------------------------------------------------------
@@ -228,34 +222,25 @@ class VideoService:
         self._submit_lock = threading.Lock()
 
     # ---------------------------------------------------------------- parameters and upload
-    def parse_params(self, values: Mapping[str, str], threshold: float) -> VideoParams:
-        """Form/query values -> VideoParams; InvalidInput names the bad parameter."""
-        raw_frames, raw_fps = values.get("frames") or None, values.get("fps") or None
-        if raw_frames is not None and raw_fps is not None:
+    def parse_params(self, threshold: float, frames: int | None = None, fps: float | None = None,
+                     aggregation: str = "mean", run_async: bool = False,
+                     callback_url: str | None = None) -> VideoParams:
+        """Typed request values (api/schemas.py checked their types and fixed ranges) -> VideoParams.
+
+        What depends on this server's settings or on more than one value is checked here;
+        InvalidInput names the parameter.
+        """
+        if frames is not None and fps is not None:
             raise InvalidInput("give either frames or fps, not both", parameter="frames")
-        frames = fps = None
         limit = self.settings.max_video_frames
-        if raw_frames is not None:
-            try:
-                frames = int(raw_frames)
-            except ValueError:
-                raise InvalidInput(f"frames must be an integer, got {raw_frames!r}", parameter="frames") from None
-            if not 1 <= frames <= limit:
-                raise InvalidInput(f"frames must be between 1 and {limit}, got {frames}", parameter="frames")
-        if raw_fps is not None:
-            try:
-                fps = float(raw_fps)
-            except ValueError:
-                raise InvalidInput(f"fps must be a number, got {raw_fps!r}", parameter="fps") from None
-            if not (math.isfinite(fps) and 0 < fps <= MAX_SAMPLE_FPS):
-                raise InvalidInput(f"fps must be above 0 and at most {MAX_SAMPLE_FPS:g}, got {raw_fps!r}",
-                                   parameter="fps")
-        aggregation = (values.get("aggregation") or "mean").strip().lower()
+        if frames is not None and not 1 <= frames <= limit:
+            raise InvalidInput(f"frames must be between 1 and {limit}, got {frames}", parameter="frames")
+        if fps is not None and not (math.isfinite(fps) and 0 < fps <= MAX_SAMPLE_FPS):
+            raise InvalidInput(f"fps must be above 0 and at most {MAX_SAMPLE_FPS:g}, got {fps}", parameter="fps")
         if aggregation not in AGGREGATIONS:
             raise InvalidInput(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}",
                                parameter="aggregation")
-        run_async = _parse_bool("async", values.get("async"))
-        callback_url = (values.get("callback_url") or "").strip() or None
+        callback_url = (callback_url or "").strip() or None
         if callback_url is not None:
             check_callback_url(callback_url, self.settings.callback_allow_http, self.settings.callback_allow_private)
             run_async = True  # a callback only makes sense for a job
@@ -339,7 +324,7 @@ class VideoService:
 
         decode_started = time.perf_counter()
         try:
-            for frame in reader.frames(indices, INPUT_SIZE):
+            for frame in reader.frames(indices, IMAGE_SIZE):
                 if frame.rgb is None:
                     counters["skipped"] += 1
                     continue
@@ -437,11 +422,8 @@ class VideoService:
         query = (select(func.count()).select_from(Prediction)
                  .where(Prediction.media_type == "video", Prediction.status.in_(("queued", "running")),
                         Prediction.owner.is_(None) if owner is None else Prediction.owner == owner))
-        try:
-            with self.db.session() as session:
-                return int(session.scalar(query) or 0)
-        except DatabaseUnavailable:
-            raise Unavailable("the database is unavailable; retry shortly") from None
+        with self.db.session() as session:
+            return int(session.scalar(query) or 0)
 
     def _create_job(self, upload: SpooledUpload, info: ProbeInfo, params: VideoParams, owner: str | None,
                     base_url: str | None, container: str) -> Prediction:
@@ -545,10 +527,10 @@ class VideoService:
                     row.media_object = upload_key  # the upload becomes the kept video: no second copy
                 row.video.upload_object = None
                 written = put_objects(self.store, self._documents(row, analysis))
-        except DatabaseUnavailable as exc:
-            log.error("video job %s not stored: %s", prediction_id, exc)
+        except DatabaseUnavailable:
+            log.error("video job %s: the database is unavailable, its results were not stored", prediction_id)
             delete_objects(self.store, written)
-            raise Unavailable("the database is unavailable; the job's results were not stored") from None
+            raise
         if not self.settings.keep_videos and upload_key:
             delete_objects(self.store, [(self.settings.bucket_videos, upload_key)])
         return row
@@ -640,14 +622,10 @@ class VideoService:
             return self.store.get_bytes(self.settings.bucket_results, timeline_key(row))
         except ObjectNotFound:
             pass
-        except StoreUnavailable:
-            raise Unavailable("the object store is unavailable; retry shortly") from None
         try:
             document = json.loads(self.store.get_bytes(self.settings.bucket_frames, row.video.frames_object))
         except (ObjectNotFound, ValueError):
             raise NotFound(f"the results of prediction {row.id} are no longer stored") from None
-        except StoreUnavailable:
-            raise Unavailable("the object store is unavailable; retry shortly") from None
         return render_timeline(document["frames"], row.video.segments or [], row.video.duration_s or 0.0,
                                row.threshold)
 

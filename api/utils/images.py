@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from api.services.errors import PayloadTooLarge, UnprocessableMedia, UnsupportedMediaType
+from api.exceptions import PayloadTooLarge, UnprocessableMedia, UnsupportedMediaType
 
 # Pillow's format names, read from the bytes. Restricting `Image.open(formats=...)` to these means
 # Pillow never even tries other plugins: no EPS (Ghostscript), no SVG, nothing exotic.

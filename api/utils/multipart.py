@@ -30,7 +30,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_options_header
 
-from api.services.errors import InvalidInput
+from api.exceptions import InvalidInput
 
 READ_SIZE = 64 * 1024
 FIELD_CHARSETS = frozenset({"ascii", "us-ascii", "utf-8", "iso-8859-1"})  # Werkzeug's safe list
@@ -131,9 +131,21 @@ class _FormCollector:
 
 
 class MultipartFormDataParser(FormDataParser):
-    def _parse_multipart(self, stream: IO[bytes], mimetype: str, content_length: int | None,
-                         options: dict[str, str]):
-        # InvalidInput is not a ValueError, so FormDataParser.parse lets it through to the client.
+    """Werkzeug's form parser with multipart bodies parsed here.
+
+    Only Werkzeug's public API is used: `parse` (the documented entry point, overridden for
+    multipart/form-data only) and the parser's constructor attributes (stream_factory,
+    max_form_parts, max_form_memory_size, cls). Nothing private of Werkzeug is overridden.
+    """
+
+    def parse(self, stream: IO[bytes], mimetype: str, content_length: int | None,
+              options: dict[str, str] | None = None):
+        if mimetype != "multipart/form-data":
+            return super().parse(stream, mimetype, content_length, options)
+        return self.parse_multipart(stream, content_length, options or {})
+
+    def parse_multipart(self, stream: IO[bytes], content_length: int | None, options: dict[str, str]):
+        # Malformed bodies raise InvalidInput (a 400 saying why), never Werkzeug's silent empty form.
         boundary = options.get("boundary", "")
         if not boundary:
             raise InvalidInput("malformed multipart body: the Content-Type has no boundary")

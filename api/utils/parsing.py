@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from api.exceptions import InvalidInput
+
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
@@ -18,8 +20,6 @@ def bool_word(raw: str) -> bool | None:
 
 def bool_param(name: str, raw: str | None, default: bool) -> bool:
     """A yes/no request parameter: the default when absent or empty, 400 naming it when unreadable."""
-    from api.services.errors import InvalidInput
-
     if raw is None or raw.strip() == "":
         return default
     value = bool_word(raw)

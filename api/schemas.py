@@ -1,0 +1,229 @@
+"""Request and response schemas (pydantic): each endpoint's one schema parses its request and
+generates its part of the OpenAPI document (api/openapi.py, through spectree).
+
+Limits that are settings (MAX_VIDEO_FRAMES, MAX_BATCH_FILES, DEFAULT_THRESHOLD, ...) are not
+written here: a field names the setting in `json_schema_extra` (`x-d3-default`, `x-d3-maximum`,
+`x-d3-max-items`) and api/openapi.py puts the app's value in the document; the services enforce
+them. Every field has a default or an example that makes a working request as sent, so Swagger
+UI's "Try it out" works unchanged (tests/test_api_openapi.py sends exactly that).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from werkzeug.datastructures import FileStorage
+
+from api.services.videos import MAX_SAMPLE_FPS
+
+PROBABILITY = {"ge": 0.0, "le": 1.0, "allow_inf_nan": False}
+
+
+def _one_file(value: Any) -> FileStorage:
+    if isinstance(value, list):  # the part was repeated: the first one counts, as Werkzeug's .get() does
+        value = value[0] if value else None
+    if not isinstance(value, FileStorage):
+        raise ValueError("must be a file part (a multipart field with a filename)")
+    return value
+
+
+def _file_list(value: Any) -> list[FileStorage]:
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, FileStorage) for v in values):
+        raise ValueError("every part must be a file (a multipart field with a filename)")
+    return values
+
+
+BINARY = {"type": "string", "format": "binary"}
+UploadedFile = Annotated[FileStorage, BeforeValidator(_one_file), WithJsonSchema(BINARY)]
+UploadedFiles = Annotated[list[FileStorage], BeforeValidator(_file_list),
+                          WithJsonSchema({"type": "array", "items": BINARY})]
+
+
+class Params(BaseModel):
+    """Base of the request models: unknown fields are ignored and an empty value means "not given"."""
+
+    model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (isinstance(v, str) and v.strip() == "")}
+        return data
+
+
+# -- shared fields -------------------------------------------------------------------------------
+def threshold_field() -> Any:
+    return Field(None, **PROBABILITY, json_schema_extra={"x-d3-default": "default_threshold"},
+                 description="Decision threshold: the verdict is fake when fake_probability > threshold. "
+                             "Default DEFAULT_THRESHOLD.")
+
+
+REUSE_DESCRIPTION = ("Return the stored result when these exact bytes were already scored with this model "
+                     "version and threshold by this caller (the response then says reused: true). "
+                     "false always runs the model and stores a new record.")
+
+
+# -- POST /predict, /predict/batch ---------------------------------------------------------------
+# Parameters are documented as query parameters (they may also be sent as form fields: see
+# api/openapi.py), the multipart body holds only the files. That is also what makes Swagger UI's
+# "Try it out" right: it prefills every property of a form body, but only the defaults of query
+# parameters.
+class ImageParams(Params):
+    threshold: float | None = threshold_field()
+    reuse: bool = Field(True, description=REUSE_DESCRIPTION)
+
+
+class ImageFile(Params):
+    file: UploadedFile = Field(description="The image: JPEG, PNG, WebP, BMP, GIF or TIFF, told by its content.")
+
+
+class ImageFiles(Params):
+    files: UploadedFiles = Field(description="The images, one part each (repeat the field), at most MAX_BATCH_FILES.",
+                                 json_schema_extra={"x-d3-max-items": "max_batch_files"})
+
+
+# -- POST /predict/video -------------------------------------------------------------------------
+class VideoParams(Params):
+    threshold: float | None = threshold_field()
+    frames: int | None = Field(None, ge=1, json_schema_extra={"x-d3-maximum": "max_video_frames"}, description=(
+        "Frames to sample (default DEFAULT_VIDEO_FRAMES, at most MAX_VIDEO_FRAMES): the centre frame of each "
+        "of n equal slices, index_i = floor((i + 0.5) * frame_count / n). Not with fps."))
+    fps: float | None = Field(None, gt=0, le=MAX_SAMPLE_FPS, allow_inf_nan=False, description=(
+        "Sample rate instead of a count: floor(duration * fps) frames (at least 1, capped at "
+        "MAX_VIDEO_FRAMES), placed the same way. Not with frames."))
+    aggregation: Literal["mean", "vote", "max"] = Field("mean", description=(
+        "mean of frame probabilities, vote = share of frames over the threshold, or max; the verdict is "
+        "fake when it exceeds the threshold."))
+    run_async: bool = Field(False, alias="async", description=(
+        "Queue a job and answer 202 at once. Also automatic above VIDEO_ASYNC_BYTES or VIDEO_ASYNC_SECONDS."))
+    callback_url: str | None = Field(None, max_length=2000, json_schema_extra={"format": "uri"}, description=(
+        "POSTed the final result (the GET /predictions/{id} body) when the job ends, with retries. https only "
+        "unless CALLBACK_ALLOW_HTTP; hosts that resolve to private, loopback, link-local or reserved addresses "
+        "are refused unless CALLBACK_ALLOW_PRIVATE. Implies async."))
+
+
+class VideoFile(Params):
+    file: UploadedFile = Field(description=(
+        "The video. Its type is read from the content (MP4/MOV, AVI, WebM/Matroska, MPEG-TS/PS, FLV, Ogg, "
+        "ASF), never from the filename."))
+
+
+# -- responses -----------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(description="Stable machine-readable name, e.g. invalid_input, unavailable.")
+    message: str = Field(description="What went wrong, for people.")
+    parameter: str | None = Field(None, description="The request parameter at fault, when there is one.")
+
+
+class ErrorBody(BaseModel):
+    """Every error: {"error": {"code", "message", ...}}."""
+
+    error: ErrorDetail
+
+
+class Prediction(BaseModel):
+    """One stored prediction (image or video)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(description="UUID of the record.")
+    media_type: Literal["image", "video"]
+    status: Literal["queued", "running", "done", "failed"]
+    prediction: Literal["fake", "real"] | None = None
+    fake_probability: float | None = Field(None, ge=0, le=1)
+    confidence: float | None = Field(None, ge=0, le=1)
+    threshold: float = Field(ge=0, le=1)
+    model_version: str
+    sha256: str
+    filename: str | None = None
+    size_bytes: int | None = None
+    width: int | None = None
+    height: int | None = None
+    processing_ms: float | None = None
+    created_at: str = Field(description="ISO 8601, UTC.")
+    result_url: str | None = Field(None, description="Signed, expiring link to the stored result JSON.")
+    reused: bool | None = Field(None, description="true: an earlier record for the same bytes (see reuse).")
+    warning: str | None = Field(None, description="Present while the model has random (untrained) weights.")
+    error: str | None = None
+
+
+class BatchError(BaseModel):
+    index: int
+    filename: str | None = None
+    status: int = Field(description="The HTTP status this file alone would have had.")
+    error: ErrorDetail
+
+
+class BatchEntry(Prediction):
+    index: int = Field(description="Position of the file in the request.")
+
+
+class BatchResult(BaseModel):
+    count: int
+    succeeded: int
+    failed: int
+    results: list[BatchEntry | BatchError] = Field(description="One entry per file, in order.")
+
+
+class VideoFrame(BaseModel):
+    index: int = Field(description="Frame number in the video (0-based, decoding order).")
+    timestamp_s: float = Field(description="index / fps.")
+    fake_probability: float = Field(ge=0, le=1)
+
+
+class VideoSegment(BaseModel):
+    start_s: float = Field(description="Start of the first frame's slice of the video.")
+    end_s: float = Field(description="End of the last frame's slice of the video.")
+    start_frame: int
+    end_frame: int
+    first_timestamp_s: float
+    last_timestamp_s: float
+    frames: int = Field(description="Sampled frames in the run.")
+    mean_probability: float = Field(ge=0, le=1)
+    max_probability: float = Field(ge=0, le=1)
+
+
+class Aggregates(BaseModel):
+    mean: float = Field(ge=0, le=1)
+    vote: float = Field(ge=0, le=1)
+    max: float = Field(ge=0, le=1)
+
+
+class Progress(BaseModel):
+    done: int
+    total: int
+
+
+class Callback(BaseModel):
+    url: str
+    status: str
+
+
+class VideoPrediction(Prediction):
+    """A video prediction: while queued/running only progress; once done, everything."""
+
+    aggregation: Literal["mean", "vote", "max"] | None = None
+    aggregates: Aggregates | None = Field(None, description="All three, whatever was chosen.")
+    frames_analyzed: int | None = None
+    duration_s: float | None = None
+    fps: float | None = None
+    frame_count: int | None = None
+    codec: str | None = None
+    container: str | None = None
+    sampling: dict[str, Any] | None = Field(
+        None, description="mode (frames|fps), requested_frames, planned_frames, capped, rule.")
+    decoding: dict[str, Any] | None = Field(None, description="strategy, seeks, grabs, skipped_frames, decode_s.")
+    progress: Progress | None = None
+    top_frames: list[VideoFrame] | None = Field(None, description="The 5 most suspicious frames, highest first.")
+    segments: list[VideoSegment] | None = Field(None, description="Runs of consecutive sampled frames over the "
+                                                                  "threshold.")
+    frames: list[VideoFrame] | None = None
+    timeline_url: str | None = Field(None, description="Signed link to the timeline PNG (like result_url).")
+    timings_ms: dict[str, float] | None = Field(None, description="probe, decode, preprocess, inference (sync only).")
+    status_url: str | None = Field(None, description="Async only: poll it (GET /predictions/{id}).")
+    callback: Callback | None = None
