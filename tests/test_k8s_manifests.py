@@ -585,3 +585,39 @@ def test_reachability_check_catches_an_open_policy(rendered):
     assert _ingress_allowed(opened, Peer(*OUTSIDERS[4]), postgres, 5432)
     assert not _egress_allowed(opened, web, postgres, 5432)  # web's own egress still says no
     assert not _ingress_allowed(r, Peer(*OUTSIDERS[4]), postgres, 5432)
+
+
+# ================================================================== env names
+# Names in the manifests' environment that are not settings of api/config.py, and who reads them.
+NOT_SETTINGS = {
+    "POSTGRES_SERVER": "assembled into DATABASE_URL by $(VAR) expansion",
+    "POSTGRES_DB": "assembled into DATABASE_URL", "POSTGRES_USER": "assembled into DATABASE_URL",
+    "POSTGRES_PASSWORD": "assembled into DATABASE_URL", "DATABASE_OPTIONS": "assembled into DATABASE_URL",
+    "REDIS_SERVER": "assembled into REDIS_URL", "REDIS_PASSWORD": "assembled into REDIS_URL",
+    "PROMETHEUS_MULTIPROC_DIR": "prometheus_client (gunicorn_config.py)",
+    "MPLCONFIGDIR": "matplotlib", "HOME": "the process", "PYTHONDONTWRITEBYTECODE": "Python",
+    "PYTHONUNBUFFERED": "Python",
+}
+# Settings other tiers bring (issue 10: inference tier, issue 11: worker tier); accepted until
+# their branch lands, then they must be settings like the rest.
+PENDING_SETTINGS = {"D3_INFERENCE_URL": "t10", "CELERY_BROKER_URL": "w11"}
+
+
+def test_every_env_name_is_read_by_someone(rendered):
+    """A misspelt name in a manifest would be ignored silently: every name must be a setting of
+    the app (api/config.py), a Gunicorn setting (gunicorn_config.py) or a listed helper."""
+    from api.config import Settings
+
+    settings = {name.upper() for name in Settings.model_fields}
+    gunicorn = (ROOT / "gunicorn_config.py").read_text()
+    problems = []
+    for overlay in OVERLAYS:
+        for workload, container, _init in all_containers(rendered[overlay]):
+            if not container["image"].split("/")[-1].startswith(("api:", "inference:")):
+                continue  # the storage images' own env names (POSTGRES_*, MINIO_ROOT_*) are theirs
+            for name in container_env(rendered[overlay], container):
+                known = (name in settings or name in NOT_SETTINGS or f'"{name}"' in gunicorn
+                         or (name in PENDING_SETTINGS and name not in settings))
+                if not known:
+                    problems.append(f"{overlay} {name_of(workload)}/{container['name']}: {name}")
+    assert not problems, "env names nothing reads:\n" + "\n".join(sorted(set(problems)))
