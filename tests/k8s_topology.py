@@ -222,6 +222,7 @@ class LocalCluster:
         paths = self._paths(workload, container)
         env = {k: self.rewrite(v, name, paths) for k, v in container_env(self.r, container).items()}
         env.setdefault("PATH", PATH)
+        env.setdefault("HOSTNAME", socket.gethostname())  # the kubelet sets it to the pod's name
         return env, paths
 
     def command(self, workload: dict[str, Any], container: dict[str, Any]) -> tuple[list[str], dict, Path]:

@@ -621,3 +621,24 @@ def test_every_env_name_is_read_by_someone(rendered):
                 if not known:
                     problems.append(f"{overlay} {name_of(workload)}/{container['name']}: {name}")
     assert not problems, "env names nothing reads:\n" + "\n".join(sorted(set(problems)))
+
+
+def _add_headers(text: str) -> dict[str, str]:
+    return dict(re.findall(r'^\s*add_header\s+(\S+)\s+"([^"]*)"\s+always;', text, re.M))
+
+
+def test_web_pod_config_matches_the_front_ends_own():
+    """The web tier's nginx (base/web-nginx.conf) keeps the front end's URL layout and headers
+    (web/nginx/default.conf.template, api/routes/web.py), minus the API pass-through."""
+    ours = (K8S / "base" / "web-nginx.conf").read_text()
+    template = ROOT / "web" / "nginx" / "default.conf.template"
+    if not template.exists():
+        pytest.skip("web/nginx/default.conf.template is not in this checkout yet (issue 15)")
+    theirs = template.read_text()
+    assert _add_headers(ours) == _add_headers(theirs)
+    for location in ("location = / {", "location = /ui/ {", "location ^~ /ui/assets/ {", "location ^~ /ui/ {"):
+        assert location in ours and location in theirs, location
+    assert "proxy_pass" not in ours
+    from api.routes.web import SECURITY_HEADERS
+
+    assert _add_headers(ours)["Content-Security-Policy"] == SECURITY_HEADERS["Content-Security-Policy"]

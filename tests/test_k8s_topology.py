@@ -144,11 +144,16 @@ def test_web_static_files_through_the_web_service(cluster):
     if "web" not in cluster.running:
         pytest.skip(cluster.skipped.get("web", "web not started"))
     port = cluster.service_port("web", 8080)
-    index = requests.get(f"http://127.0.0.1:{port}/", timeout=10)
-    assert index.status_code == 200 and "<html" in index.text.lower()
-    assert index.text == (ROOT / "web" / "dist" / "index.html").read_text()
-    spa = requests.get(f"http://127.0.0.1:{port}/some/client/route", timeout=10)
-    assert spa.status_code == 200 and spa.text == index.text
+    root = requests.get(f"http://127.0.0.1:{port}/", allow_redirects=False, timeout=10)
+    assert root.status_code == 302 and root.headers["Location"].endswith("/ui/")
+    page = requests.get(f"http://127.0.0.1:{port}/ui/", timeout=10)
+    assert page.status_code == 200 and page.text == (ROOT / "web" / "dist" / "index.html").read_text()
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    assets = sorted((ROOT / "web" / "dist" / "assets").iterdir())
+    asset = requests.get(f"http://127.0.0.1:{port}/ui/assets/{assets[0].name}", timeout=10)
+    assert asset.status_code == 200 and asset.content == assets[0].read_bytes()
+    assert requests.get(f"http://127.0.0.1:{port}/predictions", timeout=10).status_code == 404, \
+        "the web pods serve the page only; the Ingress sends API paths to the api Service"
 
 
 def _mutated(cluster: LocalCluster, workload: str, container: str, change) -> tuple[dict, dict]:
