@@ -174,16 +174,40 @@ class LocalCluster:
         return [(paths[m["mountPath"]], m["mountPath"], bool(m.get("readOnly")))
                 for m in container.get("volumeMounts", [])]
 
-    def identity(self, workload: dict[str, Any], container: dict[str, Any]) -> dict[str, Any]:
-        """Popen arguments that run a process as the pod's user (runAsUser/runAsGroup), when we can."""
-        if os.geteuid() != 0 or not _reachable_by_others(ROOT / ".venv" / "bin" / "python"):
-            return {}  # not root, or the venv's interpreter lives where only root can go (pyenv in /root)
+    def run_as(self, workload: dict[str, Any], container: dict[str, Any], program: str,
+               env: dict[str, str]) -> tuple[int, int] | None:
+        """The pod's user and group (runAsUser/runAsGroup) for a process, when we can switch to
+        it: as root, and when that user can execute the program (the venv's interpreter may live
+        where only root can go, e.g. pyenv under /root; those processes stay root)."""
         pod = pod_spec(workload).get("securityContext", {})
         own = container.get("securityContext", {})
         user = own.get("runAsUser", pod.get("runAsUser"))
         group = own.get("runAsGroup", pod.get("runAsGroup", user))
         assert user not in (None, 0), f"{workload['metadata']['name']}/{container['name']} would run as root"
-        return {"user": user, "group": group, "extra_groups": []}
+        if os.geteuid() != 0:
+            return None
+        path = shutil.which(program, path=env.get("PATH", PATH))
+        if path is None or not _reachable_by_others(Path(path)):
+            return None
+        if Path(path).name in ("sh", "bash", "dash") and not _reachable_by_others(ROOT / ".venv" / "bin" / "python"):
+            return None  # a shell may start the venv's programs, which this user cannot run here
+        with open(path, "rb") as handle:
+            first = handle.readline()
+        if first.startswith(b"#!"):
+            interpreter = first[2:].split()[0].decode()
+            if not _reachable_by_others(Path(interpreter)):
+                return None
+        return user, group
+
+    def prepare(self, workload: dict[str, Any], container: dict[str, Any], argv: list[str], env: dict[str, str],
+                paths: dict[str, Path]) -> tuple[list[str], dict[str, Any]]:
+        """The final argv and Popen arguments: sandboxed, as the pod's user where possible."""
+        ids = self.run_as(workload, container, argv[0], env)
+        if SANDBOX:
+            return sandboxed(argv, self.mounts(container, paths), ids), {}
+        if ids:
+            return argv, {"user": ids[0], "group": ids[1], "extra_groups": []}
+        return argv, {}
 
     def rewrite(self, text: str, workload: str, paths: dict[str, Path]) -> str:
         own = self._own_ports(workload)
@@ -225,26 +249,27 @@ class LocalCluster:
         env.setdefault("HOSTNAME", socket.gethostname())  # the kubelet sets it to the pod's name
         return env, paths
 
-    def command(self, workload: dict[str, Any], container: dict[str, Any]) -> tuple[list[str], dict, Path]:
+    def command(self, workload: dict[str, Any], container: dict[str, Any]) -> tuple[list[str], dict, Path, dict]:
         env_raw = container_env(self.r, container)
         argv = [expand(a, env_raw) for a in container.get("command", []) + container.get("args", [])]
         assert argv, f"{workload['metadata']['name']}/{container['name']}: no command in the manifest"
         env, paths = self.environment(workload, container)
-        argv = sandboxed(self._argv(argv, workload["metadata"]["name"], paths), self.mounts(container, paths))
+        argv, kwargs = self.prepare(workload, container, self._argv(argv, workload["metadata"]["name"], paths),
+                                    env, paths)
         workdir = container.get("workingDir")
         cwd = Path(self.rewrite(workdir, workload["metadata"]["name"], paths)) if workdir else self.volume_root
-        return argv, env, cwd
+        return argv, env, cwd, kwargs
 
     # -- processes -------------------------------------------------------------------------------
     def _spawn(self, workload: dict[str, Any], container: dict[str, Any], suffix: str = "") -> subprocess.Popen:
         name = workload["metadata"]["name"]
-        argv, env, cwd = self.command(workload, container)
+        argv, env, cwd, kwargs = self.command(workload, container)
         log = self.workdir / "logs" / f"{name}-{container['name']}{suffix}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         handle = log.open("ab")
+        log.chmod(0o666)  # like a container's stdout, reopening /dev/stdout works for the pod's user
         process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True,
-                                   **self.identity(workload, container))
+                                   stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
         handle.close()
         self.log_files[(name, container["name"] + suffix)] = log
         return process
@@ -392,13 +417,13 @@ class LocalCluster:
             return ProbeResult(name, container["name"], kind, f"tcp :{port}", _port_open(own.get(port, port)))
         if "exec" in probe:
             env, paths = self.environment(workload, container)
-            argv = sandboxed(self._argv(probe["exec"]["command"], name, paths),  # not $(VAR)-expanded
-                             self.mounts(container, paths))
+            # exec commands are not $(VAR)-expanded
+            argv, kwargs = self.prepare(workload, container, self._argv(probe["exec"]["command"], name, paths),
+                                        env, paths)
             what = "exec " + shlex.join(probe["exec"]["command"])
             try:
                 result = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=self.volume_root,
-                                        timeout=probe.get("timeoutSeconds", 1) + 30,
-                                        **self.identity(workload, container))
+                                        timeout=probe.get("timeoutSeconds", 1) + 30, **kwargs)
             except subprocess.TimeoutExpired:
                 return ProbeResult(name, container["name"], kind, what, False, "timed out")
             return ProbeResult(name, container["name"], kind, what, result.returncode == 0,
@@ -422,9 +447,8 @@ class LocalCluster:
         container = next(c for c in containers(workload_obj) if c["name"] == container_name)
         env, paths = self.environment(workload_obj, container)
         cwd = Path(self.rewrite(container.get("workingDir", "/app"), workload, paths))
-        argv = sandboxed(argv, self.mounts(container, paths))
-        result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                                **self.identity(workload_obj, container))
+        argv, kwargs = self.prepare(workload_obj, container, argv, env, paths)
+        result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs)
         assert result.returncode == 0, f"{shlex.join(argv)} in {workload}/{container_name}: {result.stderr}"
         return result.stdout
 
@@ -498,13 +522,19 @@ while [ "$1" != -- ]; do
 done
 shift
 mount -o remount,bind,ro /
-exec "$@"
+if [ "$1" = - ]; then
+    shift
+    exec "$@"
+fi
+ids="$1"
+shift
+exec setpriv --reuid="${ids%%:*}" --regid="${ids#*:}" --clear-groups -- "$@"
 """
 
 
 def _sandbox_works() -> bool:
     """Whether this machine lets root give a process a private mount namespace (unshare -m)."""
-    if os.geteuid() != 0 or not shutil.which("unshare") or not os.path.isdir(VOLUME_BASE):
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("setpriv")) or not os.path.isdir(VOLUME_BASE):
         return False
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                             "mount -o remount,bind,ro / && ! touch /.d3-rw-probe 2>/dev/null"],
@@ -518,17 +548,18 @@ VOLUME_BASE = "/dev/shm"
 SANDBOX = _sandbox_works()
 
 
-def sandboxed(argv: list[str], mounts: list[tuple[Path, str, bool]]) -> list[str]:
+def sandboxed(argv: list[str], mounts: list[tuple[Path, str, bool]], ids: tuple[int, int] | None = None) -> list[str]:
     """argv in a private mount namespace where the whole root filesystem is read-only, as
     readOnlyRootFilesystem makes it: only the container's volumes can be written. A volume whose
     mountPath exists here (/tmp) is also mounted there, as in the pod, because some paths are
-    not settings (tempfile's /tmp); the others are reached through the rewritten settings."""
+    not settings (tempfile's /tmp); the others are reached through the rewritten settings. With
+    `ids`, the process drops to that user and group once the mounts are in place."""
     if not SANDBOX:
         return argv
     over = [f"{folder}={path}" for folder, path, _ in mounts if os.path.isdir(path) and path != "/"]
     readonly = [str(folder) for folder, _, read_only in mounts if read_only]
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _SANDBOX, "sandbox",
-            *over, "--", *readonly, "--", *argv]
+            *over, "--", *readonly, "--", f"{ids[0]}:{ids[1]}" if ids else "-", *argv]
 
 
 def _reachable_by_others(path: Path) -> bool:

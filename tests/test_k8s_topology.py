@@ -33,8 +33,10 @@ serve-inference`, the worker tier's `d3 worker`) are reported as skipped with th
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -82,6 +84,9 @@ def test_every_workload_runs_or_says_why_not(cluster):
     assert {"postgres", "minio", "redis", "api", "d3-migrate"} <= started | cluster.completed
     assert "d3-migrate" in cluster.completed
     assert set(cluster.skipped) <= {"inference", "worker", "web"}, cluster.skipped
+    if SANDBOX:  # programs the pod's user can run here do run as that user (runAsUser 10001)
+        status = Path(f"/proc/{cluster.processes[('redis', 'redis')].pid}/status").read_text()
+        assert re.search(r"^Uid:\s+10001\s", status, re.M), status
 
 
 def test_every_declared_probe_passes(cluster):
@@ -175,9 +180,8 @@ def test_mistakes_in_the_manifests_fail(cluster):
     assert not cluster.probe(workload, api, "livenessProbe", api["livenessProbe"]).ok
 
     def run(workload: dict, container: dict, timeout: float = 120) -> int:
-        argv, env, cwd = cluster.command(workload, container)
-        return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, timeout=timeout,
-                              **cluster.identity(workload, container)).returncode
+        argv, env, cwd, kwargs = cluster.command(workload, container)
+        return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, timeout=timeout, **kwargs).returncode
 
     # The schema gate as shipped passes (the Job migrated) ...
     def gate(c):
