@@ -7,7 +7,7 @@
 #   ./check_deployment.sh --app-dir /opt/d3-api # or another one
 #   ./check_deployment.sh --json                # machine-readable
 #
-# Checks: gpu python venv env weights database objectstore port nginx unit disk.
+# Checks: gpu python venv env weights inference database objectstore port nginx unit disk.
 # WARN means "works, but look at it" or "deploy.sh will take care of it" (a missing .env,
 # virtualenv, weights download or schema migration); FAIL means deploying now would not work.
 # The only thing it writes is one small probe object into the object store, deleted again.
@@ -34,7 +34,7 @@ below), D3_CHECK_TIMEOUT (seconds for each Python probe, default 600).
 EOF
 }
 
-ALL_CHECKS="gpu python venv env weights database objectstore port nginx unit disk"
+ALL_CHECKS="gpu python venv env weights inference database objectstore port nginx unit disk"
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 
 APP_DIR=""
@@ -463,6 +463,55 @@ PYEOF
 )"
     rc=$?
     record_probe weights "$out" "$rc"
+}
+
+# With D3_INFERENCE_URL set: the tier answers, and serves the model version the settings describe
+# (same weights, seed and precision), so the API records the version it was configured for.
+check_inference() {
+    local url
+    url="$(setting D3_INFERENCE_URL "")"
+    if [ -z "$url" ]; then
+        record inference PASS "D3_INFERENCE_URL not set: the model runs in each API worker"
+        return
+    fi
+    need_env_and_venv inference || return
+    local out rc
+    out="$(app_python - <<'PYEOF' 2>&1
+from api.config import load_settings
+from api.detector.config import DetectorConfig
+from api.detector.remote_engine import RemoteConfig, RemoteEngine
+from api.detector.weights import resolve_weights
+
+settings = load_settings()
+url = settings.d3_inference_url
+host = url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+local = host in ("localhost", "::1") or host.startswith("127.")
+engine = RemoteEngine(RemoteConfig.from_settings(settings))
+try:
+    engine.connect(settings.d3_inference_timeout_s)
+except Exception as exc:  # noqa: BLE001
+    status = "WARN" if local else "FAIL"
+    hint = ("deploy.sh installs and starts d3-inference.service; then: journalctl -u d3-inference" if local
+            else "start the tier on its host (d3-inference.service) and check the firewall")
+    print(f"{status}\tthe inference tier at {url} does not answer: {type(exc).__name__}: {exc}\t{hint}")
+    raise SystemExit(0)
+tier = engine.tier_model
+precision = settings.d3_precision if settings.d3_precision != "auto" else tier.precision
+try:
+    expected = resolve_weights(DetectorConfig.from_settings(settings), download=False).model_version(precision)
+except Exception as exc:  # noqa: BLE001
+    print(f"FAIL\tthe tier answers, but the expected model version cannot be computed: {exc}\tsee the weights check")
+    raise SystemExit(0)
+if tier.model_version != expected:
+    print(f"FAIL\tthe tier at {url} serves {tier.model_version}, the settings describe {expected}\t"
+          "give the tier the same D3_* model settings (restart d3-inference), or point D3_INFERENCE_URL at the right tier")
+else:
+    kind = "trained" if tier.trained else "random, untrained: for tests only"
+    print(f"PASS\tthe tier at {url} answers and serves {expected} ({kind}) on {tier.device or '?'}\t")
+PYEOF
+)"
+    rc=$?
+    record_probe inference "$out" "$rc"
 }
 
 check_database() {

@@ -83,6 +83,8 @@ APP_DIR="$PREFIX/opt/d3-api"
 VENV="$APP_DIR/.venv"
 SYSTEMD_DIR="$PREFIX/etc/systemd/system"
 UNIT_PATH="$SYSTEMD_DIR/$SERVICE.service"
+TIER_SERVICE=d3-inference
+TIER_UNIT_PATH="$SYSTEMD_DIR/$TIER_SERVICE.service"
 NGINX_DIR="$PREFIX/etc/nginx"
 ACME_ROOT="$PREFIX/var/www/letsencrypt"
 LE_DIR="$PREFIX/etc/letsencrypt/live"
@@ -450,12 +452,40 @@ do_database() {
     as_service_user "$APP_DIR/bin/d3" db upgrade
 }
 
+# True when .env sends the API to an inference tier on this host (D3_INFERENCE_URL at a loopback
+# address or this host's name): then d3-inference.service is installed and started before d3-api.
+tier_on_this_host() {
+    local url host
+    url="$(dotenv_get "$APP_DIR/.env" D3_INFERENCE_URL)"
+    [ -n "$url" ] || return 1
+    host="${url#*://}"
+    host="${host%%/*}"
+    host="${host%:*}"
+    host="${host#[}"
+    host="${host%]}"
+    case "$host" in
+        localhost|127.*|::1|"$(hostname 2>/dev/null)"|"$(hostname -f 2>/dev/null)") return 0 ;;
+    esac
+    return 1
+}
+
 UNIT_STAGED=""
+TIER_UNIT_STAGED=""
+TIER_HERE=0
 do_unit() {
     step unit "systemd unit $UNIT_PATH"
     UNIT_STAGED="$WORK/$SERVICE.service"
     sed -e "s#/opt/d3-api#$APP_DIR#g" -e "s/^User=d3\$/User=$SERVICE_USER/" -e "s/^Group=d3\$/Group=$SERVICE_USER/" \
         "$SRC_DIR/$SERVICE.service" >"$UNIT_STAGED"
+    if tier_on_this_host; then
+        TIER_HERE=1
+        TIER_UNIT_STAGED="$WORK/$TIER_SERVICE.service"
+        sed -e "s#/opt/d3-api#$APP_DIR#g" -e "s/^User=d3\$/User=$SERVICE_USER/" -e "s/^Group=d3\$/Group=$SERVICE_USER/" \
+            "$SRC_DIR/$TIER_SERVICE.service" >"$TIER_UNIT_STAGED"
+        say "D3_INFERENCE_URL is on this host: $TIER_SERVICE.service goes in too ($TIER_UNIT_PATH)"
+    else
+        say "D3_INFERENCE_URL is not on this host: no $TIER_SERVICE.service (the model runs in each API worker, or on another host)"
+    fi
     if ! command -v systemd-analyze >/dev/null 2>&1; then
         skip "systemd-analyze not installed: unit not verified"
         return
@@ -464,12 +494,14 @@ do_unit() {
         say "would verify the unit with systemd-analyze verify once the virtualenv exists"
         return
     fi
-    local out
-    out="$(systemd-analyze verify "$UNIT_STAGED" 2>&1)" || true
-    if [ -n "$out" ]; then
-        printf '%s\n' "$out" | sed 's/^/    /'
-        fail "systemd-analyze verify complains about the unit"
-    fi
+    local out unit
+    for unit in "$UNIT_STAGED" ${TIER_UNIT_STAGED:+"$TIER_UNIT_STAGED"}; do
+        out="$(systemd-analyze verify "$unit" 2>&1)" || true
+        if [ -n "$out" ]; then
+            printf '%s\n' "$out" | sed 's/^/    /'
+            fail "systemd-analyze verify complains about $(basename "$unit")"
+        fi
+    done
     say "verified: systemd-analyze verify passes"
 }
 
@@ -603,13 +635,30 @@ do_activate() {
         ACTIVATED=1
         RESTART_NEEDED=1
     fi
+    if [ "$TIER_HERE" -eq 1 ]; then
+        if [ -f "$TIER_UNIT_PATH" ] && ! dry; then
+            cp "$TIER_UNIT_PATH" "$APP_DIR/.tier-unit-previous"
+        fi
+        if install_file "$TIER_UNIT_STAGED" "$TIER_UNIT_PATH" 0644; then
+            unit_changed=1
+            ACTIVATED=1
+            RESTART_NEEDED=1
+        fi
+    fi
     [ "$env_hash" = "$(state_get env_hash)" ] || RESTART_NEEDED=1
     if prefixed; then
-        skip "--prefix: would run systemctl daemon-reload, enable and restart $SERVICE, reload nginx"
+        skip "--prefix: would run systemctl daemon-reload, enable and restart $SERVICE${TIER_UNIT_STAGED:+ (after $TIER_SERVICE)}, reload nginx"
         write_state "$env_hash"
         return
     fi
     [ "$unit_changed" -eq 0 ] || run systemctl daemon-reload
+    if [ "$TIER_HERE" -eq 1 ]; then
+        # Started first; Type=notify: restart returns once the model is loaded, warmed and ready.
+        run systemctl enable "$TIER_SERVICE"
+        if [ "$RESTART_NEEDED" -eq 1 ] || [ "$have_systemd" -eq 0 ] || ! systemctl is-active --quiet "$TIER_SERVICE"; then
+            run systemctl restart "$TIER_SERVICE"
+        fi
+    fi
     run systemctl enable "$SERVICE"
     if [ "$RESTART_NEEDED" -eq 1 ] || [ "$have_systemd" -eq 0 ] || ! systemctl is-active --quiet "$SERVICE"; then
         run systemctl restart "$SERVICE"
@@ -638,7 +687,9 @@ rollback() {
         ln -sfn "releases/$PREVIOUS_RELEASE" "$APP_DIR/current.new"
         mv -T "$APP_DIR/current.new" "$APP_DIR/current"
         [ ! -f "$APP_DIR/.unit-previous" ] || cp "$APP_DIR/.unit-previous" "$UNIT_PATH"
+        [ ! -f "$APP_DIR/.tier-unit-previous" ] || cp "$APP_DIR/.tier-unit-previous" "$TIER_UNIT_PATH"
         systemctl daemon-reload || true
+        [ "$TIER_HERE" -eq 0 ] || systemctl restart "$TIER_SERVICE" || true
         systemctl restart "$SERVICE" || true
         printf '    switched back to release %s and restarted %s\n' "$PREVIOUS_RELEASE" "$SERVICE" >&2
         write_state "$(state_get env_hash)"

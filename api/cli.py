@@ -58,6 +58,9 @@ def _register_command_groups() -> None:
     from api.detector.training_commands import register as register_training_commands
 
     register_training_commands(cli)
+    from api.detector.tier_commands import register as register_tier_commands
+
+    register_tier_commands(cli)
 
 
 _register_command_groups()

@@ -66,6 +66,7 @@ def _network(raw: Any) -> Any:
 Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 NetworkList = Annotated[tuple[Network, ...], NoDecode, BeforeValidator(split_commas)]
 StringList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(split_commas)]
+IntList = Annotated[tuple[Annotated[int, Field(ge=1)], ...], NoDecode, BeforeValidator(split_commas)]
 
 
 def _lower(raw: Any) -> Any:
@@ -106,6 +107,21 @@ class Settings(BaseSettings):
     d3_max_wait_ms: float = Field(2.0, ge=0, le=10_000, description="how long a batch waits for more images")
     d3_queue_size: int = Field(1024, ge=1)
     d3_infer_timeout_s: float = Field(120.0, ge=0.1)
+
+    # --- inference tier (Triton; see api/detector/triton_server.py, api/detector/remote_engine.py) ---
+    d3_inference_url: str = Field("", description="grpc://host:8001 or http://host:8000 of a Triton tier; "
+                                                  "empty = the model in each worker")
+    d3_inference_timeout_s: float = Field(5.0, ge=0.1, description="bound on one call to the tier (down or hung: 503)")
+    d3_inference_model: str = Field("d3", description="model name on the tier")
+    d3_inference_host: str = Field("127.0.0.1", description="address `d3 serve-inference` listens on")
+    d3_inference_http_port: int = Field(8000, ge=1, le=65535)
+    d3_inference_grpc_port: int = Field(8001, ge=1, le=65535)
+    d3_inference_metrics_port: int = Field(8002, ge=1, le=65535)
+    d3_triton_max_batch_size: int = Field(64, ge=1, le=4096, description="images per forward on the tier")
+    d3_triton_preferred_batch_size: IntList = Field((), description="batch sizes Triton prefers; empty = largest")
+    d3_triton_max_queue_delay_microseconds: int = Field(2000, ge=0, description="how long a batch waits for more")
+    d3_triton_max_queue_size: int = Field(256, ge=0, description="requests waiting on the tier; more: 503")
+    d3_triton_queue_timeout_microseconds: int = Field(0, ge=0, description="longer in the queue: 503; 0 = never")
 
     # --- HTTP service ---
     bind: str = Field("127.0.0.1:6000", description="host:port Gunicorn binds (also decides auth rules)")
@@ -173,6 +189,14 @@ class Settings(BaseSettings):
         value = value.strip().lower()
         if not (value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("d3_inference_url")
+    @classmethod
+    def _inference_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not (value.startswith(("grpc://", "http://", "https://")) and value.split("://", 1)[1].strip("/")):
+            raise ValueError(f"must be grpc://host:port or http(s)://host:port, got {value!r}")
         return value
 
     @field_validator("bind")

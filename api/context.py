@@ -16,6 +16,8 @@ from flask_limiter import Limiter
 from api.config import Settings
 from api.database import Database
 from api.detector import DetectorConfig, InferenceEngine
+from api.detector.interface import Engine
+from api.detector.remote_engine import RemoteConfig, RemoteEngine
 from api.limits import build_limiter
 from api.services.keys import KeyService
 from api.services.predictions import PredictionService
@@ -30,7 +32,7 @@ class Services:
     settings: Settings
     db: Database
     store: ObjectStore
-    engine: InferenceEngine
+    engine: Engine  # in-process or the remote tier: build_engine decides
     predictions: PredictionService
     queries: QueryService
     keys: KeyService
@@ -39,7 +41,7 @@ class Services:
     limiter: Limiter
 
 
-def build_services(settings: Settings, engine: InferenceEngine | None = None) -> Services:
+def build_services(settings: Settings, engine: Engine | None = None) -> Services:
     db = Database(settings.resolved_database_url)
     db.require_migrated()
     # Without a configured secret, links signed by one process are valid only in that process.
@@ -47,14 +49,21 @@ def build_services(settings: Settings, engine: InferenceEngine | None = None) ->
     store = make_object_store(settings, signing_key)
     store.ensure_buckets()
     if engine is None:
-        engine = InferenceEngine(DetectorConfig.from_settings(settings))
-        engine.start()  # loads in the background; /health says when it is ready
+        engine = build_engine(settings)
+        engine.start()  # loads (or connects) in the background; /health says when it is ready
     videos = VideoService(db, store, engine, settings)
     video_jobs = VideoJobs(videos, settings.video_workers)
     videos.on_job_queued = video_jobs.notify
     return Services(settings=settings, db=db, store=store, engine=engine,
                     predictions=PredictionService(db, store, engine, settings), queries=QueryService(db),
                     keys=KeyService(db), videos=videos, video_jobs=video_jobs, limiter=build_limiter(settings))
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The model in this process, or the shared inference tier when D3_INFERENCE_URL is set."""
+    if settings.d3_inference_url:
+        return RemoteEngine(RemoteConfig.from_settings(settings))
+    return InferenceEngine(DetectorConfig.from_settings(settings))
 
 
 def services() -> Services:

@@ -70,3 +70,11 @@ class StoreUnavailable(Unavailable):
     def __init__(self, message: str = "the object store is unavailable; retry shortly", retry_after: int = 5,
                  **details: object) -> None:
         super().__init__(message, retry_after, **details)
+
+
+class InferenceTierUnavailable(Unavailable):
+    """The inference tier (D3_INFERENCE_URL) cannot be reached: refused, reset, or no route."""
+
+    def __init__(self, message: str = "the inference tier is unavailable; retry shortly", retry_after: int = 5,
+                 **details: object) -> None:
+        super().__init__(message, retry_after, **details)

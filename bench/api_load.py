@@ -9,6 +9,13 @@ the engine and as a bare forward, and prints the service's time beyond each.
     .venv/bin/python bench/api_load.py --tiny                  # the service's own cost
     .venv/bin/python bench/api_load.py --requests 16 --concurrency 1 8   # real ViT-L/14 architecture
 
+With --inference-tier it also starts `d3 serve-inference` (Triton) on the same model, measures the
+tier's own best-batch images/s with a tritonclient loop, then drives the API with D3_INFERENCE_URL
+pointing at it (2+ Gunicorn workers sharing the one tier) beside the API with its in-process
+engine, and prints the API-through-the-tier share of the tier's best rate (target >= 0.8):
+
+    .venv/bin/python bench/api_load.py --inference-tier --backbone d3-mini --workers 2 --concurrency 32
+
 Prints a markdown table; nothing here asserts a target.
 """
 
@@ -155,6 +162,138 @@ def engine_latency(env: dict[str, str], images: list[bytes], repeats: int) -> tu
     return statistics.median(through_engine), statistics.median(bare)
 
 
+# ---------------------------------------------------------------- the inference tier
+def start_tier(model_env: dict[str, str], workdir: Path, max_batch: int, queue_delay_us: int) -> dict:
+    """`d3 serve-inference` on free loopback ports; returns its process and addresses once ready."""
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("D3_")}, **model_env,
+           "D3_TRITON_MAX_BATCH_SIZE": str(max_batch), "D3_TRITON_MAX_QUEUE_DELAY_MICROSECONDS": str(queue_delay_us),
+           "D3_TRITON_MAX_QUEUE_SIZE": "0", "PYTRITON_HOME": str(workdir / "pytriton")}
+    argv = [sys.executable, "-m", "api.cli", "serve-inference", "--host", "127.0.0.1", "--http-port",
+            str(ports["http"]), "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"])]
+    log = open(workdir / "tier.log", "w")  # noqa: SIM115 - lives with the process
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the inference tier exited; see {workdir / 'tier.log'}")
+        try:
+            if requests.get(f"http://127.0.0.1:{ports['http']}/v2/models/d3/ready", timeout=2).status_code == 200:
+                return {**ports, "process": process, "grpc": f"127.0.0.1:{ports['grpc']}"}
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    stop_tier({"process": process})
+    raise SystemExit("the inference tier was not ready in 900 s")
+
+
+def stop_tier(tier: dict) -> None:
+    import signal
+
+    process = tier["process"]
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+def tier_best_batch(address: str, batch_sizes: list[int], seconds: float, clients: int) -> list[tuple[int, float]]:
+    """images/s of the tier alone per batch size: `clients` tritonclient loops sending preprocessed
+    batches back to back (two keep the next batch queued while one computes)."""
+    import threading
+
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(address)
+    rows = []
+    for batch in batch_sizes:
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+        done = [0] * clients
+        stop_at = [0.0]
+
+        def loop(i: int, x=x, done=done, stop_at=stop_at, batch=batch) -> None:
+            while done[i] == 0 or time.perf_counter() < stop_at[0]:
+                request = grpcclient.InferInput("images", list(x.shape), "FP32")
+                request.set_data_from_numpy(x)
+                client.infer("d3", [request], client_timeout=3600)
+                done[i] += batch
+
+        loop(0)  # warm this shape
+        done[0] = 0
+        threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+        started = time.perf_counter()
+        stop_at[0] = started + seconds
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rows.append((batch, sum(done) / (time.perf_counter() - started)))
+        print(f"tier alone, batch {batch}: {rows[-1][1]:.2f} images/s", file=sys.stderr, flush=True)
+    client.close()
+    return rows
+
+
+def tier_metrics(metrics_port: int) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for line in requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text.splitlines():
+        if line.startswith("nv_inference_") and 'model="d3"' in line:
+            name = line.split("{", 1)[0]
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def run_tier_comparison(args: argparse.Namespace, env: dict[str, str], workdir: Path, images: list[bytes]) -> None:
+    """API through the tier vs the tier's best batch, and the API with its in-process engine beside it."""
+    model_env = {k: v for k, v in env.items() if k.startswith("D3_")}
+    tier = start_tier(model_env, workdir, args.tier_max_batch, args.tier_queue_delay_us)
+    results: list[tuple[str, int, dict]] = []
+    try:
+        best_rows = tier_best_batch(tier["grpc"], args.tier_batch_sizes, args.tier_seconds, args.tier_clients)
+        best_batch, best_ips = max(best_rows, key=lambda r: r[1])
+        for mode in ("tier", "in-process") if not args.no_in_process else ("tier",):
+            port = free_port()
+            mode_env = {**env, "BIND": f"127.0.0.1:{port}", "INSTANCE_DIR": str(workdir / f"instance-{mode}"),
+                        "GUNICORN_LOG_DIR": str(workdir / f"logs-{mode}")}
+            if mode == "tier":
+                mode_env.update({"D3_INFERENCE_URL": f"grpc://{tier['grpc']}", "D3_INFERENCE_TIMEOUT_S": "3600"})
+            process = start_service(mode_env, workdir, port)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                drive(url, images, 4, 2, "/predict", 1)  # warm the connections (and the in-process models)
+                before = tier_metrics(tier["metrics"])
+                for concurrency in args.concurrency:
+                    total = max(concurrency * 2, args.requests)
+                    result = drive(url, images, total, concurrency, "/predict", 1)
+                    after = tier_metrics(tier["metrics"])
+                    images_in = after["nv_inference_count"] - before["nv_inference_count"]
+                    batches = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
+                    result["tier_batch"] = images_in / max(1.0, batches)
+                    before = after
+                    results.append((mode, concurrency, result))
+            finally:
+                process.terminate()
+                process.wait(60)
+    finally:
+        stop_tier(tier)
+
+    print(f"\nInference tier: {env['D3_BACKBONE']} (random weights), device {args.device}; API gunicorn "
+          f"{args.workers} worker(s) x {args.threads} threads; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs\n")
+    print("| tier alone: batch | images/s |\n| --- | --- |")
+    for batch, ips in best_rows:
+        print(f"| {batch} | {num(ips)} |")
+    print(f"\nbest batch: {best_batch} at {num(best_ips)} images/s\n")
+    print("| API engine | clients | images/s | share of the tier's best | p50 ms | p95 ms | mean tier batch |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for mode, concurrency, r in results:
+        batch = f"{r['tier_batch']:.1f}" if mode == "tier" else "-"
+        print(f"| {mode} | {concurrency} | {num(r['images_s'])} | {r['images_s'] / best_ips:.2f} | "
+              f"{num(r['p50'])} | {num(r['p95'])} | {batch} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny random model (the service's own cost)")
@@ -169,6 +308,17 @@ def main() -> None:
                         help="the engine's best-batch images/s from bench/model_throughput.py, to compare with")
     parser.add_argument("--workers", default="1")
     parser.add_argument("--threads", default="32")
+    parser.add_argument("--backbone", help="D3_BACKBONE (default: d3-tiny with --tiny, else ViT-L-14-quickgelu)")
+    tier = parser.add_argument_group("inference tier")
+    tier.add_argument("--inference-tier", action="store_true",
+                      help="API through a Triton tier vs the tier's own best batch (and the in-process API)")
+    tier.add_argument("--tier-batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    tier.add_argument("--tier-seconds", type=float, default=5.0, help="tritonclient loop time per batch size")
+    tier.add_argument("--tier-clients", type=int, default=2, help="concurrent tritonclient loops")
+    tier.add_argument("--tier-max-batch", type=int, default=32, help="D3_TRITON_MAX_BATCH_SIZE of the tier")
+    tier.add_argument("--tier-queue-delay-us", type=int, default=2000,
+                      help="D3_TRITON_MAX_QUEUE_DELAY_MICROSECONDS of the tier")
+    tier.add_argument("--no-in-process", action="store_true", help="skip the in-process API run")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="d3-bench-"))
@@ -176,7 +326,8 @@ def main() -> None:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("D3_", "MINIO_"))},
            "BIND": f"127.0.0.1:{port}", "AUTH_REQUIRED": "false", "INSTANCE_DIR": str(workdir / "instance"),
            "GUNICORN_WORKERS": args.workers, "GUNICORN_THREADS": args.threads, "GUNICORN_LOG_DIR": str(workdir),
-           "D3_BACKBONE": "d3-tiny" if args.tiny else "ViT-L-14-quickgelu", "D3_CLIP_WEIGHTS": "random:0",
+           "D3_BACKBONE": args.backbone or ("d3-tiny" if args.tiny else "ViT-L-14-quickgelu"),
+           "D3_CLIP_WEIGHTS": "random:0",
            "D3_HEAD_WEIGHTS": "random:0", "D3_DEVICE": args.device, "D3_PRECISION": args.precision,
            "RATE_LIMIT_DEFAULT": "1000000/second", "LOG_LEVEL": "INFO"}
     if args.max_wait_ms is not None:
@@ -186,6 +337,9 @@ def main() -> None:
     if not args.tiny:  # ViT-L/14 on a CPU takes minutes per batch: never let the engine time out here
         env["D3_INFER_TIMEOUT_S"] = "86400"
     images = make_images(64)
+    if args.inference_tier:
+        run_tier_comparison(args, env, workdir, images)
+        return
     model_env = {k: env[k] for k in env if k.startswith("D3_")}
     engine_p50, forward_p50 = engine_latency(model_env, images, repeats=50 if args.tiny else 5)
     process = start_service(env, workdir, port)

@@ -272,3 +272,25 @@ def backend_app(request, tmp_path, tiny_engine):
     application = make_app(tmp_path, tiny_engine, **overrides)
     application.config["BACKEND"] = request.param
     return application
+
+
+# -- the inference tier (Triton through PyTriton) ---------------------------------
+@pytest.fixture(scope="session")
+def triton_tier_process():
+    """One real `d3 serve-inference` on the tiny model for the session (see tests/triton_tier.py).
+
+    A 10 ms batching window, so requests from several API workers meet in one batch, and a short
+    queue (8 requests), so a test can fill it."""
+    from tests.triton_tier import TritonTier
+
+    tier = TritonTier(TINY_MODEL, D3_TRITON_MAX_QUEUE_DELAY_MICROSECONDS="10000", D3_TRITON_MAX_QUEUE_SIZE="8")
+    tier.start()
+    yield tier
+    tier.destroy()
+
+
+@pytest.fixture
+def triton_tier(triton_tier_process):
+    """The session's tier, running and ready (a test before may have killed or frozen it)."""
+    triton_tier_process.ensure_running()
+    return triton_tier_process

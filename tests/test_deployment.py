@@ -501,9 +501,9 @@ def good_settings(tmp_path: Path, postgres_url: str, s3: dict) -> dict[str, str]
 
 def test_check_deployment_on_a_working_setup(tmp_path, postgres_url, s3_server):
     result, report, checks = run_check(tmp_path, good_settings(tmp_path, postgres_url, s3_server))
-    assert set(checks) == {"gpu", "python", "venv", "env", "weights", "database", "objectstore", "port", "nginx",
-                           "unit", "disk"}
-    for name in ("python", "venv", "env", "weights", "database", "objectstore", "port"):
+    assert set(checks) == {"gpu", "python", "venv", "env", "weights", "inference", "database", "objectstore", "port",
+                           "nginx", "unit", "disk"}
+    for name in ("python", "venv", "env", "weights", "inference", "database", "objectstore", "port"):
         assert checks[name]["status"] == "PASS", checks[name]
     assert "schema migrated" in checks["database"]["message"]
     assert "d3-tiny" in checks["weights"]["message"]

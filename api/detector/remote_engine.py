@@ -1,0 +1,369 @@
+"""The remote engine: the same surface as InferenceEngine, backed by a Triton inference tier.
+
+With D3_INFERENCE_URL set, every API worker sends its preprocessed images to one shared tier
+(`d3 serve-inference`, or a stock Triton serving an exported model) over the standard KServe v2
+protocol, through tritonclient, instead of loading a model of its own. Triton does the queueing
+and the batching across all workers; this side only bounds each call and translates failures
+into the engine's own exceptions, so services and routes cannot tell the two engines apart:
+
+- Triton's queue full, or its queue policy timing out  -> EngineOverloaded (as the in-process queue)
+- no answer within D3_INFERENCE_TIMEOUT_S (hung tier)   -> EngineTimeout
+- any other error from the tier                         -> InferenceError
+- the tier unreachable (refused, reset, no route)       -> InferenceTierUnavailable, an outside
+  system's `Unavailable` (api/exceptions.py), so it says what is down
+All of them end as 503 + Retry-After.
+
+A monitor thread polls the tier's model readiness, so `ready` is a plain attribute (read on every
+request) and the model's identity is re-read whenever the tier comes back (it may come back with
+another model). A call made while the tier is marked down tries it at once, so the API recovers
+as soon as the tier does, without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from api.detector.errors import EngineNotReady, EngineOverloaded, EngineTimeout, InferenceError
+from api.detector.timing import add_model_time
+from api.exceptions import InferenceTierUnavailable
+
+if TYPE_CHECKING:
+    import torch
+
+    from api.config import Settings
+
+log = logging.getLogger(__name__)
+INPUT_SHAPE = (3, 224, 224)
+BatchListener = Callable[[int, float], None]
+# grpc's default reconnect backoff grows to 2 minutes; a tier that is back should be used at once.
+_GRPC_CHANNEL_ARGS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                      ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.keepalive_time_ms", 10_000),
+                      ("grpc.keepalive_timeout_ms", 5_000)]
+# Triton's answers when its dynamic batcher refuses work (queue full, or the queue policy's timeout).
+_OVERLOAD_MESSAGES = ("exceeds maximum queue size", "request timeout expired")
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    url: str
+    model_name: str = "d3"
+    timeout_s: float = 5.0
+    poll_interval_s: float = 2.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RemoteConfig:
+        return cls(url=settings.d3_inference_url, model_name=settings.d3_inference_model,
+                   timeout_s=settings.d3_inference_timeout_s)
+
+    @property
+    def protocol(self) -> str:
+        return "grpc" if self.url.startswith("grpc://") else "http"
+
+    @property
+    def address(self) -> str:
+        """host:port, as tritonclient wants it."""
+        return urlsplit(self.url).netloc
+
+
+@dataclass(frozen=True)
+class TierModel:
+    """What the tier says about its model (its Triton config; identity from its `parameters`)."""
+
+    input_name: str
+    input_dtype: str
+    output_name: str
+    max_batch_size: int
+    model_version: str
+    trained: bool
+    backbone: str
+    precision: str
+    device: str
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], model_name: str) -> TierModel:
+        params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+        inputs, outputs = config.get("input") or [{}], config.get("output") or [{}]
+        dtype = str(inputs[0].get("data_type", "TYPE_FP32")).removeprefix("TYPE_")
+        version = params.get("d3_model_version", "")
+        if not version:  # a stock Triton whose config.pbtxt does not say: never call it trained
+            log.warning("the tier's model %r publishes no d3_model_version parameter; treating it as untrained",
+                        model_name)
+        return cls(input_name=inputs[0].get("name", "images"),
+                   input_dtype=dtype if dtype in ("FP32", "FP16") else "FP32",
+                   output_name=outputs[0].get("name", "fake_probability"),
+                   max_batch_size=int(config.get("max_batch_size") or 1),
+                   model_version=version or f"triton/{model_name}/unknown", trained=params.get("d3_trained") == "true",
+                   backbone=params.get("d3_backbone", ""), precision=params.get("d3_precision", ""),
+                   device=params.get("d3_device", ""))
+
+
+class _TierUnreachable(Exception):
+    pass
+
+
+class RemoteEngine:
+    """Forwards predictions to a Triton tier; see the module docstring for the failure mapping."""
+
+    def __init__(self, config: RemoteConfig) -> None:
+        self.config = config
+        self.device = "remote"  # not a torch device: this process holds no model (no GPU memory to report)
+        self.precision = ""
+        self.model_version = ""
+        self.trained = False
+        self.loaded = False
+        self.warmed = False
+        self.ready = False
+        self.load_error: str | None = "not connected to the inference tier yet"
+        self.tier_model: TierModel | None = None
+
+        self._lock = threading.Lock()
+        self._settled = threading.Event()  # set once the tier has been reached
+        self._stopping = threading.Event()
+        self._wake = threading.Event()  # a call timed out: look at the tier now, not at the next poll
+        self._thread: threading.Thread | None = None
+        self._local = threading.local()  # the HTTP client is not thread-safe: one per thread
+        self._grpc_client: Any = None
+        self._in_flight = 0
+        self._listeners: list[BatchListener] = []
+        self._stats = {"images_processed": 0, "requests_sent": 0, "request_seconds_total": 0.0}
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Connect in the background and keep watching the tier."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._monitor, name="d3-inference-tier", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self._settled.wait(timeout)
+        return self.ready
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self.ready = False
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        if self._grpc_client is not None:
+            self._grpc_client.close()
+
+    def _monitor(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                kw = self._timeout_kw(self.config.timeout_s)
+                if self.ready:
+                    if not self._client().is_model_ready(self.config.model_name, **kw):
+                        self._mark_down("the tier reports the model is not ready")
+                else:
+                    self.connect(self.config.timeout_s)
+            except Exception as exc:  # any failure to reach the tier: down until the next poll says otherwise
+                self._mark_down(_describe(exc))
+            self._wake.wait(self.config.poll_interval_s if self.ready else min(1.0, self.config.poll_interval_s))
+            self._wake.clear()
+
+    def connect(self, timeout: float) -> None:
+        """Read the model's config (identity, tensors, max batch) and mark the tier ready."""
+        client = self._client()
+        kw = self._timeout_kw(timeout)
+        if not client.is_model_ready(self.config.model_name, **kw):
+            raise _TierUnreachable(f"the tier at {self.config.url} has no ready model {self.config.model_name!r}")
+        if self.config.protocol == "grpc":
+            config = client.get_model_config(self.config.model_name, as_json=True, **kw)["config"]
+        else:
+            config = client.get_model_config(self.config.model_name)
+        model = TierModel.from_config(config, self.config.model_name)
+        with self._lock:
+            changed = self.tier_model is None or model.model_version != self.model_version
+            self.tier_model = model
+            self.model_version, self.trained = model.model_version, model.trained
+            self.precision = model.precision
+            self.loaded = self.warmed = True
+            self.load_error = None
+            self.ready = not self._stopping.is_set()
+        self._settled.set()
+        if changed:
+            log.info("inference tier %s ready: %s (%s) on %s", self.config.url, model.model_version,
+                     "trained" if model.trained else "RANDOM, UNTRAINED weights", model.device or "?")
+
+    def _mark_down(self, reason: str) -> None:
+        with self._lock:
+            was_ready = self.ready
+            self.ready = False
+            self.load_error = f"inference tier {self.config.url} unavailable: {reason}"
+        if was_ready:
+            log.warning("%s", self.load_error)
+
+    # ------------------------------------------------------------ clients
+    def _client(self) -> Any:
+        if self.config.protocol == "grpc":
+            if self._grpc_client is None:
+                import tritonclient.grpc as grpcclient
+
+                with self._lock:
+                    if self._grpc_client is None:
+                        self._grpc_client = grpcclient.InferenceServerClient(
+                            self.config.address, channel_args=_GRPC_CHANNEL_ARGS)
+            return self._grpc_client
+        client = getattr(self._local, "client", None)
+        if client is None:
+            import tritonclient.http as httpclient
+
+            timeout = self.config.timeout_s
+            client = httpclient.InferenceServerClient(
+                self.config.address, ssl=self.config.url.startswith("https://"),
+                connection_timeout=timeout, network_timeout=timeout)
+            self._local.client = client
+        return client
+
+    def _timeout_kw(self, timeout: float) -> dict[str, float]:
+        # The gRPC client takes a deadline per call; the HTTP client's are set when it is built.
+        return {"client_timeout": timeout} if self.config.protocol == "grpc" else {}
+
+    # ------------------------------------------------------------ public API
+    def describe(self) -> dict[str, Any]:
+        model = self.tier_model
+        return {
+            "loaded": self.loaded,
+            "warmed": self.warmed,
+            "ready": self.ready,
+            "device": model.device if model else "",
+            "precision": self.precision,
+            "backbone": model.backbone if model else "",
+            "model_version": self.model_version,
+            "trained": self.trained,
+            "error": self.load_error,
+            "max_batch_size": model.max_batch_size if model else None,
+            "inference_tier": {"url": self.config.url, "model": self.config.model_name, "ready": self.ready},
+        }
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"queue_depth": self._in_flight, **self._stats}
+
+    def add_batch_listener(self, fn: BatchListener) -> None:
+        """Accepted for the common surface; never called: the batches are the tier's, and its own
+        metrics (nv_inference_count / nv_inference_exec_count) count them."""
+        self._listeners.append(fn)
+
+    def predict(self, tensors: Sequence[torch.Tensor], timeout: float | None = None) -> list[float]:
+        """Fake probabilities for preprocessed 3x224x224 images, in order; one request to the tier
+        (split only where the tier's max_batch_size is smaller than the call)."""
+        if not tensors:
+            return []
+        for tensor in tensors:
+            if tuple(tensor.shape) != INPUT_SHAPE:
+                raise ValueError(f"expected preprocessed images of shape {INPUT_SHAPE}, got {tuple(tensor.shape)}")
+        bound = self.config.timeout_s if timeout is None else min(timeout, self.config.timeout_s)
+        started = time.perf_counter()
+        deadline = time.monotonic() + bound
+        with self._lock:
+            self._in_flight += len(tensors)
+        try:
+            return self._predict(tensors, deadline, bound)
+        finally:
+            seconds = time.perf_counter() - started
+            add_model_time(seconds)
+            with self._lock:
+                self._in_flight -= len(tensors)
+
+    def _predict(self, tensors: Sequence[torch.Tensor], deadline: float, bound: float) -> list[float]:
+        import numpy as np
+        import torch
+
+        if self._stopping.is_set():
+            raise EngineNotReady("the inference engine stopped")
+        if not self.ready or self.tier_model is None:
+            try:  # marked down: try the tier now rather than wait for the next poll
+                self.connect(max(0.1, deadline - time.monotonic()))
+            except Exception as exc:
+                self._mark_down(_describe(exc))
+                if _is_timeout(exc):
+                    raise EngineTimeout(f"the inference tier did not answer within {bound:g} s") from None
+                raise InferenceTierUnavailable() from None  # the address and cause: the log and /health
+        model = self.tier_model
+        assert model is not None
+        batch = torch.stack(list(tensors)).numpy()
+        if model.input_dtype == "FP16":
+            batch = batch.astype(np.float16)
+        results: list[float] = []
+        for start in range(0, len(batch), model.max_batch_size):
+            results.extend(self._infer(model, batch[start:start + model.max_batch_size], deadline, bound))
+        with self._lock:
+            self._stats["images_processed"] += len(results)
+        return results
+
+    def _infer(self, model: TierModel, batch: Any, deadline: float, bound: float) -> list[float]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise EngineTimeout(f"the inference tier did not answer within {bound:g} s")
+        client = self._client()
+        if self.config.protocol == "grpc":
+            import tritonclient.grpc as tc
+        else:
+            import tritonclient.http as tc
+        request = tc.InferInput(model.input_name, list(batch.shape), model.input_dtype)
+        request.set_data_from_numpy(batch)
+        output = tc.InferRequestedOutput(model.output_name)
+        # `timeout` (microseconds) is Triton's per-request queue deadline: what waits longer than
+        # this call will wait is dropped from the queue, not computed for nobody.
+        kw: dict[str, Any] = {"timeout": max(1, int(left * 1e6))}
+        if self.config.protocol == "grpc":
+            kw["client_timeout"] = left
+        started = time.perf_counter()
+        try:
+            response = client.infer(self.config.model_name, [request], outputs=[output], **kw)
+        except Exception as exc:
+            raise self._translate(exc, bound) from None
+        with self._lock:
+            self._stats["requests_sent"] += 1
+            self._stats["request_seconds_total"] += time.perf_counter() - started
+        return [float(p) for p in response.as_numpy(model.output_name).reshape(-1)]
+
+    def _translate(self, exc: Exception, bound: float) -> Exception:
+        text = _describe(exc)
+        if any(m in text.lower() for m in _OVERLOAD_MESSAGES):
+            return EngineOverloaded(f"the inference tier is overloaded: {text}", retry_after=1.0)
+        if _is_timeout(exc):
+            # Hung, or only slow under load? The monitor asks the tier's (cheap) readiness now and
+            # marks it down only if that goes unanswered too.
+            self._wake.set()
+            return EngineTimeout(f"the inference tier did not answer within {bound:g} s")
+        if _is_unreachable(exc):
+            self._mark_down(text)
+            return InferenceTierUnavailable()
+        log.error("inference tier error: %s", text)
+        return InferenceError(f"inference failed on the tier: {text}")
+
+
+# ---------------------------------------------------------------- error classification
+def _describe(exc: BaseException) -> str:
+    message = getattr(exc, "message", None)
+    text = message() if callable(message) else str(exc)
+    return text or type(exc).__name__
+
+
+def _status(exc: BaseException) -> str:
+    status = getattr(exc, "status", None)
+    return str(status() if callable(status) else status or "")
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return True
+    return "DEADLINE_EXCEEDED" in _status(exc) or "deadline exceeded" in _describe(exc).lower()
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    if isinstance(exc, (OSError, _TierUnreachable)):  # refused, reset, no route (HTTP client)
+        return True
+    status = _status(exc)
+    return "UNAVAILABLE" in status or "failed to connect" in _describe(exc).lower() or status in ("502", "503")
+

@@ -1,0 +1,74 @@
+"""`d3 serve-inference`: the model's own tier (Triton through PyTriton), shared by every API worker."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from api.detector.commands import _config, _settings, model_options
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(serve_inference)
+
+
+@click.command("serve-inference")
+@model_options
+@click.option("--host", default=None, help="address to listen on [D3_INFERENCE_HOST]")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=None,
+              help="KServe v2 HTTP [D3_INFERENCE_HTTP_PORT]")
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=None,
+              help="KServe v2 gRPC [D3_INFERENCE_GRPC_PORT]")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Prometheus metrics [D3_INFERENCE_METRICS_PORT]")
+def serve_inference(host: str | None, http_port: int | None, grpc_port: int | None, metrics_port: int | None,
+                    **options: Any) -> None:
+    """Serve the D3 model with Triton Inference Server (one process per GPU).
+
+    Same model settings as the API (D3_BACKBONE, D3_CLIP_WEIGHTS, D3_HEAD_WEIGHTS, D3_SHUFFLE_SEED,
+    D3_DEVICE, D3_PRECISION); batching and queue from D3_TRITON_*. Point the API at it with
+    D3_INFERENCE_URL=grpc://HOST:GRPC_PORT. Ready (and so /v2/health/ready) only after the model
+    is loaded and one warm-up forward has run.
+    """
+    from api.detector import triton_server
+    from api.detector.errors import DetectorError
+
+    # Before anything heavy: the backend stub must find this interpreter's libpython (see there).
+    triton_server.reexec_with_own_libpython()
+    settings = _settings(options)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tier_config = triton_server.TierConfig.from_settings(
+        settings, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+    ports = {tier_config.http_port, tier_config.grpc_port, tier_config.metrics_port}
+    if len(ports) != 3:
+        raise click.UsageError("the HTTP, gRPC and metrics ports must differ")
+    tier = triton_server.InferenceTier(_config(options), tier_config)
+    click.echo(f"d3 inference tier: loading {settings.d3_backbone} ...", err=True)
+    try:
+        tier.load()
+    except DetectorError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        tier.start()
+    except Exception as exc:  # a port in use, Triton failing to start: say so, exit non-zero
+        tier.stop()
+        raise click.ClickException(f"Triton did not start: {type(exc).__name__}: {exc}") from exc
+    urls = tier.urls()
+    model = tier.model
+    click.echo(f"d3 inference tier ready: model {triton_server.MODEL_NAME} = {model.model_version} "
+               f"({'trained' if model.trained else 'RANDOM, UNTRAINED weights'}) on {tier.device}")
+    click.echo(f"  KServe v2 HTTP  {urls['http']}  (health: {urls['http']}/v2/health/ready)")
+    click.echo(f"  KServe v2 gRPC  {urls['grpc']}  (API: D3_INFERENCE_URL={urls['grpc']})")
+    click.echo(f"  metrics         {urls['metrics']}")
+    sys.stdout.flush()
+    triton_server.notify_systemd("READY=1")
+    try:
+        stopped = tier.serve_forever()
+    finally:
+        triton_server.notify_systemd("STOPPING=1")
+        tier.stop()
+    if not stopped:  # Triton or the model backend died: exit non-zero so systemd restarts the tier
+        raise click.ClickException("Triton Inference Server stopped unexpectedly")

@@ -1,0 +1,251 @@
+"""The inference tier: the D³ model served by Triton Inference Server through PyTriton.
+
+One process per GPU: it builds the project's own PyTorch model (exactly what the in-process
+engine runs), warms it up, then starts Triton with the model bound as `d3`. Triton owns the
+request queue, the dynamic batching, the health endpoints (`/v2/health/ready`) and the
+Prometheus metrics (`nv_inference_*`); every API worker sends its images there (KServe v2, HTTP or
+gRPC) instead of holding a model of its own.
+
+The model's identity (version string, trained or random, backbone, precision, device) is
+published as `parameters` of the model's Triton config, the place where a stock Triton keeps
+static facts about a model too (`config.pbtxt`), so the API reads it the same way from both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import sysconfig
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from api.detector.config import DetectorConfig
+
+if TYPE_CHECKING:
+    from api.config import Settings
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "d3"
+INPUT_NAME = "images"
+OUTPUT_NAME = "fake_probability"
+# Keys of the model config `parameters` that carry the model's identity (strings, as Triton has them).
+IDENTITY_KEYS = ("d3_model_version", "d3_trained", "d3_backbone", "d3_precision", "d3_device")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """Where the tier listens and how Triton queues and batches (the D3_INFERENCE_* / D3_TRITON_* settings)."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_batch_size: int = 64
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_microseconds: int = 2000
+    max_queue_size: int = 256
+    queue_timeout_microseconds: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> TierConfig:
+        config = cls(
+            host=settings.d3_inference_host,
+            http_port=settings.d3_inference_http_port,
+            grpc_port=settings.d3_inference_grpc_port,
+            metrics_port=settings.d3_inference_metrics_port,
+            max_batch_size=settings.d3_triton_max_batch_size,
+            preferred_batch_sizes=tuple(sorted(set(settings.d3_triton_preferred_batch_size))),
+            max_queue_delay_microseconds=settings.d3_triton_max_queue_delay_microseconds,
+            max_queue_size=settings.d3_triton_max_queue_size,
+            queue_timeout_microseconds=settings.d3_triton_queue_timeout_microseconds,
+        )
+        return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ---------------------------------------------------------------- the libpython trap
+def libpython_env(environ: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """The environment to re-exec with when PyTriton's backend stub would load the wrong libpython.
+
+    The Python-backend stub shipped in the wheel links `libpython3.X.so.1.0` dynamically, and the
+    loader finds the system's copy first. Under an interpreter of another patch release (a pyenv
+    or uv Python beside Debian's) the stub then runs this interpreter's standard library on the
+    other release's C core and fails inside `multiprocessing.resource_tracker`. Putting the
+    interpreter's own LIBDIR first on LD_LIBRARY_PATH makes the stub load the matching library;
+    the variable is read only at process start, hence a re-exec. None when nothing needs changing
+    (a static interpreter, or LIBDIR already first).
+    """
+    environ = os.environ if environ is None else environ
+    libdir, library = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
+    if not libdir or not library or not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        return None
+    if not (Path(libdir) / library).exists():
+        return None
+    current = [p for p in environ.get("LD_LIBRARY_PATH", "").split(":") if p]
+    if current[:1] == [libdir]:
+        return None
+    return {**environ, "LD_LIBRARY_PATH": ":".join([libdir, *[p for p in current if p != libdir]])}
+
+
+def reexec_with_own_libpython() -> None:
+    """Replace this process by the same command with LD_LIBRARY_PATH fixed (see libpython_env)."""
+    env = libpython_env()
+    if env is None:
+        return
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    log.debug("re-executing with LD_LIBRARY_PATH=%s", env["LD_LIBRARY_PATH"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)  # noqa: S606 - the same interpreter and arguments, no shell
+
+
+# ---------------------------------------------------------------- the model side
+def identity_parameters(model: Any, device: Any) -> dict[str, str]:
+    return {
+        "d3_model_version": str(getattr(model, "model_version", "")),
+        "d3_trained": "true" if getattr(model, "trained", False) else "false",
+        "d3_backbone": str(getattr(model, "backbone", "")),
+        "d3_precision": str(getattr(model, "precision", "")),
+        "d3_device": str(device),
+    }
+
+
+def make_infer_function(model: Any, device: Any) -> Callable:
+    """Triton's batched callable: images (N x 3 x 224 x 224 float32) -> fake_probability (N x 1)."""
+    import numpy as np
+    import torch
+    from pytriton.decorators import batch
+
+    pin = getattr(device, "type", "cpu") == "cuda"
+
+    @batch
+    def infer(images: np.ndarray) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(images)
+        if pin:  # page-locked host memory: the copy to the GPU runs asynchronously
+            x = x.pin_memory()
+        with torch.inference_mode():
+            p = model(x.to(device, non_blocking=True)).float().cpu().numpy()
+        return {OUTPUT_NAME: p.reshape(-1, 1).astype(np.float32)}
+
+    return infer
+
+
+def warm_up(model: Any, device: Any, batch_size: int = 1) -> None:
+    import torch
+
+    with torch.inference_mode():
+        model(torch.zeros((batch_size, 3, 224, 224), device=device))
+
+
+# ---------------------------------------------------------------- the server
+class InferenceTier:
+    """Build, warm up and serve the model; `start()` returns once Triton reports the model ready."""
+
+    def __init__(self, detector: DetectorConfig, tier: TierConfig, model: Any = None) -> None:
+        self.detector = detector
+        self.tier = tier
+        self.model = model
+        self.device: Any = None
+        self.triton: Any = None
+
+    def load(self) -> None:
+        if self.model is None:
+            from api.detector.factory import build_model
+
+            self.model = build_model(self.detector)
+        first = next(iter(self.model.parameters()))
+        self.device = first.device
+        warm_up(self.model, self.device)
+
+    def start(self) -> None:
+        import numpy as np
+        from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
+        from pytriton.triton import Triton, TritonConfig
+
+        if self.model is None:
+            self.load()
+        tier = self.tier
+        triton_config = TritonConfig(
+            http_address=tier.host, http_port=tier.http_port, grpc_address=tier.host, grpc_port=tier.grpc_port,
+            metrics_address=tier.host, metrics_port=tier.metrics_port, allow_gpu_metrics=False,
+            exit_timeout_secs=5, strict_readiness=True)
+        queue_policy = QueuePolicy(
+            timeout_action=TimeoutAction.REJECT,
+            default_timeout_microseconds=tier.queue_timeout_microseconds,
+            # A client may send its own deadline (the API sends D3_INFERENCE_TIMEOUT_S), so work it
+            # has given up on is dropped from the queue instead of computed.
+            allow_timeout_override=True,
+            max_queue_size=tier.max_queue_size)
+        batcher = DynamicBatcher(
+            max_queue_delay_microseconds=tier.max_queue_delay_microseconds,
+            preferred_batch_size=list(tier.preferred_batch_sizes) or None,
+            default_queue_policy=queue_policy)
+        self.triton = Triton(config=triton_config)
+        self.triton.bind(
+            model_name=MODEL_NAME,
+            infer_func=make_infer_function(self.model, self.device),
+            inputs=[Tensor(name=INPUT_NAME, dtype=np.float32, shape=(3, 224, 224))],
+            outputs=[Tensor(name=OUTPUT_NAME, dtype=np.float32, shape=(1,))],
+            config=ModelConfig(max_batch_size=tier.max_batch_size, batcher=batcher),
+            strict=True,
+        )
+        _publish_parameters(self.triton, MODEL_NAME, identity_parameters(self.model, self.device))
+        self.triton.run()  # returns when Triton says the model is ready
+
+    def serve_forever(self) -> bool:
+        """Block until SIGTERM/SIGINT (True) or until Triton or its model backend died (False)."""
+        assert self.triton is not None
+        stopped = False
+
+        def terminate(signum: int, frame: Any) -> None:
+            nonlocal stopped
+            stopped = True
+            raise KeyboardInterrupt  # Triton.serve() stops the server on it
+
+        signal.signal(signal.SIGTERM, terminate)
+        signal.signal(signal.SIGINT, terminate)
+        self.triton.serve()
+        return stopped
+
+    def stop(self) -> None:
+        if self.triton is not None:
+            self.triton.stop()
+            self.triton = None
+
+    def urls(self) -> dict[str, str]:
+        host = self.tier.host if self.tier.host not in ("0.0.0.0", "::") else socket.gethostname()  # noqa: S104
+        return {"http": f"http://{host}:{self.tier.http_port}", "grpc": f"grpc://{host}:{self.tier.grpc_port}",
+                "metrics": f"http://{host}:{self.tier.metrics_port}/metrics"}
+
+
+def _publish_parameters(triton: Any, model_name: str, parameters: dict[str, str]) -> None:
+    # PyTriton 0.7's public ModelConfig has no `parameters`; the Triton config it generates is
+    # built once per bound model and cached, and its backend_parameters become the config's
+    # `parameters` map. Adding ours there before run() is the least intrusive way to publish them;
+    # if PyTriton changes this, fail loudly rather than serve a tier without an identity.
+    try:
+        models = [m for m in triton._model_manager.models if m.model_name == model_name]
+        config = models[0]._get_triton_model_config()
+        config.backend_parameters.update(parameters)
+    except (AttributeError, IndexError) as exc:  # pragma: no cover - depends on PyTriton's internals
+        raise RuntimeError(f"cannot publish the model identity through this PyTriton version: {exc}") from exc
+
+
+def notify_systemd(state: str) -> None:
+    """sd_notify(3) without a library: one datagram to $NOTIFY_SOCKET, when systemd set one.
+
+    (Hand-written: the protocol is one datagram, and python-systemd needs a C build.)"""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(state.encode())
