@@ -556,7 +556,9 @@ def sandboxed(argv: list[str], mounts: list[tuple[Path, str, bool]], ids: tuple[
     `ids`, the process drops to that user and group once the mounts are in place."""
     if not SANDBOX:
         return argv
-    over = [f"{folder}={path}" for folder, path, _ in mounts if os.path.isdir(path) and path != "/"]
+    # Not over the folder the volumes themselves live in (/dev/shm: writable here anyway).
+    over = [f"{folder}={path}" for folder, path, _ in mounts
+            if os.path.isdir(path) and path != "/" and not str(folder).startswith(path.rstrip("/") + "/")]
     readonly = [str(folder) for folder, _, read_only in mounts if read_only]
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _SANDBOX, "sandbox",
             *over, "--", *readonly, "--", f"{ids[0]}:{ids[1]}" if ids else "-", *argv]

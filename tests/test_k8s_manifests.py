@@ -409,6 +409,12 @@ def test_no_secret_value_is_committed(rendered):
                 if isinstance(doc, dict):
                     for generator in doc.get("secretGenerator", []):
                         assert "literals" not in generator, f"{path}: secret literals"
+    # Only the containers that use the Secret get it: not the inference tier, not the web.
+    for overlay in OVERLAYS:
+        for workload, container, _init in all_containers(rendered[overlay]):
+            text = json.dumps(container)
+            if workload["metadata"]["name"] in ("inference", "web", "d3-fetch-weights"):
+                assert "d3-secrets" not in text, f"{name_of(workload)}/{container['name']} gets the Secret"
     # No password, key or token in any committed value, and no settings key names a secret.
     for overlay in OVERLAYS:
         for config in rendered[overlay].of_kind("ConfigMap"):

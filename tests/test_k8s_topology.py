@@ -120,6 +120,12 @@ def test_image_and_batch_through_the_api_service(cluster, session):
     assert [r["filename"] for r in batch.json()["results"]] == ["2.png", "3.png"]
     record = session.get(_url(cluster, f"/predictions/{body['id']}"), timeout=30)
     assert record.status_code == 200 and record.json()["id"] == body["id"]
+    if "inference" in cluster.running:
+        # The images went through the inference tier: Triton counted them (its metrics port).
+        metrics = requests.get(f"http://127.0.0.1:{cluster.service_port('inference', 8002)}/metrics", timeout=10)
+        served = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.text.splitlines()
+                     if line.startswith("nv_inference_request_success{"))
+        assert served >= 2, metrics.text[:2000]
     # The records and objects are in the StatefulSets' stand-ins, reached with the Secret's credentials.
     assert body["id"] in cluster.database_prediction_ids()
     assert cluster.stored_objects("d3-results"), "no result object in the S3 server"
