@@ -7,7 +7,7 @@
 #   ./check_deployment.sh --app-dir /opt/d3-api # or another one
 #   ./check_deployment.sh --json                # machine-readable
 #
-# Checks: gpu python venv env weights inference database objectstore port nginx unit disk.
+# Checks: gpu python venv env weights inference database objectstore broker port nginx unit disk.
 # WARN means "works, but look at it" or "deploy.sh will take care of it" (a missing .env,
 # virtualenv, weights download or schema migration); FAIL means deploying now would not work.
 # The only thing it writes is one small probe object into the object store, deleted again.
@@ -28,13 +28,13 @@ Options:
   --json           print one JSON document instead of text lines
   -h, --help       this help
 
-Checks: gpu python venv env weights database objectstore port nginx unit disk
+Checks: gpu python venv env weights inference database objectstore broker port nginx unit disk
 Environment: D3_CHECK_MIN_FREE_GB (default 10: FAIL below), D3_CHECK_WARN_FREE_GB (default 30: WARN
 below), D3_CHECK_TIMEOUT (seconds for each Python probe, default 600).
 EOF
 }
 
-ALL_CHECKS="gpu python venv env weights inference database objectstore port nginx unit disk"
+ALL_CHECKS="gpu python venv env weights inference database objectstore broker port nginx unit disk"
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 
 APP_DIR=""
@@ -594,6 +594,36 @@ PYEOF
 )"
     rc=$?
     record_probe objectstore "$out" "$rc"
+}
+
+check_broker() {
+    need_env_and_venv broker || return
+    local out rc
+    out="$(app_python - <<'PYEOF' 2>&1
+from urllib.parse import urlsplit
+
+import redis
+
+from api.config import load_settings
+
+settings = load_settings()
+if not settings.uses_celery:
+    print("PASS\tno job queue configured: video jobs run in the API process (d3-worker not needed)\t")
+    raise SystemExit(0)
+url = settings.broker_url
+parts = urlsplit(url)
+shown = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"  # no password in the output
+try:
+    redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
+except Exception as exc:  # noqa: BLE001
+    print(f"FAIL\tthe job queue broker at {shown} does not answer: {exc.__class__.__name__}: {exc}\t"
+          "start Redis (systemctl start redis-server) and check CELERY_BROKER_URL / REDIS_URL")
+else:
+    print(f"PASS\tjob queue broker at {shown} answers; video jobs go to d3-worker\t")
+PYEOF
+)"
+    rc=$?
+    record_probe broker "$out" "$rc"
 }
 
 check_port() {

@@ -39,6 +39,7 @@ EOF
 SRC_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 ORIG_ARGS=("$@")
 SERVICE=d3-api
+WORKER_SERVICE=d3-worker  # the video worker tier, installed when a job queue broker is configured
 SERVICE_USER=d3
 DOMAIN=""
 PREFIX=""
@@ -83,6 +84,7 @@ APP_DIR="$PREFIX/opt/d3-api"
 VENV="$APP_DIR/.venv"
 SYSTEMD_DIR="$PREFIX/etc/systemd/system"
 UNIT_PATH="$SYSTEMD_DIR/$SERVICE.service"
+WORKER_UNIT_PATH="$SYSTEMD_DIR/$WORKER_SERVICE.service"
 TIER_SERVICE=d3-inference
 TIER_UNIT_PATH="$SYSTEMD_DIR/$TIER_SERVICE.service"
 NGINX_DIR="$PREFIX/etc/nginx"
@@ -452,6 +454,19 @@ do_database() {
     as_service_user "$APP_DIR/bin/d3" db upgrade
 }
 
+# True when video jobs go to the Celery worker tier: a broker in .env, unless VIDEO_EXECUTOR=threads.
+worker_wanted() {
+    local executor broker
+    executor="$(dotenv_get "$APP_DIR/.env" VIDEO_EXECUTOR)"
+    broker="$(dotenv_get "$APP_DIR/.env" CELERY_BROKER_URL)"
+    [ -n "$broker" ] || broker="$(dotenv_get "$APP_DIR/.env" REDIS_URL)"
+    case "$executor" in
+        threads) return 1 ;;
+        celery) return 0 ;;
+    esac
+    [ -n "$broker" ]
+}
+
 # True when .env sends the API to an inference tier on this host (D3_INFERENCE_URL at a loopback
 # address or this host's name): then d3-inference.service is installed and started before d3-api.
 tier_on_this_host() {
@@ -472,6 +487,7 @@ tier_on_this_host() {
 UNIT_STAGED=""
 TIER_UNIT_STAGED=""
 TIER_HERE=0
+WORKER_STAGED=""
 do_unit() {
     step unit "systemd unit $UNIT_PATH"
     UNIT_STAGED="$WORK/$SERVICE.service"
@@ -486,6 +502,12 @@ do_unit() {
     else
         say "D3_INFERENCE_URL is not on this host: no $TIER_SERVICE.service (the model runs in each API worker, or on another host)"
     fi
+    if worker_wanted; then
+        WORKER_STAGED="$WORK/$WORKER_SERVICE.service"
+        sed -e "s#/opt/d3-api#$APP_DIR#g" -e "s/^User=d3\$/User=$SERVICE_USER/" -e "s/^Group=d3\$/Group=$SERVICE_USER/" \
+            "$SRC_DIR/$WORKER_SERVICE.service" >"$WORKER_STAGED"
+        say "a job queue broker is configured: video jobs run in $WORKER_SERVICE ($WORKER_UNIT_PATH)"
+    fi
     if ! command -v systemd-analyze >/dev/null 2>&1; then
         skip "systemd-analyze not installed: unit not verified"
         return
@@ -495,7 +517,7 @@ do_unit() {
         return
     fi
     local out unit
-    for unit in "$UNIT_STAGED" ${TIER_UNIT_STAGED:+"$TIER_UNIT_STAGED"}; do
+    for unit in "$UNIT_STAGED" ${TIER_UNIT_STAGED:+"$TIER_UNIT_STAGED"} ${WORKER_STAGED:+"$WORKER_STAGED"}; do
         out="$(systemd-analyze verify "$unit" 2>&1)" || true
         if [ -n "$out" ]; then
             printf '%s\n' "$out" | sed 's/^/    /'
@@ -645,11 +667,31 @@ do_activate() {
             RESTART_NEEDED=1
         fi
     fi
+    local worker_changed=0 worker_removed=0
+    if [ -n "$WORKER_STAGED" ]; then
+        if [ -f "$WORKER_UNIT_PATH" ] && ! dry; then
+            cp "$WORKER_UNIT_PATH" "$APP_DIR/.worker-unit-previous"
+        fi
+        if install_file "$WORKER_STAGED" "$WORKER_UNIT_PATH" 0644; then
+            worker_changed=1
+            unit_changed=1
+            ACTIVATED=1
+        fi
+    elif [ -f "$WORKER_UNIT_PATH" ]; then
+        say "no job queue broker configured any more: $WORKER_SERVICE is removed (the API runs video jobs itself)"
+        worker_removed=1
+    fi
     [ "$env_hash" = "$(state_get env_hash)" ] || RESTART_NEEDED=1
     if prefixed; then
-        skip "--prefix: would run systemctl daemon-reload, enable and restart $SERVICE${TIER_UNIT_STAGED:+ (after $TIER_SERVICE)}, reload nginx"
+        [ "$worker_removed" -eq 0 ] || run rm -f "$WORKER_UNIT_PATH"
+        skip "--prefix: would run systemctl daemon-reload, enable and restart $SERVICE${TIER_UNIT_STAGED:+ (after $TIER_SERVICE)}${WORKER_STAGED:+ and $WORKER_SERVICE}, reload nginx"
         write_state "$env_hash"
         return
+    fi
+    if [ "$worker_removed" -eq 1 ]; then
+        run systemctl disable --now "$WORKER_SERVICE"
+        run rm -f "$WORKER_UNIT_PATH"
+        unit_changed=1
     fi
     [ "$unit_changed" -eq 0 ] || run systemctl daemon-reload
     if [ "$TIER_HERE" -eq 1 ]; then
@@ -664,6 +706,16 @@ do_activate() {
         run systemctl restart "$SERVICE"
     else
         say "release, unit and settings unchanged and $SERVICE is running: not restarted"
+    fi
+    if [ -n "$WORKER_STAGED" ]; then
+        run systemctl enable "$WORKER_SERVICE"
+        # A restart is a warm shutdown: running jobs finish, or are run again by the new worker.
+        if [ "$RESTART_NEEDED" -eq 1 ] || [ "$worker_changed" -eq 1 ] || [ "$have_systemd" -eq 0 ] ||
+            ! systemctl is-active --quiet "$WORKER_SERVICE"; then
+            run systemctl restart "$WORKER_SERVICE"
+        else
+            say "$WORKER_SERVICE unchanged and running: not restarted"
+        fi
     fi
     if [ "$NO_NGINX" -eq 0 ]; then
         if [ "$have_systemd" -eq 1 ] && systemctl is-active --quiet nginx; then
@@ -688,9 +740,14 @@ rollback() {
         mv -T "$APP_DIR/current.new" "$APP_DIR/current"
         [ ! -f "$APP_DIR/.unit-previous" ] || cp "$APP_DIR/.unit-previous" "$UNIT_PATH"
         [ ! -f "$APP_DIR/.tier-unit-previous" ] || cp "$APP_DIR/.tier-unit-previous" "$TIER_UNIT_PATH"
+        [ ! -f "$APP_DIR/.worker-unit-previous" ] || [ ! -f "$WORKER_UNIT_PATH" ] ||
+            cp "$APP_DIR/.worker-unit-previous" "$WORKER_UNIT_PATH"
         systemctl daemon-reload || true
         [ "$TIER_HERE" -eq 0 ] || systemctl restart "$TIER_SERVICE" || true
         systemctl restart "$SERVICE" || true
+        if [ -f "$WORKER_UNIT_PATH" ]; then
+            systemctl restart "$WORKER_SERVICE" || true
+        fi
         printf '    switched back to release %s and restarted %s\n' "$PREVIOUS_RELEASE" "$SERVICE" >&2
         write_state "$(state_get env_hash)"
         sed -i "s/^release=.*/release=$PREVIOUS_RELEASE/" "$STATE_FILE"

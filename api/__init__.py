@@ -47,7 +47,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None) -> 
     metrics.init_app(app)
     auth.init_app(app)
     limits.init_app(app)
-    tasks.init_app(app)  # recovery of interrupted video jobs
+    tasks.init_app(app)  # starts the video job executor (in-process: recovery of interrupted jobs)
     # Exactly one trusted proxy hop (nginx on the same host) tells the client address.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)
 

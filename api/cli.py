@@ -1,4 +1,4 @@
-"""The `d3` command: model commands (predict, eval, fetch-weights, info), database and key admin."""
+"""The `d3` command: model commands (predict, eval, fetch-weights, info), database and key admin, the video worker."""
 
 from __future__ import annotations
 
@@ -39,6 +39,27 @@ def db_current() -> None:
     current, head = current_revision(url), head_revision()
     click.echo(f"current: {current or 'none (empty database)'}  head: {head}")
     sys.exit(0 if current == head else 1)
+
+
+@cli.command("worker", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(celery_args: tuple[str, ...]) -> None:
+    """Run video jobs from the queue (a Celery worker; same settings as the API). Extra arguments go to Celery."""
+    import logging
+
+    from api.context import build_services
+    from api.request_log import use_json_logging
+
+    settings = load_settings()
+    if not settings.uses_celery:
+        raise click.UsageError("no job queue configured: set CELERY_BROKER_URL or REDIS_URL "
+                               "(without one, the API runs video jobs itself)")
+    logging.basicConfig(level=settings.log_level)
+    use_json_logging()
+    services = build_services(settings)
+    from api.worker import run_worker
+
+    run_worker(services.video_jobs, services.job_runner, celery_args)
 
 
 def _masked_url(url: str) -> str:

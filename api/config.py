@@ -163,6 +163,16 @@ class Settings(BaseSettings):
     callback_allow_http: bool = False
     callback_allow_private: bool = False
 
+    # --- video job queue (api/services/jobs.py, api/tasks.py, api/worker.py) ---
+    celery_broker_url: SecretStr = Field(SecretStr(""), description="Celery broker; default REDIS_URL")
+    video_executor: Annotated[Literal["auto", "threads", "celery"], BeforeValidator(_lower)] = Field(
+        "auto", description="auto: Celery when a broker is set, else threads in the API process")
+    job_max_attempts: int = Field(3, ge=1, le=100, description="claims of a job before it is failed")
+    job_heartbeat_s: float = Field(20.0, ge=0.05, description="how often a running job says it is alive")
+    job_stale_after_s: float = Field(300.0, ge=0.2, description="silence after which a running job is re-queued")
+    celery_visibility_timeout_s: float = Field(3600.0, ge=1.0,
+                                               description="unacknowledged messages go back to the queue after this")
+
     # --- access control and limits ---
     auth_required: bool = True
     rate_limit_default: str = "120/minute"
@@ -214,6 +224,10 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.default_video_frames > self.max_video_frames:
             raise ValueError("DEFAULT_VIDEO_FRAMES must not exceed MAX_VIDEO_FRAMES")
+        if self.video_executor == "celery" and not self.broker_url:
+            raise ValueError("VIDEO_EXECUTOR=celery needs CELERY_BROKER_URL or REDIS_URL")
+        if self.job_stale_after_s <= 2 * self.job_heartbeat_s:
+            raise ValueError("JOB_STALE_AFTER_S must be more than twice JOB_HEARTBEAT_S")
         if self.uses_minio and not (self.minio_access_key.get_secret_value()
                                     and self.minio_secret_key.get_secret_value()):
             raise ValueError("MINIO_ACCESS_KEY and MINIO_SECRET_KEY are required when MINIO_ENDPOINT is set")
@@ -261,6 +275,17 @@ class Settings(BaseSettings):
     @property
     def uses_minio(self) -> bool:
         return bool(self.minio_endpoint)
+
+    @property
+    def broker_url(self) -> str:
+        return self.celery_broker_url.get_secret_value() or self.redis_url
+
+    @property
+    def uses_celery(self) -> bool:
+        """Video jobs go to the Celery worker tier (else: threads in the API process)."""
+        if self.video_executor == "auto":
+            return bool(self.broker_url)
+        return self.video_executor == "celery"
 
     def secret_values(self) -> list[str]:
         """Every configured secret value (for the log redaction)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flask import current_app
 from flask_limiter import Limiter
@@ -19,12 +20,17 @@ from api.detector import DetectorConfig, InferenceEngine
 from api.detector.interface import Engine
 from api.detector.remote_engine import RemoteConfig, RemoteEngine
 from api.limits import build_limiter
+from api.services.callbacks import CallbackSender
+from api.services.jobs import JobStore
 from api.services.keys import KeyService
 from api.services.predictions import PredictionService
 from api.services.queries import QueryService
 from api.services.videos import VideoService
 from api.storage import ObjectStore, make_object_store
-from api.tasks import VideoJobs
+from api.tasks import JobRunner, ThreadExecutor
+
+if TYPE_CHECKING:
+    from api.worker import CeleryExecutor
 
 
 @dataclass
@@ -36,8 +42,11 @@ class Services:
     predictions: PredictionService
     queries: QueryService
     keys: KeyService
+    jobs: JobStore  # video job state (api/services/jobs.py): the only writer of job rows
     videos: VideoService
-    video_jobs: VideoJobs  # background video jobs (api/tasks.py); recovery starts in create_app
+    callbacks: CallbackSender
+    job_runner: JobRunner  # runs one claimed job, the same code under every executor (api/tasks.py)
+    video_jobs: ThreadExecutor | CeleryExecutor  # the executor: threads here, or the Celery tier (api/worker.py)
     limiter: Limiter
 
 
@@ -51,12 +60,21 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     if engine is None:
         engine = build_engine(settings)
         engine.start()  # loads (or connects) in the background; /health says when it is ready
-    videos = VideoService(db, store, engine, settings)
-    video_jobs = VideoJobs(videos, settings.video_workers)
-    videos.on_job_queued = video_jobs.notify
+    jobs = JobStore(db, store, settings.bucket_videos, settings.job_max_attempts, settings.job_stale_after_s)
+    videos = VideoService(db, store, engine, settings, jobs)
+    callbacks = CallbackSender(jobs, videos.final_body, settings.callback_allow_http, settings.callback_allow_private)
+    runner = JobRunner(jobs, videos, callbacks, settings.job_heartbeat_s)
+    if settings.uses_celery:
+        from api.worker import CeleryExecutor  # imports Celery only where it is used
+
+        video_jobs: ThreadExecutor | CeleryExecutor = CeleryExecutor(settings)
+    else:
+        video_jobs = ThreadExecutor(runner, settings.video_workers)
+    videos.queue = video_jobs  # the service hands committed jobs to the executor, which runs them through it
     return Services(settings=settings, db=db, store=store, engine=engine,
                     predictions=PredictionService(db, store, engine, settings), queries=QueryService(db),
-                    keys=KeyService(db), videos=videos, video_jobs=video_jobs, limiter=build_limiter(settings))
+                    keys=KeyService(db), jobs=jobs, videos=videos, callbacks=callbacks, job_runner=runner,
+                    video_jobs=video_jobs, limiter=build_limiter(settings))
 
 
 def build_engine(settings: Settings) -> Engine:

@@ -78,3 +78,11 @@ class InferenceTierUnavailable(Unavailable):
     def __init__(self, message: str = "the inference tier is unavailable; retry shortly", retry_after: int = 5,
                  **details: object) -> None:
         super().__init__(message, retry_after, **details)
+
+
+class QueueUnavailable(Unavailable):
+    """The video job queue (the Celery broker) cannot take a job now: retry later."""
+
+    def __init__(self, message: str = "the video job queue is unavailable; retry shortly", retry_after: int = 10,
+                 **details: object) -> None:
+        super().__init__(message, retry_after, **details)

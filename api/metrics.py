@@ -25,14 +25,13 @@ from typing import Any
 from flask import Blueprint, Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import func, select
 
 from api.auth import current_caller, unauthorized
 from api.context import services
-from api.database import Database, DatabaseUnavailable
+from api.database import DatabaseUnavailable
 from api.errors import error_response
-from api.models import Prediction
 from api.openapi import error, register_paths
+from api.services.jobs import STATUSES, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,6 @@ GPU_MEMORY = Gauge("d3_gpu_memory_allocated_bytes", "GPU memory allocated by PyT
 
 PREDICTION_BLUEPRINTS = ("predict", "video")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-VIDEO_STATUSES = ("queued", "running", "done", "failed")
 _instrumented_engines: weakref.WeakSet = weakref.WeakSet()
 _engines_lock = threading.Lock()
 
@@ -140,25 +138,29 @@ def instrument_engine(engine) -> None:
 
 # -- scrape ----------------------------------------------------------------------------------
 class VideoJobsCollector:
-    """Video jobs by status, counted in the database at scrape time (so every worker agrees)."""
+    """Video jobs by status and the job queue, read from the database at scrape time (every
+    process, API or worker, agrees). The queue's length and its oldest job's age are what an
+    autoscaler scales the worker tier on."""
 
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    def __init__(self, jobs: JobStore) -> None:
+        self.jobs = jobs
 
     def collect(self):
-        family = GaugeMetricFamily("d3_video_jobs", "Video predictions by status (from the database).",
-                                   labels=["status"])
-        query = (select(Prediction.status, func.count()).where(Prediction.media_type == "video")
-                 .group_by(Prediction.status))
         try:
-            with self.db.session() as session:
-                counts = dict(session.execute(query).all())
+            stats = self.jobs.stats()
         except DatabaseUnavailable:
             log.warning("metrics: database unavailable, d3_video_jobs left out of this scrape")
             return
-        for status in VIDEO_STATUSES:
-            family.add_metric([status], counts.get(status, 0))
+        family = GaugeMetricFamily("d3_video_jobs", "Video predictions by status (from the database).",
+                                   labels=["status"])
+        for status in STATUSES:
+            family.add_metric([status], stats.counts.get(status, 0))
         yield family
+        yield GaugeMetricFamily("d3_video_queue_length", "Video jobs waiting for a worker (status queued).",
+                                value=stats.queued)
+        yield GaugeMetricFamily("d3_video_queue_oldest_age_seconds",
+                                "Age of the oldest video job still waiting for a worker (0 when none waits).",
+                                value=round(stats.oldest_queued_age_s, 3))
 
 
 class _Forward:
@@ -179,7 +181,7 @@ def exposition() -> bytes:
         multiprocess.MultiProcessCollector(registry)
     else:
         registry.register(_Forward(REGISTRY))
-    registry.register(VideoJobsCollector(svc.db))
+    registry.register(VideoJobsCollector(svc.jobs))
     return generate_latest(registry)
 
 

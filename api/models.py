@@ -84,6 +84,13 @@ class VideoPrediction(Base):
     callback_url: Mapped[str | None] = mapped_column(Text)
     callback_status: Mapped[str | None] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    # Queue bookkeeping of an async job (written only by api/services/jobs.py): who holds the claim,
+    # since when, its last sign of life, how many claims it has had and how often it was re-queued.
+    worker: Mapped[str | None] = mapped_column(String(128))
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    requeued: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
     prediction: Mapped[Prediction] = relationship(back_populates="video")
 

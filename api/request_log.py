@@ -47,7 +47,7 @@ class Redactor:
     def add_settings(self, settings: Settings) -> None:
         for value in settings.secret_values():
             self._add(value)
-        for url in (settings.database_url, settings.redis_url):
+        for url in (settings.database_url, settings.redis_url, settings.celery_broker_url.get_secret_value()):
             with contextlib.suppress(ValueError):  # not a URL: nothing to scrub
                 self._add(urlsplit(url).password or "")
 

@@ -155,9 +155,9 @@ def test_gunicorn_config_rejects_a_bad_number():
 
 
 # ================================================================== systemd unit
-def unit_directives() -> dict[str, list[str]]:
+def unit_directives(path: Path = UNIT_FILE) -> dict[str, list[str]]:
     directives: dict[str, list[str]] = {}
-    for line in UNIT_FILE.read_text().splitlines():
+    for line in path.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith(("#", "[")) and "=" in line:
             key, _, value = line.partition("=")
@@ -184,6 +184,26 @@ def test_unit_file_settings():
     assert any("nvidia-uvm" in v for v in d["DeviceAllow"])
     assert any(v.startswith("char-nvidia-frontend") for v in d["DeviceAllow"])
     assert "MemoryDenyWriteExecute" not in d  # would break the CUDA driver
+
+
+HARDENING = ("NoNewPrivileges", "CapabilityBoundingSet", "AmbientCapabilities", "ProtectSystem", "ReadWritePaths",
+             "ProtectHome", "PrivateTmp", "PrivateDevices", "DevicePolicy", "DeviceAllow", "ProtectKernelTunables",
+             "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups", "ProtectClock", "ProtectHostname",
+             "ProtectProc", "RestrictSUIDSGID", "RestrictRealtime", "RestrictNamespaces", "LockPersonality",
+             "RemoveIPC", "RestrictAddressFamilies", "SystemCallArchitectures", "SystemCallFilter",
+             "SystemCallErrorNumber", "UMask", "User", "Group", "EnvironmentFile", "WorkingDirectory")
+
+
+def test_worker_unit_is_hardened_like_the_api_unit(tmp_path):
+    api, worker = unit_directives(), unit_directives(REPO / "d3-worker.service")
+    for name in HARDENING:
+        assert worker.get(name) == api.get(name), name
+    assert worker["ExecStart"] == ["/opt/d3-api/bin/d3 worker"]  # the current release, like deploy.sh's d3
+    assert worker["Restart"] == ["on-failure"] and worker["KillSignal"] == ["SIGTERM"]
+    assert "redis-server.service" in worker["After"][0]
+    text = (REPO / "d3-worker.service").read_text()
+    result = verify_unit(text.replace("/opt/d3-api/bin/d3", "/bin/true"), tmp_path)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
 
 
 def verify_unit(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -501,9 +521,9 @@ def good_settings(tmp_path: Path, postgres_url: str, s3: dict) -> dict[str, str]
 
 def test_check_deployment_on_a_working_setup(tmp_path, postgres_url, s3_server):
     result, report, checks = run_check(tmp_path, good_settings(tmp_path, postgres_url, s3_server))
-    assert set(checks) == {"gpu", "python", "venv", "env", "weights", "inference", "database", "objectstore", "port",
-                           "nginx", "unit", "disk"}
-    for name in ("python", "venv", "env", "weights", "inference", "database", "objectstore", "port"):
+    assert set(checks) == {"gpu", "python", "venv", "env", "weights", "inference", "database", "objectstore",
+                           "broker", "port", "nginx", "unit", "disk"}
+    for name in ("python", "venv", "env", "weights", "inference", "database", "objectstore", "broker", "port"):
         assert checks[name]["status"] == "PASS", checks[name]
     assert "schema migrated" in checks["database"]["message"]
     assert "d3-tiny" in checks["weights"]["message"]
@@ -548,6 +568,20 @@ def test_check_deployment_object_store_down(tmp_path, postgres_url, s3_server):
     result, _, checks = run_check(tmp_path, settings, "--only", "objectstore")
     assert result.returncode == 1 and checks["objectstore"]["status"] == "FAIL"
     assert "MinIO" in checks["objectstore"]["message"]
+
+
+def test_check_deployment_broker(tmp_path, postgres_url, s3_server, redis_url):
+    settings = good_settings(tmp_path, postgres_url, s3_server)
+    _, _, checks = run_check(tmp_path, settings, "--only", "broker")
+    assert checks["broker"]["status"] == "PASS" and "no job queue configured" in checks["broker"]["message"]
+    result, _, checks = run_check(tmp_path, {**settings, "CELERY_BROKER_URL": redis_url}, "--only", "broker")
+    assert result.returncode == 0 and checks["broker"]["status"] == "PASS", checks["broker"]
+    assert "answers" in checks["broker"]["message"]
+    dead = f"redis://:hunter2secret@127.0.0.1:{free_port()}/0"
+    result, _, checks = run_check(tmp_path, {**settings, "REDIS_URL": dead}, "--only", "broker")
+    assert result.returncode == 1 and checks["broker"]["status"] == "FAIL"
+    assert "does not answer" in checks["broker"]["message"] and "Redis" in checks["broker"]["hint"]
+    assert "hunter2secret" not in json.dumps(checks)
 
 
 @pytest.mark.parametrize("secret", ["change-me", "", "short"])
@@ -629,6 +663,32 @@ def test_deploy_dry_run_prints_the_plan_and_changes_nothing(tmp_path):
             assert "useradd" in out or "exists: uid=" in out
     assert not prefix.exists()
     assert system_before == {p: os.path.lexists(p) for p in system_before}
+
+
+def test_deploy_installs_the_worker_unit_when_a_broker_is_configured(tmp_path):
+    prefix = tmp_path / "root"
+    make_prefix_venv(prefix)
+    app = prefix / "opt" / "d3-api"
+    src = source_snapshot(tmp_path / "src")
+    deploy = ["bash", str(src / "deploy.sh"), "--prefix", str(prefix), "--skip-weights", "--no-nginx", "--no-preflight"]
+    first = subprocess.run(deploy, capture_output=True, text=True, timeout=600, env=clean_env())
+    assert first.returncode == 0, first.stdout + first.stderr
+    worker_unit = prefix / "etc" / "systemd" / "system" / "d3-worker.service"
+    assert not worker_unit.exists()  # no broker: the API runs video jobs itself
+    env_file = app / ".env"
+    env_file.write_text(env_file.read_text().replace("\nREDIS_URL=\n", "\nREDIS_URL=redis://127.0.0.1:6379/0\n"))
+    second = subprocess.run(deploy, capture_output=True, text=True, timeout=600, env=clean_env())
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "video jobs run in d3-worker" in second.stdout and f"installed: {worker_unit}" in second.stdout
+    text = worker_unit.read_text()
+    assert f"ExecStart={app}/bin/d3 worker" in text and "/opt/d3-api" not in text.replace(str(app), "")
+    verify = subprocess.run(["systemd-analyze", "verify", str(worker_unit)], capture_output=True, text=True,
+                            timeout=120)
+    assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), verify.stdout + verify.stderr
+    env_file.write_text(env_file.read_text() + "VIDEO_EXECUTOR=threads\n")  # back to in-process jobs
+    third = subprocess.run(deploy, capture_output=True, text=True, timeout=600, env=clean_env())
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "d3-worker is removed" in third.stdout and not worker_unit.exists()
 
 
 def make_prefix_venv(prefix: Path) -> Path:

@@ -17,8 +17,8 @@ from sqlalchemy import update
 
 from api.exceptions import InvalidInput
 from api.models import Prediction
+from api.services.callbacks import check_callback_url, deliver_callback
 from api.services.queries import Filters
-from api.tasks import check_callback_url, deliver_callback
 from tests.conftest import make_app
 from tests.video_clips import VIDEO_APP_SETTINGS, clip_bytes, make_brightness_engine, post_video
 
@@ -46,6 +46,7 @@ def clip(tmp_path, count: int = 40, name: str = "clip") -> bytes:
 
 
 def jobs_of(app):
+    """The in-process executor (threads) of an app on the embedded defaults."""
     return app.extensions["d3"].video_jobs
 
 
@@ -136,7 +137,7 @@ def interrupted_job(tmp_path, engine, data: bytes) -> tuple[str, object]:
     with s.db.session() as session:
         session.execute(update(Prediction).where(Prediction.id == row.id).values(status="running"))
         video = session.get(type(row.video), row.id)
-        video.params = {**video.params, "worker": dead_worker()}
+        video.worker = dead_worker()
         video.progress_done = 3
     return job_id, s
 
@@ -150,7 +151,7 @@ def test_restart_requeues_an_interrupted_job_and_it_finishes(tmp_path, brightnes
     assert done["status"] == "done" and done["frames_analyzed"] == 8
     assert done["progress"] == {"done": 8, "total": 8}
     row = restarted.extensions["d3"].queries.get(job_id, None, True)
-    assert row.video.params["requeued"] == 1
+    assert row.video.requeued == 1
 
 
 def test_restart_fails_a_job_whose_upload_is_gone(tmp_path, brightness_engine):
@@ -169,7 +170,8 @@ def test_a_live_workers_job_is_left_alone(tmp_path, brightness_engine):
     try:
         with s.db.session() as session:
             row = session.get(Prediction, uuid.UUID(job_id))
-            row.video.params = {**row.video.params, "worker": f"{socket.gethostname()}:{alive.pid}:busy"}
+            row.video.worker = f"{socket.gethostname()}:{alive.pid}:busy"
+            row.video.heartbeat_at = datetime.now(timezone.utc)
         restarted = make_app(tmp_path, brightness_engine, **VIDEO_APP_SETTINGS)
         assert restarted.test_client().get(f"/predictions/{job_id}").get_json()["status"] == "running"
     finally:
@@ -213,7 +215,7 @@ def test_callback_is_retried_until_delivered(tmp_path, brightness_engine):
     try:
         app = make_app(tmp_path, brightness_engine, CALLBACK_ALLOW_HTTP="true", CALLBACK_ALLOW_PRIVATE="true",
                        **VIDEO_APP_SETTINGS)
-        jobs_of(app).callback_backoff_s = 0.2
+        app.extensions["d3"].callbacks.backoff_s = 0.2
         client = app.test_client()
         response = post_video(client, clip(tmp_path), frames="8", callback_url=receiver.url)
         assert response.status_code == 202  # a callback implies a job

@@ -35,7 +35,7 @@ def _body_limit() -> None:
                          "crashed"),
     HTTP_429=(ErrorBody, "Too many queued/running video jobs for this caller (VIDEO_JOBS_PER_KEY), or rate "
                          "limited (RATE_LIMIT_VIDEO)"),
-    HTTP_503=(ErrorBody, "Model, database or object store unavailable; see Retry-After")))
+    HTTP_503=(ErrorBody, "Model, database, object store or (async) the job queue unavailable; see Retry-After")))
 def predict_video(query: VideoParams, form: VideoFile):
     """Predict a video: sampled frames, aggregates, fake segments, timeline
 

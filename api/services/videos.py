@@ -5,7 +5,8 @@ The flow of POST /predict/video:
 2. the container is recognised from its first bytes, then a child process probes it
    (api/utils/video_probe.py: time and memory limits, a hostile file kills only the child);
 3. short videos are analysed at once (sync); long or big ones, or `async=true`, become a job
-   (status queued) that a bounded pool of background workers runs (api/tasks.py);
+   (status queued, api/services/jobs.py) that an executor runs: threads in this process, or the
+   Celery worker tier (api/tasks.py, api/worker.py);
 4. frames sampled uniformly go through exactly the image preprocessing (spec §1) and the shared
    engine in small batches, while the child keeps decoding;
 5. aggregates, segments and top frames are computed, and everything is stored all or nothing:
@@ -34,29 +35,30 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, Any, Protocol
+from urllib.parse import urljoin
 
 from PIL import Image
-from sqlalchemy import func, select, update
 
 from api.config import Settings
-from api.database import Database, DatabaseUnavailable
+from api.database import Database
 from api.detector import InferenceEngine, preprocess_image
 from api.detector.config import IMAGE_SIZE
 from api.exceptions import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
-    ServiceError,
     TooManyJobs,
+    Unavailable,
     UnprocessableMedia,
 )
 from api.models import Prediction, VideoPrediction
+from api.services.callbacks import check_callback_url
+from api.services.jobs import JobStore
 from api.services.predictions import run_engine, safe_filename, serialize_prediction, verdict
-from api.services.records import delete_objects, insert_with_objects, put_objects
+from api.services.records import StoredObject, insert_with_objects
 from api.services.timeline import render_timeline
 from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable, object_key
-from api.tasks import check_callback_url
 from api.utils.video_probe import ProbeInfo, VideoDecodeError, VideoReader, sample_indices, sniff
 
 log = logging.getLogger(__name__)
@@ -209,16 +211,25 @@ class Analysis:
     timings_ms: dict = field(default_factory=dict)
 
 
+class JobQueue(Protocol):
+    """Where a committed job goes to be run (api/tasks.py: threads here; api/worker.py: Celery)."""
+
+    def submit(self, job_id: uuid.UUID) -> None:
+        """Hand the job out; Unavailable if the queue cannot take it now."""
+
+
 # -- the service ------------------------------------------------------------------------------------
 class VideoService:
-    def __init__(self, db: Database, store: ObjectStore, engine: InferenceEngine, settings: Settings) -> None:
+    def __init__(self, db: Database, store: ObjectStore, engine: InferenceEngine, settings: Settings,
+                 jobs: JobStore, queue: JobQueue | None = None) -> None:
         self.db = db
         self.store = store
         self.engine = engine
         self.settings = settings
+        self.jobs = jobs
+        # The executor; set by the composition root once it is built (it runs jobs through this service).
+        self.queue = queue
         self.keep_warm_decoder = True
-        # Set by api.tasks: called after a job row is committed so a worker picks it up.
-        self.on_job_queued: Callable[[], None] | None = None
         self._submit_lock = threading.Lock()
 
     # ---------------------------------------------------------------- parameters and upload
@@ -273,6 +284,14 @@ class VideoService:
         return 200, self.public_body(row, analysis.frames, analysis)
 
     # ---------------------------------------------------------------- probing and analysis
+    def analyze_file(self, path: str, params: VideoParams,
+                     progress: Callable[[int, int], None] | None = None) -> Analysis:
+        """A job's analysis: the stored upload, sniffed and probed again (the file is untrusted still)."""
+        container = self._sniff(path)
+        with self.open_reader(path) as reader:
+            info = self.probe(reader, container)
+            return self._analyze(reader, info, params, progress=progress)
+
     def open_reader(self, path: str, timeout_s: float | None = None) -> VideoReader:
         """A decoding session in a child process with this server's time and memory limits."""
         return VideoReader(path, timeout_s or self.settings.video_decode_timeout_s,
@@ -419,14 +438,12 @@ class VideoService:
 
     # ---------------------------------------------------------------- jobs
     def active_jobs(self, owner: str | None) -> int:
-        query = (select(func.count()).select_from(Prediction)
-                 .where(Prediction.media_type == "video", Prediction.status.in_(("queued", "running")),
-                        Prediction.owner.is_(None) if owner is None else Prediction.owner == owner))
-        with self.db.session() as session:
-            return int(session.scalar(query) or 0)
+        return self.jobs.count_active(owner)
 
     def _create_job(self, upload: SpooledUpload, info: ProbeInfo, params: VideoParams, owner: str | None,
                     base_url: str | None, container: str) -> Prediction:
+        if self.queue is None:
+            raise Unavailable("video jobs are not accepted by this process")
         limit = self.settings.video_jobs_per_key
         with self._submit_lock:  # check-then-insert is atomic within this process
             active = self.active_jobs(owner)
@@ -448,107 +465,36 @@ class VideoService:
                 progress_done=0, progress_total=len(indices), callback_url=params.callback_url,
                 callback_status="pending" if params.callback_url else None,
                 params={**params.as_dict(), "async": True, "base_url": base_url, "sampling": sampling})
-            insert_with_objects(self.db, self.store, row,
-                                [(self.settings.bucket_videos, upload_key, upload.path, "video/octet-stream")])
-        if self.on_job_queued is not None:
-            self.on_job_queued()
-        return row
-
-    def load(self, prediction_id: uuid.UUID) -> Prediction | None:
-        with self.db.session() as session:
-            return session.get(Prediction, prediction_id)
-
-    def set_progress(self, prediction_id: uuid.UUID, done: int, total: int) -> None:
-        """Also the job's heartbeat: video_predictions.updated_at moves with every update."""
+            self.jobs.create(row, upload.path)
         try:
-            with self.db.session() as session:
-                session.execute(update(VideoPrediction).where(VideoPrediction.prediction_id == prediction_id)
-                                .values(progress_done=done, progress_total=total,
-                                        updated_at=datetime.now(timezone.utc)))
-        except DatabaseUnavailable:
-            log.warning("could not record progress of video job %s", prediction_id)
-
-    def run_job(self, prediction_id: uuid.UUID, worker: str) -> Prediction | None:
-        """Analyse a claimed job (status running, claimed by `worker`) to done or failed.
-
-        Returns the final row, or None when the job was taken from this worker meanwhile.
-        """
-        row = self.load(prediction_id)
-        if row is None or row.video is None:
-            return None
-        upload_key = row.video.upload_object
-        if not upload_key:
-            return self.fail_job(prediction_id, worker, "the uploaded video is no longer stored")
-        fd, path = tempfile.mkstemp(prefix="d3-job-", suffix=".upload")
-        os.close(fd)
-        started = time.perf_counter()
-        try:
-            try:
-                self.store.download_file(self.settings.bucket_videos, upload_key, path)
-            except ObjectNotFound:
-                return self.fail_job(prediction_id, worker, "the uploaded video is no longer stored")
-            except StoreUnavailable:
-                return self.fail_job(prediction_id, worker, "the object store was unavailable; resubmit the video")
-            params = VideoParams.from_row(row)
-            container = self._sniff(path)
-            with self.open_reader(path) as reader:
-                info = self.probe(reader, container)
-                analysis = self._analyze(reader, info, params,
-                                         progress=lambda done, total: self.set_progress(prediction_id, done, total))
-            return self._complete_job(prediction_id, worker, analysis, params,
-                                      (time.perf_counter() - started) * 1000.0)
-        except ServiceError as exc:
-            return self.fail_job(prediction_id, worker, exc.message)
-        except Exception:
-            log.exception("video job %s failed", prediction_id)
-            return self.fail_job(prediction_id, worker, "internal error while analysing the video; it has been logged")
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
-    def _claimed(self, session, prediction_id: uuid.UUID, worker: str) -> Prediction | None:
-        row = session.get(Prediction, prediction_id)
-        if row is None or row.status != "running" or (row.video.params or {}).get("worker") != worker:
-            return None  # re-queued and taken by someone else, or deleted: not ours to finish
-        return row
-
-    def _complete_job(self, prediction_id: uuid.UUID, worker: str, analysis: Analysis, params: VideoParams,
-                      elapsed_ms: float) -> Prediction | None:
-        """Objects first, then the rows in one transaction; if the rows fail, the objects go."""
-        written: list[tuple[str, str]] = []
-        try:
-            with self.db.session() as session:
-                row = self._claimed(session, prediction_id, worker)
-                if row is None:
-                    return None
-                self._fill(row, analysis, params, elapsed_ms)
-                upload_key = row.video.upload_object
-                if self.settings.keep_videos:
-                    row.media_object = upload_key  # the upload becomes the kept video: no second copy
-                row.video.upload_object = None
-                written = put_objects(self.store, self._documents(row, analysis))
-        except DatabaseUnavailable:
-            log.error("video job %s: the database is unavailable, its results were not stored", prediction_id)
-            delete_objects(self.store, written)
+            self.queue.submit(prediction_id)
+        except Unavailable:
+            self.jobs.discard(prediction_id)  # nothing half-written: no row, no upload
             raise
-        if not self.settings.keep_videos and upload_key:
-            delete_objects(self.store, [(self.settings.bucket_videos, upload_key)])
         return row
 
-    def fail_job(self, prediction_id: uuid.UUID, worker: str | None, message: str) -> Prediction | None:
-        """Mark a job failed with a reason and drop its upload; `worker=None` skips the claim check."""
-        with self.db.session() as session:
-            row = session.get(Prediction, prediction_id) if worker is None else \
-                self._claimed(session, prediction_id, worker)
-            if row is None:
-                return None
-            upload_key = row.video.upload_object if row.video is not None else None
-            row.status, row.error = "failed", message[:2000]
-            if row.video is not None:
-                row.video.upload_object = None
-        if upload_key:
-            delete_objects(self.store, [(self.settings.bucket_videos, upload_key)])
-        return row
+    def result_filler(self, analysis: Analysis, params: VideoParams,
+                      elapsed_ms: float) -> Callable[[Prediction], list[StoredObject]]:
+        """For JobStore.complete: sets a job row's result fields and names the objects to store."""
+        def fill(row: Prediction) -> list[StoredObject]:
+            self._fill(row, analysis, params, elapsed_ms)
+            return self._documents(row, analysis)
+
+        return fill
+
+    def final_body(self, job_id: uuid.UUID) -> tuple[str, dict[str, Any]] | None:
+        """(callback URL, what GET /predictions/<id> shows) with links absolute against the submitting request."""
+        row = self.jobs.load(job_id)
+        if row is None or row.video is None or not row.video.callback_url:
+            return None
+        body = serialize_prediction(row, self.store, self.settings)
+        body.update(self.detail(row))
+        base = (row.video.params or {}).get("base_url")
+        for name in ("result_url", "timeline_url"):
+            if base and isinstance(body.get(name), str) and body[name].startswith("/"):
+                body[name] = urljoin(base, body[name])
+        body.pop("callback", None)
+        return row.video.callback_url, body
 
     # ---------------------------------------------------------------- reading back
     def public_body(self, row: Prediction, frames: list[dict] | None, analysis: Analysis | None = None) -> dict:
