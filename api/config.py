@@ -155,6 +155,11 @@ class Settings(BaseSettings):
     default_video_frames: int = Field(32, ge=1)
     max_video_frames: int = Field(256, ge=1)
     keep_videos: bool = True
+    # Provenance (C2PA + IPTC digital source type), reported beside the verdict: docs/PROVENANCE.md.
+    c2pa_trust_anchors: str = Field("", description="PEM file of trusted C2PA root certificates (empty: none)")
+    provenance_timeout_s: float = Field(5.0, gt=0, le=120)
+    provenance_memory_mb: int = Field(512, ge=64, le=16384)
+    provenance_max_xmp_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     video_async_bytes: int = Field(100 * 1024 * 1024, ge=1, description="uploads larger than this run async")
     video_async_seconds: float = Field(120.0, ge=0.1, description="videos longer than this run async")
     video_workers: int = Field(2, ge=1, le=64)

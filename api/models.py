@@ -42,6 +42,10 @@ class Prediction(Base):
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="done")  # queued|running|done|failed
     error: Mapped[str | None] = mapped_column(Text)
     owner: Mapped[str | None] = mapped_column(String(64))  # API key id that made it; null = anonymous
+    # What the file's metadata claims (api/utils/provenance.py), beside the verdict, never in it.
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    declared_ai: Mapped[bool | None] = mapped_column(Boolean)
+    c2pa_present: Mapped[bool | None] = mapped_column(Boolean)
 
     video: Mapped[VideoPrediction | None] = relationship(
         back_populates="prediction", uselist=False, cascade="all, delete-orphan", lazy="selectin")
@@ -54,6 +58,7 @@ class Prediction(Base):
         Index("ix_predictions_sha256", "sha256"),
         Index("ix_predictions_fake_probability", "fake_probability"),
         Index("ix_predictions_status", "status"),
+        Index("ix_predictions_declared_ai", "declared_ai"),
     )
 
 

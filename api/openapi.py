@@ -264,6 +264,9 @@ def _schemas() -> dict[str, Any]:
                 "by_prediction": {"type": "object", "additionalProperties": {"type": "integer"}},
                 "by_media_type": {"type": "object", "additionalProperties": {"type": "integer"}},
                 "by_status": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "by_declared_ai": {"type": "object", "properties": {
+                    "true": {"type": "integer"}, "false": {"type": "integer"}, "unknown": {"type": "integer"}}},
+                "c2pa_present": {"type": "integer"},
                 "per_day": {"type": "array", "items": {"type": "object", "properties": {
                     "date": {"type": "string"}, "count": {"type": "integer"}}}},
                 "mean_fake_probability": {"type": "number", "nullable": True},
@@ -302,6 +305,9 @@ def _paths(settings: Settings) -> dict[str, Any]:
         query_param("max_probability", PROBABILITY, "Maximum fake probability."),
         query_param("sha256", {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}, "Exact SHA-256 of the input."),
         query_param("filename", {"type": "string", "maxLength": 255}, "Substring of the filename."),
+        query_param("declared_ai", {"type": "string", "enum": ["true", "false", "unknown"]},
+                    "What the file's metadata claims (docs/PROVENANCE.md): generative AI, not, or no claim."),
+        query_param("c2pa", {"type": "string", "enum": ["true", "false"]}, "Whether a C2PA manifest was present."),
         query_param("limit", {"type": "integer", "minimum": 1, "maximum": 500}, "Page size (default 50)."),
         query_param("offset", {"type": "integer", "minimum": 0, "maximum": 10_000_000}, "Rows to skip."),
         query_param("cursor", {"type": "string"}, "Opaque cursor from next_cursor; overrides offset."),

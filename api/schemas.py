@@ -126,6 +126,40 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class SourceType(BaseModel):
+    """An IPTC digital source type (cv.iptc.org/newscodes/digitalsourcetype)."""
+
+    code: str
+    uri: str
+    label: str | None = None
+    declares_ai: bool | None = Field(None, description="true: generative AI; false: another known origin.")
+
+
+class C2paReport(BaseModel):
+    """The active C2PA manifest as the C2PA library validated it (docs/PROVENANCE.md)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    present: bool
+    status: Literal["trusted", "untrusted", "tampered", "invalid", "error"] | None = None
+    validation_state: str | None = None
+    claim_generator: str | None = None
+    actions: list[dict[str, Any]] | None = None
+    signer: dict[str, Any] | None = None
+    ingredients: int | None = None
+    error: str | None = None
+
+
+class Provenance(BaseModel):
+    """What the file's own metadata claims, reported beside the verdict and never mixed into it."""
+
+    c2pa: C2paReport
+    iptc_digital_source_type: SourceType | None = None
+    declared_ai: bool | None = Field(None, description="What the metadata claims: generative AI, not, or no claim.")
+    declared_ai_source: Literal["c2pa", "xmp"] | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
 class Prediction(BaseModel):
     """One stored prediction (image or video)."""
 
@@ -150,6 +184,8 @@ class Prediction(BaseModel):
     reused: bool | None = Field(None, description="true: an earlier record for the same bytes (see reuse).")
     warning: str | None = Field(None, description="Present while the model has random (untrained) weights.")
     error: str | None = None
+    provenance: Provenance | None = Field(None, description=(
+        "C2PA and IPTC metadata claims. The verdict ignores them. Null for records made before they were read."))
 
 
 class BatchError(BaseModel):

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -29,8 +30,29 @@ from api.models import Prediction
 from api.services.records import insert_with_objects
 from api.storage import ObjectStore, StoreUnavailable, object_key
 from api.utils.images import decode_image
+from api.utils.provenance import ProvenanceLimits, read_provenance
 
 log = logging.getLogger(__name__)
+
+
+# Pillow's format name -> the MIME type the C2PA reader is given.
+IMAGE_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp",
+              "GIF": "image/gif", "TIFF": "image/tiff"}
+
+
+def provenance_limits(settings: Settings) -> ProvenanceLimits:
+    """The reader's limits and the operator's C2PA trust list (read once, when a service is built)."""
+    anchors = None
+    if settings.c2pa_trust_anchors:
+        anchors = Path(settings.c2pa_trust_anchors).read_text(encoding="utf-8")
+    return ProvenanceLimits(timeout_s=settings.provenance_timeout_s, memory_mb=settings.provenance_memory_mb,
+                            max_xmp_bytes=settings.provenance_max_xmp_bytes, trust_anchors_pem=anchors)
+
+
+def record_provenance(row: Prediction, block: dict[str, Any]) -> None:
+    row.provenance = block
+    row.declared_ai = block["declared_ai"]
+    row.c2pa_present = bool(block["c2pa"].get("present"))
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,7 @@ class PredictionService:
         self.store = store
         self.engine = engine
         self.settings = settings
+        self.provenance_limits = provenance_limits(settings)
 
     # -- public -----------------------------------------------------------
     def predict_images(self, uploads: Sequence[Upload], threshold: float, owner: str | None,
@@ -119,8 +142,11 @@ class PredictionService:
             probabilities = run_engine(self.engine, tensors)
             elapsed_ms = (time.perf_counter() - started) * 1000.0
             for (index, upload, digest, decoded), probability in zip(pending, probabilities, strict=True):
+                # Metadata is read beside the verdict and never feeds it (docs/PROVENANCE.md).
+                provenance = read_provenance(upload.data, IMAGE_MIME.get(decoded.format, "image/*"),
+                                             self.provenance_limits)
                 results[index] = self._store(upload, digest, decoded, float(probability), threshold, owner,
-                                             elapsed_ms)
+                                             elapsed_ms, provenance)
         return results  # type: ignore[return-value]
 
     # -- internals --------------------------------------------------------
@@ -139,7 +165,7 @@ class PredictionService:
         return body
 
     def _store(self, upload: Upload, digest: str, decoded, probability: float, threshold: float,
-               owner: str | None, elapsed_ms: float) -> dict[str, Any]:
+               owner: str | None, elapsed_ms: float, provenance: dict[str, Any]) -> dict[str, Any]:
         label, confidence = verdict(probability, threshold)
         prediction_id = uuid.uuid4()
         now = datetime.now(timezone.utc)
@@ -149,6 +175,7 @@ class PredictionService:
             prediction=label, fake_probability=probability, confidence=confidence, threshold=threshold,
             model_version=self.engine.model_version, processing_ms=round(elapsed_ms, 3),
             result_object=object_key(str(prediction_id), ".json", now), status="done", owner=owner)
+        record_provenance(row, provenance)
         document = serialize_prediction(row, None, self.settings)
         document["input"] = {"format": decoded.format, "mode": decoded.image.mode, "size_bytes": len(upload.data),
                              "trained_model": self.engine.trained}
@@ -178,6 +205,7 @@ def serialize_prediction(row: Prediction, store: ObjectStore | None, settings: S
         "height": row.height,
         "processing_ms": row.processing_ms,
         "created_at": iso(row.created_at),
+        "provenance": row.provenance,  # what the metadata claims; the verdict above ignores it
     }
     if row.error:
         body["error"] = row.error

@@ -35,6 +35,8 @@ class Filters:
     max_probability: float | None = None
     sha256: str | None = None
     filename: str | None = None
+    declared_ai: str | None = None  # true | false | unknown (no claim in the metadata)
+    c2pa: bool | None = None  # a C2PA manifest was present
 
 
 # -- parsing query parameters (strings in, typed values out, InvalidInput naming the parameter) ------
@@ -96,6 +98,8 @@ def parse_filters(args: dict[str, str]) -> Filters:
         max_probability=parse_probability("max_probability", args.get("max_probability")),
         sha256=sha.lower() if sha else None,
         filename=(args.get("filename") or None),
+        declared_ai=parse_choice("declared_ai", args.get("declared_ai"), ("true", "false", "unknown")),
+        c2pa={"true": True, "false": False, None: None}[parse_choice("c2pa", args.get("c2pa"), ("true", "false"))],
     )
     if filters.since and filters.until and filters.since > filters.until:
         raise InvalidInput("since must not be after until", parameter="since")
@@ -148,6 +152,11 @@ def _apply(query: Select, filters: Filters, owner_scope: str | None, all_owners:
         query = query.where(Prediction.fake_probability <= filters.max_probability)
     if filters.sha256:
         query = query.where(Prediction.sha256 == filters.sha256)
+    if filters.declared_ai is not None:
+        claim = {"true": True, "false": False, "unknown": None}[filters.declared_ai]
+        query = query.where(Prediction.declared_ai.is_(claim))
+    if filters.c2pa is not None:
+        query = query.where(Prediction.c2pa_present.is_(filters.c2pa))
     if filters.filename:
         pattern = f"%{_escape_like(filters.filename.lower())}%"
         query = query.where(func.lower(Prediction.filename).like(pattern, escape="\\"))
@@ -209,6 +218,10 @@ class QueryService:
                 select(Prediction.media_type, func.count()).group_by(Prediction.media_type))).all())
             by_status = dict(session.execute(scoped(
                 select(Prediction.status, func.count()).group_by(Prediction.status))).all())
+            by_declared_ai = dict(session.execute(scoped(
+                select(Prediction.declared_ai, func.count()).group_by(Prediction.declared_ai))).all())
+            with_c2pa = session.scalar(scoped(
+                select(func.count()).select_from(Prediction).where(Prediction.c2pa_present.is_(True))))
             day = func.date(Prediction.created_at)
             per_day = session.execute(scoped(
                 select(day, func.count()).group_by(day).order_by(day))).all()
@@ -229,6 +242,10 @@ class QueryService:
             "by_prediction": {"fake": by_prediction.get("fake", 0), "real": by_prediction.get("real", 0)},
             "by_media_type": {"image": by_media.get("image", 0), "video": by_media.get("video", 0)},
             "by_status": {k: by_status.get(k, 0) for k in ("queued", "running", "done", "failed")},
+            # What the metadata claimed (docs/PROVENANCE.md); unknown includes records made before it was read.
+            "by_declared_ai": {"true": by_declared_ai.get(True, 0), "false": by_declared_ai.get(False, 0),
+                               "unknown": by_declared_ai.get(None, 0)},
+            "c2pa_present": with_c2pa or 0,
             "per_day": [{"date": str(d), "count": c} for d, c in per_day],
             "mean_fake_probability": None if mean_probability is None else float(mean_probability),
             "processing_ms": {"mean": None if mean_ms is None else float(mean_ms),

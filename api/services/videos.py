@@ -55,10 +55,18 @@ from api.exceptions import (
 from api.models import Prediction, VideoPrediction
 from api.services.callbacks import check_callback_url
 from api.services.jobs import JobStore
-from api.services.predictions import run_engine, safe_filename, serialize_prediction, verdict
+from api.services.predictions import (
+    provenance_limits,
+    record_provenance,
+    run_engine,
+    safe_filename,
+    serialize_prediction,
+    verdict,
+)
 from api.services.records import StoredObject, insert_with_objects
 from api.services.timeline import render_timeline
 from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable, object_key
+from api.utils.provenance import read_provenance_of_file
 from api.utils.video_probe import ProbeInfo, VideoDecodeError, VideoReader, sample_indices, sniff
 
 log = logging.getLogger(__name__)
@@ -209,6 +217,7 @@ class Analysis:
     sampling: dict
     decoding: dict
     timings_ms: dict = field(default_factory=dict)
+    provenance: dict | None = None
 
 
 class JobQueue(Protocol):
@@ -226,6 +235,7 @@ class VideoService:
         self.store = store
         self.engine = engine
         self.settings = settings
+        self.provenance_limits = provenance_limits(settings)
         self.jobs = jobs
         # The executor; set by the composition root once it is built (it runs jobs through this service).
         self.queue = queue
@@ -367,7 +377,10 @@ class VideoService:
                    "decode_ms": round(float(decoding.get("decode_s", 0.0)) * 1000, 3),
                    "preprocess_ms": round(counters["preprocess_s"] * 1000, 3),
                    "inference_ms": round(counters["inference_s"] * 1000, 3)}
-        return Analysis(info=info, frames=frames, sampling=sampling, decoding=decoding, timings_ms=timings)
+        # The container's metadata, read beside the verdict and never feeding it (docs/PROVENANCE.md).
+        provenance = read_provenance_of_file(reader.path, self.provenance_limits)
+        return Analysis(info=info, frames=frames, sampling=sampling, decoding=decoding, timings_ms=timings,
+                        provenance=provenance)
 
     # ---------------------------------------------------------------- results
     def _result_fields(self, analysis: Analysis, params: VideoParams) -> dict[str, Any]:
@@ -404,6 +417,8 @@ class VideoService:
         row.model_version = self.engine.model_version
         row.processing_ms = round(elapsed_ms, 3)
         row.width, row.height = analysis.info.width, analysis.info.height
+        if analysis.provenance is not None:
+            record_provenance(row, analysis.provenance)
         row.status, row.error = "done", None
         row.result_object = row.result_object or object_key(str(row.id), ".json", row.created_at)
         video.duration_s, video.fps = analysis.info.duration_s, analysis.info.fps
