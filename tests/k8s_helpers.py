@@ -70,6 +70,7 @@ def render(overlay: str, workdir: Path) -> Rendered:
     The copy keeps the operator's real secrets.env (if any) out of the test, and the test's
     throwaway file out of the work tree.
     """
+    assert shutil.which("kubectl"), "kubectl (with its built-in Kustomize) is needed to render deploy/k8s"
     tree = workdir / f"k8s-{overlay}"
     shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("secrets.env"))
     values = {key: secrets.token_hex(16) for key in secret_keys(overlay)}
