@@ -149,7 +149,14 @@ class LocalCluster:
             data = self.r.secret(volume["secret"]["secretName"])
         else:
             return
+        own = self._own_ports(workload)
+
+        def listen(match: re.Match) -> str:  # nginx's `listen <port>`: the pod's own port
+            port = int(match.group(2))
+            return f"{match.group(1)}{own.get(port, port)}"
+
         for item_key, text in data.items():
+            text = re.sub(r"(?m)^(\s*listen\s+)(\d+)(?=[\s;])", listen, text)
             (folder / item_key).write_text(self.rewrite(text, workload, paths))
             (folder / item_key).chmod(0o644)
 

@@ -11,8 +11,9 @@ How a manifest becomes a process (tests/k8s_topology.py, class LocalCluster):
   probe command and mounted config file: `<service>[.d3[.svc[.cluster.local]]]:<port>` of a
   Service becomes 127.0.0.1:<local port>, the pod's own `0.0.0.0|127.0.0.1|localhost|:<port>`
   becomes the same host on the local port, and `--*port <n>` / `--*port=<n>` flags of a declared
-  containerPort take the local port. A port, host name or env name the manifests get wrong is
-  thus left as it is and the process cannot find its peer (or listens where no probe looks).
+  containerPort take the local port (in a mounted nginx config, `listen <port>` too). A port,
+  host name or env name the manifests get wrong is thus left as it is and the process cannot
+  find its peer (or listens where no probe looks).
 - files: every volumeMount is a folder of the test (a configMap volume holds the rendered keys);
   the image's own paths map to the work tree (/app -> the repository, the web image's
   /usr/share/nginx/html -> web/dist), checked against the Dockerfile.
