@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The quick-start serves loopback only, where running without API keys is allowed.
-QUICKSTART_ENV := BIND=$${BIND:-127.0.0.1:6000} AUTH_REQUIRED=$${AUTH_REQUIRED:-false} \
-	GUNICORN_ACCESS_LOG=- GUNICORN_ERROR_LOG=-
+# The quick-start serves loopback only, where running without API keys is allowed, on a port
+# browsers open (production's 6000, behind nginx, is one Chrome refuses: ERR_UNSAFE_PORT).
+# The terminal shows the app's own JSON line per request; Gunicorn's access log goes to logs/.
+QUICKSTART_PORT ?= 8000
+QUICKSTART_ENV := BIND=$${BIND:-127.0.0.1:$(QUICKSTART_PORT)} AUTH_REQUIRED=$${AUTH_REQUIRED:-false} \
+	GUNICORN_ERROR_LOG=-
 TINY_MODEL_ENV := D3_BACKBONE=d3-tiny D3_CLIP_WEIGHTS=random:0 D3_HEAD_WEIGHTS=random:0
 
 .PHONY: setup tools run demo test lint bench clean

@@ -7,7 +7,10 @@
 #   ./check_deployment.sh --app-dir /opt/d3-api # or another one
 #   ./check_deployment.sh --json                # machine-readable
 #
-# Checks: gpu python venv env weights inference database objectstore broker port nginx unit disk.
+# Checks: gpu python venv env settings weights inference database objectstore broker port nginx unit disk.
+# The host checks are here; the application's own (settings weights inference database objectstore
+# broker) are `d3 check` (api/checks.py), run in the app's virtualenv with the app's code, so they
+# judge the settings exactly as the service will.
 # WARN means "works, but look at it" or "deploy.sh will take care of it" (a missing .env,
 # virtualenv, weights download or schema migration); FAIL means deploying now would not work.
 # The only thing it writes is one small probe object into the object store, deleted again.
@@ -28,14 +31,18 @@ Options:
   --json           print one JSON document instead of text lines
   -h, --help       this help
 
-Checks: gpu python venv env weights inference database objectstore broker port nginx unit disk
+Checks: gpu python venv env settings weights inference database objectstore broker port nginx unit disk
+        (settings ... broker are `d3 check`, the app's own checks)
 Environment: D3_CHECK_MIN_FREE_GB (default 10: FAIL below), D3_CHECK_WARN_FREE_GB (default 30: WARN
 below), D3_CHECK_TIMEOUT (seconds for each Python probe, default 600).
 EOF
 }
 
-ALL_CHECKS="gpu python venv env weights inference database objectstore broker port nginx unit disk"
+ALL_CHECKS="gpu python venv env settings weights inference database objectstore broker port nginx unit disk"
+APP_CHECKS="settings weights inference database objectstore broker"  # d3 check (api/checks.py)
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+# shellcheck source=/dev/null
+. "$SCRIPT_DIR/scripts/lib.sh"
 
 APP_DIR=""
 CODE_DIR=""
@@ -161,36 +168,11 @@ wanted() {
 first_line() { printf '%s' "$1" | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c1-400; }
 
 # --- settings ---------------------------------------------------------------------------------
-# The file is read like systemd's EnvironmentFile= does (KEY=VALUE lines, optional quotes) and its
-# values win over the caller's environment, as they do in the service.
-ENV_KEYS=()
-load_env_file() {
-    local line key value
-    while IFS= read -r line || [ -n "$line" ]; do
-        line="${line#"${line%%[![:space:]]*}"}"
-        case "$line" in ''|'#'*|';'*) continue ;; esac
-        line="${line#export }"
-        case "$line" in *=*) ;; *) continue ;; esac
-        key="${line%%=*}"
-        key="${key%"${key##*[![:space:]]}"}"
-        value="${line#*=}"
-        value="${value#"${value%%[![:space:]]*}"}"
-        value="${value%"${value##*[![:space:]]}"}"
-        if [ "${#value}" -ge 2 ]; then
-            case "$value" in
-                \"*\") value="${value:1:${#value}-2}" ;;
-                \'*\') value="${value:1:${#value}-2}" ;;
-            esac
-        fi
-        [[ "$key" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || continue
-        export "$key=$value"
-        ENV_KEYS+=("$key")
-    done <"$1"
-}
-
+# The file is read like systemd's EnvironmentFile= does (scripts/lib.sh) and its values win over
+# the caller's environment, as they do in the service.
 HAVE_ENV=0
 if [ -f "$ENV_FILE" ] && [ -r "$ENV_FILE" ]; then
-    load_env_file "$ENV_FILE"
+    dotenv_export "$ENV_FILE"
     HAVE_ENV=1
 fi
 HAVE_VENV=0
@@ -236,24 +218,6 @@ need_env_and_venv() { # need_env_and_venv NAME: WARN and return 1 when the prere
         return 1
     fi
     return 0
-}
-
-# Each Python probe prints "STATUS<TAB>message<TAB>hint" lines; they become records.
-record_probe() { # record_probe NAME OUTPUT RC
-    local name=$1 out=$2 rc=$3 line status msg hint n=0
-    while IFS=$'\t' read -r status msg hint; do
-        case "$status" in
-            PASS|WARN|FAIL) record "$name" "$status" "$msg" "$hint"; n=$((n + 1)) ;;
-        esac
-    done <<<"$out"
-    if [ "$n" -eq 0 ]; then
-        line="$(first_line "$out")"
-        if [ "$rc" -eq 124 ]; then
-            record "$name" FAIL "probe timed out after ${PROBE_TIMEOUT}s" "raise D3_CHECK_TIMEOUT or look at what hangs"
-        else
-            record "$name" FAIL "probe crashed (exit $rc): ${line:-no output}" "run it by hand: $PY -c 'import api.config'"
-        fi
-    fi
 }
 
 # --- checks -----------------------------------------------------------------------------------
@@ -342,13 +306,6 @@ print("FAIL" if missing else "OK", "; ".join(missing) or torch.__version__)' 2>&
     esac
 }
 
-is_placeholder() {
-    case "$(printf '%s' "$1" | tr '[:upper:]' '[:lower:]')" in
-        ''|change-me|changeme|change_me|minioadmin|secret|password|example|xxx*|todo|placeholder|your-*|\<*\>) return 0 ;;
-    esac
-    return 1
-}
-
 check_env() {
     if [ ! -e "$ENV_FILE" ]; then
         record env WARN "no settings file at $ENV_FILE" "deploy.sh creates it from .env.example with a generated SECRET_KEY"
@@ -358,272 +315,65 @@ check_env() {
         record env FAIL "$ENV_FILE is not readable by $(id -un)" "run this check as root or as the service user"
         return
     fi
-    local problems=() warnings=() key value example mode DEFAULTED=""
-    value="$(setting SECRET_KEY '')"
-    # The app's own secret policy (api/config.py SECRET_MIN_LENGTH); 16 if the app cannot be run.
-    local min_length=16
-    if [ "$HAVE_VENV" -eq 1 ]; then
-        min_length="$(app_python -c 'from api.config import SECRET_MIN_LENGTH; print(SECRET_MIN_LENGTH)' 2>/dev/null)" \
-            || min_length=16
-    fi
-    if is_placeholder "$value"; then
-        problems+=("SECRET_KEY is ${value:+the placeholder }'${value:-empty}'")
-    elif [ "${#value}" -lt "$min_length" ]; then
-        problems+=("SECRET_KEY is only ${#value} characters (at least $min_length)")
-    fi
-    if [ -n "$(setting MINIO_ENDPOINT '')" ]; then
-        for key in MINIO_ACCESS_KEY MINIO_SECRET_KEY; do
-            value="$(setting "$key" '')"
-            if is_placeholder "$value"; then
-                problems+=("$key is ${value:+the placeholder }'${value:-empty}'")
-            fi
-        done
-    fi
-    value="$(setting DATABASE_URL '')"
-    if [[ "$value" =~ ://[^:/@]+:([^@]*)@ ]] && is_placeholder "${BASH_REMATCH[1]}"; then
-        problems+=("DATABASE_URL has a placeholder password")
-    fi
+    local example mode DEFAULTED=""
     example="$CODE_DIR/.env.example"
     if [ -f "$example" ]; then
-        local missing=()
-        while IFS= read -r key; do
-            grep -Eq "^[[:space:]]*(export[[:space:]]+)?${key}[[:space:]]*=" "$ENV_FILE" || missing+=("$key")
-        done < <(sed -nE 's/^[[:space:]]*([A-Z][A-Z0-9_]*)=.*/\1/p' "$example")
-        [ "${#missing[@]}" -eq 0 ] || DEFAULTED="${#missing[@]}"
+        DEFAULTED="$(dotenv_missing "$ENV_FILE" "$example" | wc -l)"
+        [ "$DEFAULTED" -gt 0 ] || DEFAULTED=""
     fi
     mode="$(stat -c %a "$ENV_FILE" 2>/dev/null || echo 600)"
-    case "$mode" in *[1-7]) warnings+=("readable by every user (mode $mode)") ;; esac
-    if [ "${#problems[@]}" -eq 0 ] && [ "$HAVE_VENV" -eq 1 ]; then
-        local out
-        if ! out="$(app_python -c 'from api.config import load_settings; load_settings()' 2>&1)"; then
-            problems+=("the app refuses it: $(first_line "$out")")
-        fi
-    fi
-    if [ "${#problems[@]}" -gt 0 ]; then
-        local joined
-        joined="$(printf '%s; ' "${problems[@]}")"
-        record env FAIL "$ENV_FILE: ${joined%; }" \
-            "edit $ENV_FILE: a secret from 'openssl rand -hex 32' for SECRET_KEY, the real MinIO/PostgreSQL credentials"
-    elif [ "${#warnings[@]}" -gt 0 ]; then
-        local joined
-        joined="$(printf '%s; ' "${warnings[@]}")"
-        record env WARN "$ENV_FILE is usable, but ${joined%; }" "chmod 640 $ENV_FILE (owner root, group d3)"
-    else
-        record env PASS "$ENV_FILE has no placeholder secrets and the app accepts it${DEFAULTED:+ ($DEFAULTED settings of .env.example left at their defaults)}"
-    fi
-}
-
-check_weights() {
-    need_env_and_venv weights || return
-    local info out rc
-    info="$(d3 info --json 2>&1)"
-    rc=$?
-    if [ "$rc" -ne 0 ]; then
-        record weights FAIL "'d3 info' failed (exit $rc): $(first_line "$info")" "run it by hand: $APP_DIR/bin/d3 info"
-        return
-    fi
-    out="$(D3_INFO_JSON="$info" app_python - <<'PYEOF' 2>&1
-import json
-import os
-
-text = os.environ["D3_INFO_JSON"]
-data = json.loads(text[text.index("{"):])
-
-
-def say(status, message, hint=""):
-    print(f"{status}\t{message}\t{hint}")
-
-
-where = f"device {data.get('device')}, {data.get('precision')}"
-if data.get("weights_ok"):
-    note = "" if data.get("trained") else " (random, untrained: for tests only)"
-    say("PASS", f"{data.get('model_version')} present and loadable ({where}){note}")
-    raise SystemExit(0)
-fatal, later = [], []
-for part, entry in data.get("weights", {}).items():
-    if entry.get("loadable"):
-        continue
-    setting, path = entry.get("setting"), entry.get("path")
-    if not entry.get("present") and not (entry.get("kind") == "file" and entry.get("value")):
-        later.append(f"{part} ({setting}={entry.get('value') or 'default'})")  # d3 fetch-weights gets it
-    elif not entry.get("present"):
-        fatal.append((f"{part} weights file not found: {path} ({setting})",
-                      f"copy the checkpoint to {path} or correct {setting}"))
-    else:
-        fatal.append((f"{part} weights present but not loadable: {entry.get('error') or 'unknown error'}",
-                      "damaged or of another model: run d3 fetch-weights again, or check the D3_* settings"))
-if fatal:
-    say("FAIL", "; ".join(message for message, _ in fatal), fatal[0][1])
-elif later:
-    say("WARN", f"not downloaded yet: {', '.join(later)} (cache {data.get('cache_dir')})",
-        "deploy.sh runs d3 fetch-weights --if-missing; offline, copy the files into the cache by hand")
-else:
-    say("FAIL", "weights not usable: " + json.dumps(data.get("weights"))[:300], "run d3 info")
-PYEOF
-)"
-    rc=$?
-    record_probe weights "$out" "$rc"
-}
-
-# With D3_INFERENCE_URL set: the tier answers, and serves the model version the settings describe
-# (same weights, seed and precision), so the API records the version it was configured for.
-check_inference() {
-    local url
-    url="$(setting D3_INFERENCE_URL "")"
-    if [ -z "$url" ]; then
-        record inference PASS "D3_INFERENCE_URL not set: the model runs in each API worker"
-        return
-    fi
-    need_env_and_venv inference || return
-    local out rc
-    out="$(app_python - <<'PYEOF' 2>&1
-from api.config import load_settings
-from api.detector.config import DetectorConfig
-from api.detector.remote_engine import RemoteConfig, RemoteEngine
-from api.detector.weights import resolve_weights
-
-settings = load_settings()
-url = settings.d3_inference_url
-host = url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
-local = host in ("localhost", "::1") or host.startswith("127.")
-engine = RemoteEngine(RemoteConfig.from_settings(settings))
-try:
-    engine.connect(settings.d3_inference_timeout_s)
-except Exception as exc:  # noqa: BLE001
-    status = "WARN" if local else "FAIL"
-    hint = ("deploy.sh installs and starts d3-inference.service; then: journalctl -u d3-inference" if local
-            else "start the tier on its host (d3-inference.service) and check the firewall")
-    print(f"{status}\tthe inference tier at {url} does not answer: {type(exc).__name__}: {exc}\t{hint}")
-    raise SystemExit(0)
-tier = engine.tier_model
-precision = settings.d3_precision if settings.d3_precision != "auto" else tier.precision
-try:
-    expected = resolve_weights(DetectorConfig.from_settings(settings), download=False).model_version(precision)
-except Exception as exc:  # noqa: BLE001
-    print(f"FAIL\tthe tier answers, but the expected model version cannot be computed: {exc}\tsee the weights check")
-    raise SystemExit(0)
-if tier.model_version != expected:
-    print(f"FAIL\tthe tier at {url} serves {tier.model_version}, the settings describe {expected}\t"
-          "give the tier the same D3_* model settings (restart d3-inference), or point D3_INFERENCE_URL at the right tier")
-else:
-    kind = "trained" if tier.trained else "random, untrained: for tests only"
-    print(f"PASS\tthe tier at {url} answers and serves {expected} ({kind}) on {tier.device or '?'}\t")
-PYEOF
-)"
-    rc=$?
-    record_probe inference "$out" "$rc"
-}
-
-check_database() {
-    need_env_and_venv database || return
-    local out rc current
-    out="$(app_python - <<'PYEOF' 2>&1
-import os
-
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-
-from api.config import load_settings
-
-url = load_settings().resolved_database_url
-parsed = make_url(url)
-shown = parsed.render_as_string(hide_password=True)
-args = {"connect_timeout": 5} if url.startswith("postgres") else {}
-if parsed.get_backend_name() == "sqlite" and parsed.database and not os.path.exists(parsed.database):
-    print(f"WARN\t{shown} does not exist yet\tdeploy.sh creates it with 'd3 db upgrade' (PostgreSQL is "
-          "recommended in production: DATABASE_URL)")
-    raise SystemExit(0)
-try:
-    with create_engine(url, connect_args=args).connect() as conn:
-        conn.execute(text("SELECT 1"))
-except Exception as exc:  # noqa: BLE001
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-    print(f"FAIL\tcannot connect to {shown}: {reason}\tstart PostgreSQL (systemctl start postgresql) and check "
-          "DATABASE_URL: host, port, user, password, database")
-else:
-    print(f"REACHABLE\t{shown}")
-PYEOF
-)"
-    rc=$?
-    case "$out" in
-        REACHABLE*) ;;
-        *) record_probe database "$out" "$rc"; return ;;
+    case "$mode" in
+        *[1-7]) record env WARN "$ENV_FILE is readable by every user (mode $mode)" "chmod 640 $ENV_FILE (owner root, group d3)" ;;
+        *) record env PASS "$ENV_FILE is in place, readable by the service only${DEFAULTED:+ ($DEFAULTED settings of .env.example left at their defaults)}" ;;
     esac
-    local shown="${out#REACHABLE$'\t'}"
-    current="$(d3 db current 2>&1)"
-    rc=$?
-    current="$(first_line "$current")"
-    if [ "$rc" -eq 0 ]; then
-        record database PASS "$shown reachable, schema migrated ($current)"
-    elif [ "$rc" -eq 1 ]; then
-        record database WARN "$shown reachable, schema not at the newest revision ($current)" \
-            "deploy.sh runs 'd3 db upgrade' (back up first: DEPLOYMENT.md)"
-    else
-        record database FAIL "$shown reachable, but 'd3 db current' failed (exit $rc): $current" "run it by hand: $APP_DIR/bin/d3 db current"
+}
+
+# The application's checks, all in one `d3 check` run (one Python start): its JSON lines become records.
+run_app_checks() { # run_app_checks NAME...: the wanted ones among APP_CHECKS
+    local names=("$@") name out rc
+    if [ "$HAVE_VENV" -eq 0 ] || [ "$HAVE_ENV" -eq 0 ]; then
+        for name in "${names[@]}"; do
+            need_env_and_venv "$name"
+        done
+        return
     fi
-}
-
-check_objectstore() {
-    need_env_and_venv objectstore || return
-    local out rc
-    out="$(app_python - <<'PYEOF' 2>&1
-import uuid
-
-from api.config import load_settings
-from api.storage import make_object_store
-
-settings = load_settings()
-store = make_object_store(settings, b"check-deployment")
-buckets = (settings.bucket_results, settings.bucket_videos, settings.bucket_frames)
-where = f"MinIO at {settings.minio_endpoint}" if settings.uses_minio else f"local folder {settings.resolved_object_store_dir}"
-hint = ("start MinIO and check MINIO_ENDPOINT / MINIO_SECURE and the keys; the keys need read/write on the buckets"
-        if settings.uses_minio else "create the folder and make it writable by the service user")
+    local errors
+    errors="$(mktemp)"
+    out="$(d3 check --json --only "$(IFS=,; printf '%s' "${names[*]}")" 2>"$errors")"
+    rc=$?  # 0: all pass, 1: some check failed (the JSON says which), anything else: d3 check itself broke
+    [ "$rc" -le 1 ] || out="$out$(cat "$errors")"
+    rm -f "$errors"
+    if [ "$rc" -le 1 ]; then
+        out="$(printf '%s' "$out" | app_python -c '
+import json, sys
+text = sys.stdin.read()
 try:
-    store.ensure_buckets()
-    key = f"check-deployment-{uuid.uuid4().hex}.txt"
-    for bucket in buckets:
-        store.put_bytes(bucket, key, b"probe", "text/plain")
-        if store.get_bytes(bucket, key) != b"probe":
-            raise RuntimeError(f"read back a different object from {bucket}")
-        store.delete(bucket, key)
-except Exception as exc:  # noqa: BLE001
-    print(f"FAIL\t{where}: {exc.__class__.__name__}: {exc}\t{hint}")
-else:
-    print(f"PASS\t{where} reachable, buckets {', '.join(buckets)} writable\t")
-PYEOF
-)"
-    rc=$?
-    record_probe objectstore "$out" "$rc"
-}
-
-check_broker() {
-    need_env_and_venv broker || return
-    local out rc
-    out="$(app_python - <<'PYEOF' 2>&1
-from urllib.parse import urlsplit
-
-import redis
-
-from api.config import load_settings
-
-settings = load_settings()
-if not settings.uses_celery:
-    print("PASS\tno job queue configured: video jobs run in the API process (d3-worker not needed)\t")
-    raise SystemExit(0)
-url = settings.broker_url
-parts = urlsplit(url)
-shown = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"  # no password in the output
-try:
-    redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
-except Exception as exc:  # noqa: BLE001
-    print(f"FAIL\tthe job queue broker at {shown} does not answer: {exc.__class__.__name__}: {exc}\t"
-          "start Redis (systemctl start redis-server) and check CELERY_BROKER_URL / REDIS_URL")
-else:
-    print(f"PASS\tjob queue broker at {shown} answers; video jobs go to d3-worker\t")
-PYEOF
-)"
-    rc=$?
-    record_probe broker "$out" "$rc"
+    report = json.loads(text)
+except ValueError:
+    print(text.strip().splitlines()[-1] if text.strip() else "no output")
+    raise SystemExit(3)
+for check in report["checks"]:
+    fields = (check["name"], check["status"], check["message"], check["hint"])
+    print("\t".join(" ".join(str(field).split()) for field in fields))
+' 2>&1)"
+        rc=$?
+    fi
+    if [ "$rc" -ne 0 ]; then
+        for name in "${names[@]}"; do
+            if [ "$rc" -eq 124 ]; then
+                record "$name" FAIL "d3 check timed out after ${PROBE_TIMEOUT}s" "raise D3_CHECK_TIMEOUT or look at what hangs"
+            else
+                record "$name" FAIL "d3 check crashed (exit $rc): $(first_line "$out")" "run it by hand: $PY -m api.cli check"
+            fi
+        done
+        return
+    fi
+    local status msg hint
+    while IFS=$'\t' read -r name status msg hint; do
+        case "$status" in
+            PASS|WARN|FAIL) record "$name" "$status" "$msg" "$hint" ;;
+        esac
+    done <<<"$out"
 }
 
 check_port() {
@@ -741,10 +491,19 @@ check_disk() {
     fi
 }
 
+APP_WANTED=()
+for name in $APP_CHECKS; do
+    wanted "$name" && APP_WANTED+=("$name")
+done
 for name in $ALL_CHECKS; do
-    if wanted "$name"; then
-        "check_$name"
-    fi
+    case " $APP_CHECKS " in
+        *" $name "*)  # the app's checks run together, where the first of them stands
+            if [ "$name" = "${APP_WANTED[0]:-}" ]; then
+                run_app_checks "${APP_WANTED[@]}"
+            fi
+            ;;
+        *) if wanted "$name"; then "check_$name"; fi ;;
+    esac
 done
 
 if [ "$JSON" -eq 1 ]; then

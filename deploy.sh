@@ -37,6 +37,8 @@ EOF
 }
 
 SRC_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+# shellcheck source=/dev/null
+. "$SRC_DIR/scripts/lib.sh"  # dotenv_get: the one .env reader, shared with check_deployment.sh
 ORIG_ARGS=("$@")
 SERVICE=d3-api
 WORKER_SERVICE=d3-worker  # the video worker tier, installed when a job queue broker is configured
@@ -199,12 +201,6 @@ as_service_user() { # run a command as the service user with the service's HOME 
     else
         run runuser -u "$SERVICE_USER" -- env "${envs[@]}" "$@"
     fi
-}
-
-dotenv_get() { # dotenv_get FILE KEY: the value of KEY in FILE (last one wins), quotes removed
-    [ -f "$1" ] || return 0
-    sed -nE "s/^[[:space:]]*(export[[:space:]]+)?$2[[:space:]]*=[[:space:]]*(.*)$/\\2/p" "$1" | tail -n 1 |
-        sed -E 's/[[:space:]]+$//; s/^"(.*)"$/\1/; s/^'\''(.*)'\''$/\1/'
 }
 
 state_get() { dotenv_get "$STATE_FILE" "$1"; }
@@ -384,12 +380,10 @@ do_env() {
     step env "settings file $env_file"
     if [ -f "$env_file" ]; then
         say "exists, not modified: $env_file"
-        local example="$SRC_DIR/.env.example" missing=() key
+        local example="$SRC_DIR/.env.example" missing
         if [ -f "$example" ]; then
-            while IFS= read -r key; do
-                grep -Eq "^[[:space:]]*(export[[:space:]]+)?${key}[[:space:]]*=" "$env_file" || missing+=("$key")
-            done < <(sed -nE 's/^[[:space:]]*([A-Z][A-Z0-9_]*)=.*/\1/p' "$example")
-            [ "${#missing[@]}" -eq 0 ] || say "new settings in .env.example (defaults apply): ${missing[*]}"
+            missing="$(dotenv_missing "$env_file" "$example" | tr '\n' ' ')"
+            [ -z "$missing" ] || say "new settings in .env.example (defaults apply): ${missing% }"
         fi
         return
     fi
@@ -429,12 +423,12 @@ set_env_value() { # set_env_value FILE KEY VALUE always|if-empty
 }
 
 do_settings() {
-    step settings "the settings reach their services (check_deployment.sh env, database, objectstore)"
+    step settings "the settings reach their services (check_deployment.sh env, settings, database, objectstore)"
     if dry; then
-        run "$SRC_DIR/check_deployment.sh" --app-dir "$APP_DIR" --code-dir "$(release_dir)" --only env,database,objectstore
+        run "$SRC_DIR/check_deployment.sh" --app-dir "$APP_DIR" --code-dir "$(release_dir)" --only env,settings,database,objectstore
         return
     fi
-    if ! "$SRC_DIR/check_deployment.sh" --app-dir "$APP_DIR" --code-dir "$(release_dir)" --only env,database,objectstore; then
+    if ! "$SRC_DIR/check_deployment.sh" --app-dir "$APP_DIR" --code-dir "$(release_dir)" --only env,settings,database,objectstore; then
         fail "edit $APP_DIR/.env (lines above say what is wrong), then re-run deploy.sh"
     fi
 }

@@ -16,11 +16,15 @@ read too, so a hand-started Gunicorn in the app directory behaves like the servi
     GUNICORN_ERROR_LOG         error log file, or "-" for stderr
     GUNICORN_LOG_LEVEL         Gunicorn's own log level (default: LOG_LEVEL, else info)
     FORWARDED_ALLOW_IPS        proxies whose X-Forwarded-* headers are trusted (default 127.0.0.1,::1)
+    PROMETHEUS_MULTIPROC_DIR   where workers' metrics are added up (default: a fresh temporary folder)
+
+(`make run` / `make demo` set BIND=127.0.0.1:8000: browsers refuse port 6000, which is fine behind nginx.)
 
 Logs: under systemd (INVOCATION_ID or JOURNAL_STREAM in the environment) both logs go to
 stdout/stderr and so to the journal (`journalctl -u d3-api`); otherwise to logs/access.log and
 logs/error.log. The access log line ends with the request time in milliseconds and the
-X-Request-ID that nginx sets, so a slow request can be found in both nginx's and Gunicorn's logs.
+X-Request-ID the app answered with (nginx's, when nginx set one), so a slow request can be found in
+nginx's, Gunicorn's and the app's logs alike.
 
 How many workers fit on one GPU
 -------------------------------
@@ -49,6 +53,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -132,25 +137,42 @@ for _log in {accesslog, errorlog} - {"-"}:
     Path(_log).parent.mkdir(parents=True, exist_ok=True)
 loglevel = _env("GUNICORN_LOG_LEVEL", _env("LOG_LEVEL", "info")).lower()
 capture_output = not under_systemd()  # stray prints land in error.log (the journal has them anyway)
-# client, time, request line, status, bytes, referer, user agent, request time in ms, request id
+# client, time, request line, status, bytes, referer, user agent, request time in ms, request id.
+# The id is the response's X-Request-ID: the app always sets it (nginx's id when nginx sent one, else
+# its own), where the request header is missing whenever nobody sits in front of Gunicorn.
 access_log_format = ('%(h)s %(t)s "%(r)s" %(s)s %(B)s "%(f)s" "%(a)s" '
-                     "rt_ms=%(M)s rid=%({x-request-id}i)s pid=%(p)s")
+                     "rt_ms=%(M)s rid=%({x-request-id}o)s pid=%(p)s")
 
 
 # --- metrics --------------------------------------------------------------------------------
 # Prometheus multiprocess mode: each worker writes its samples under this folder and /metrics
-# adds them up. prometheus_client reads os.environ when a worker imports it, so a value found
-# only in .env is exported here for the workers.
+# adds them up. Without PROMETHEUS_MULTIPROC_DIR, the master makes a fresh folder of its own in the
+# temporary directory (removed when it exits), so /metrics counts every worker however Gunicorn
+# was started (make run, make demo, by hand). prometheus_client reads os.environ when a worker
+# imports it, so the folder is exported in on_starting, before any worker forks.
 PROMETHEUS_DIR = _env("PROMETHEUS_MULTIPROC_DIR", "")
-if PROMETHEUS_DIR:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = PROMETHEUS_DIR
+_OWN_PROMETHEUS_PREFIX = "d3-prometheus-"
+
+
+def _own_prometheus_dir(path: str) -> bool:
+    folder = Path(path)
+    return folder.parent == Path(tempfile.gettempdir()) and folder.name.startswith(_OWN_PROMETHEUS_PREFIX)
 
 
 # --- hooks ----------------------------------------------------------------------------------
 def on_starting(server) -> None:
+    global PROMETHEUS_DIR
     if PROMETHEUS_DIR:  # samples left by a previous run would be counted again
         shutil.rmtree(PROMETHEUS_DIR, ignore_errors=True)
         os.makedirs(PROMETHEUS_DIR, exist_ok=True)
+    else:
+        PROMETHEUS_DIR = tempfile.mkdtemp(prefix=_OWN_PROMETHEUS_PREFIX)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = PROMETHEUS_DIR
+
+
+def on_exit(server) -> None:
+    if PROMETHEUS_DIR and _own_prometheus_dir(PROMETHEUS_DIR):
+        shutil.rmtree(PROMETHEUS_DIR, ignore_errors=True)
 
 
 def child_exit(server, worker) -> None:

@@ -1,4 +1,5 @@
-"""The `d3` command: model commands (predict, eval, fetch-weights, info), database and key admin, the video worker."""
+"""The `d3` command: model commands (predict, eval, fetch-weights, info), database and key admin, the video
+worker, deployment checks."""
 
 from __future__ import annotations
 
@@ -39,6 +40,34 @@ def db_current() -> None:
     current, head = current_revision(url), head_revision()
     click.echo(f"current: {current or 'none (empty database)'}  head: {head}")
     sys.exit(0 if current == head else 1)
+
+
+@cli.command("check")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.option("--only", default="", metavar="LIST", help="comma-separated checks to run (default: all)")
+def check(as_json: bool, only: str) -> None:
+    """Deployment checks of the app itself: settings, weights, inference tier, database, object store, queue.
+
+    Exit 1 when any check FAILs. check_deployment.sh runs these beside its host checks.
+    """
+    import json
+
+    from api.checks import CHECKS, report, run_checks, text_line
+
+    names = [name.strip() for name in only.split(",") if name.strip()] or list(CHECKS)
+    unknown = sorted(set(names) - set(CHECKS))
+    if unknown:
+        raise click.UsageError(f"unknown check: {', '.join(unknown)} (checks: {' '.join(CHECKS)})")
+    results = run_checks(names)
+    summary = report(results)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        for result in results:
+            click.echo(text_line(result))
+        counts = summary["summary"]
+        click.echo(f"summary: {counts['pass']} pass, {counts['warn']} warn, {counts['fail']} fail")
+    sys.exit(0 if summary["ok"] else 1)
 
 
 @cli.command("worker", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

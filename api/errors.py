@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from api import exceptions as service_errors
 
@@ -68,9 +68,13 @@ def init_app(app: Flask) -> None:
     def _http_error(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
         message = exc.description or exc.name
-        if exc.code == 413:
-            message = "request body is larger than this endpoint accepts"
-        response = error_response(exc.code or 500, code, message)
+        details = {}
+        if exc.code == 413 and exc.description == RequestEntityTooLarge.description:  # the body limit
+            limit = request.max_content_length
+            details["limit_bytes"] = limit
+            message = (f"request body is larger than this endpoint's limit of {limit} bytes "
+                       f"({limit / 2**20:.1f} MiB)" if limit else "request body is too large")
+        response = error_response(exc.code or 500, code, message, **details)
         if exc.code == 405 and exc.valid_methods:
             response.headers["Allow"] = ", ".join(exc.valid_methods)
         return response

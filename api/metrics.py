@@ -30,7 +30,9 @@ from api.auth import current_caller, unauthorized
 from api.context import services
 from api.database import DatabaseUnavailable
 from api.errors import error_response
-from api.openapi import error, register_paths
+from api.openapi import Response as Responses
+from api.openapi import api_spec, produces
+from api.schemas import ErrorBody
 from api.services.jobs import STATUSES, JobStore
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ FORWARD_SECONDS = Histogram("d3_inference_forward_seconds", "Duration of one bat
                             buckets=_FORWARD_BUCKETS, registry=REGISTRY)
 QUEUE_DEPTH = Gauge("d3_inference_queue_depth", "Images waiting for the engine (summed over live workers).",
                     registry=REGISTRY, multiprocess_mode="livesum")
-MODEL_LOAD_SECONDS = Gauge("d3_model_load_seconds", "Seconds from app start until the model was ready.",
+MODEL_LOAD_SECONDS = Gauge("d3_model_load_seconds", "Seconds the model took to load (engine start to ready).",
                            registry=REGISTRY, multiprocess_mode="livemax")
 MODEL_READY = Gauge("d3_model_ready", "1 when every live worker's model is ready.",
                     registry=REGISTRY, multiprocess_mode="livemin")
@@ -105,10 +107,19 @@ def _gpu_memory(engine) -> int:
         return 0
 
 
+# The engine gauges are process-wide objects while a process may hold several engines (tests,
+# benchmarks): they are written only from one engine's own state, under this lock, and a scrape
+# refreshes them from its app's engine and renders them under the same lock, so it never reports
+# another engine's values.
+_GAUGES_LOCK = threading.RLock()
+
+
 def refresh_engine_gauges(engine) -> None:
-    QUEUE_DEPTH.set(engine.stats().get("queue_depth", 0))
-    GPU_MEMORY.set(_gpu_memory(engine))
-    MODEL_READY.set(1 if engine.ready else 0)
+    with _GAUGES_LOCK:
+        QUEUE_DEPTH.set(engine.stats().get("queue_depth", 0))
+        GPU_MEMORY.set(_gpu_memory(engine))
+        MODEL_READY.set(1 if engine.ready else 0)
+        MODEL_LOAD_SECONDS.set(getattr(engine, "load_seconds", None) or 0.0)
 
 
 def instrument_engine(engine) -> None:
@@ -126,14 +137,10 @@ def instrument_engine(engine) -> None:
     engine.add_batch_listener(on_batch)
     refresh_engine_gauges(engine)
     if not engine.ready:
-        started = time.monotonic()
-
-        def await_load() -> None:
-            if engine.wait_ready(None):
-                MODEL_LOAD_SECONDS.set(time.monotonic() - started)
-            refresh_engine_gauges(engine)
-
-        threading.Thread(target=await_load, name="d3-metrics-model-load", daemon=True).start()
+        # In multiprocess mode a worker's gauges are its files: write them once the model is
+        # ready, even if this worker is never scraped itself.
+        threading.Thread(target=lambda: (engine.wait_ready(None), refresh_engine_gauges(engine)),
+                         name="d3-metrics-model-load", daemon=True).start()
 
 
 # -- scrape ----------------------------------------------------------------------------------
@@ -173,7 +180,6 @@ class _Forward:
 
 def exposition() -> bytes:
     svc = services()
-    refresh_engine_gauges(svc.engine)
     registry = CollectorRegistry()
     if MULTIPROCESS:
         from prometheus_client import multiprocess
@@ -181,8 +187,12 @@ def exposition() -> bytes:
         multiprocess.MultiProcessCollector(registry)
     else:
         registry.register(_Forward(REGISTRY))
-    registry.register(VideoJobsCollector(svc.jobs))
-    return generate_latest(registry)
+    jobs = CollectorRegistry()
+    jobs.register(VideoJobsCollector(svc.jobs))
+    with _GAUGES_LOCK:  # held briefly: the engine's thread takes it after every batch
+        refresh_engine_gauges(svc.engine)
+        samples = generate_latest(registry)
+    return samples + generate_latest(jobs)
 
 
 def _allowed(address: str | None, networks: list) -> bool:
@@ -196,22 +206,20 @@ def _allowed(address: str | None, networks: list) -> bool:
 
 
 @bp.get("/metrics")
+@produces(200, CONTENT_TYPE_LATEST.split(";")[0], schema={"type": "string"})
+@api_spec.validate(tags=["service"], operation_id="getMetrics",
+                   security=[{}, {"bearerAuth": []}, {"apiKeyHeader": []}], resp=Responses(
+    HTTP_200=(None, "Prometheus text format"),
+    HTTP_401=(ErrorBody, "Not from an allow-listed network, and no valid key"),
+    HTTP_403=(ErrorBody, "A valid key that is not an admin key, from a network not allow-listed")))
 def metrics():
+    """Prometheus metrics (allow-listed networks or an admin key)"""
     caller = current_caller()
     if not (caller.is_admin or _allowed(request.remote_addr, services().settings.metrics_allow)):
         if caller.owner is None:
             return unauthorized(None)
         return error_response(403, "forbidden", "/metrics needs an admin key or an allow-listed network")
     return Response(exposition(), content_type=CONTENT_TYPE_LATEST)
-
-
-register_paths({"/metrics": {"get": {
-    "summary": "Prometheus metrics (allow-listed networks or an admin key)", "tags": ["service"],
-    "security": [{}, {"bearerAuth": []}, {"apiKeyHeader": []}],
-    "responses": {"200": {"description": "Prometheus text format", "content": {CONTENT_TYPE_LATEST.split(";")[0]: {
-                      "schema": {"type": "string"}}}},
-                  "401": error("Not from an allow-listed network, and no valid key"),
-                  "403": error("A valid key that is not an admin key, from a network not allow-listed")}}}})
 
 
 # -- wiring ----------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ small dependency. Three adjustments, all here:
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
@@ -24,11 +26,12 @@ from spectree.plugins.base import Context
 from spectree.plugins.flask_plugin import FlaskPlugin
 from spectree.utils import get_multidict_items
 
+from api import auth, limits
 from api.config import Settings
 from api.exceptions import InvalidInput
 from api.schemas import ErrorBody
 
-__all__ = ["Response", "api_spec", "build_spec"]
+__all__ = ["Response", "api_spec", "build_spec", "produces", "response_header"]
 
 OPENAPI_VERSION = "3.0.3"
 TITLE = "D3 Deepfake Detection API"
@@ -127,12 +130,8 @@ def _to_openapi30(node: Any, settings: Settings) -> Any:
     return node
 
 
-# Response headers spectree's Response cannot declare.
-RESPONSE_HEADERS: dict[Any, dict[str, Any]] = {
-    "503": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait before retrying"}},
-    ("/predict/video", "post", "202"): {"Location": {"schema": {"type": "string"},
-                                                     "description": "GET /predictions/{id} of the job"}},
-}
+# Every 503 carries Retry-After (api/errors.py sets it for every Unavailable).
+RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait before retrying"}}
 
 
 def _generated(app: Flask, settings: Settings) -> dict[str, Any]:
@@ -146,12 +145,14 @@ def _generated(app: Flask, settings: Settings) -> dict[str, Any]:
     finally:
         api_spec.models = models
     spec = _to_openapi30(spec, settings)
-    for path, item in spec["paths"].items():
-        for method, operation in item.items():
+    for item in spec["paths"].values():
+        for operation in item.values():
+            takes_input = "requestBody" in operation or any(p["in"] == "query" for p in operation["parameters"])
+            if not takes_input and operation["responses"].get("400", {}).get("description") == "Bad Request":
+                del operation["responses"]["400"]  # spectree's validation answer, for an operation without input
             for status, response in operation.get("responses", {}).items():
-                headers = {**RESPONSE_HEADERS.get(status, {}), **RESPONSE_HEADERS.get((path, method, status), {})}
-                if headers:
-                    response["headers"] = copy.deepcopy(headers)
+                if status == "503":
+                    response["headers"] = copy.deepcopy(RETRY_AFTER)
                 if status == "400" and response.get("description") == "Bad Request":
                     response["description"] = "A missing or invalid parameter or field; error.parameter names it"
             if not operation.get("description"):
@@ -161,251 +162,81 @@ def _generated(app: Flask, settings: Settings) -> dict[str, Any]:
     return spec
 
 
-# -- the routes not yet on schemas (hand-written; going away route by route) ---------------------
-_EXTRA_PATHS: dict[str, dict[str, Any]] = {}
-_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {}
+# -- what spectree cannot say: other content types, public routes, access control -------------------
+def produces(status: int, *media_types: str, schema: dict[str, Any] | None = None) -> Callable:
+    """Document a response that is not JSON (a PNG, Prometheus text, a stored object) on the view itself.
+
+    Put it above `@api_spec.validate`, so it marks the view Flask registers.
+    """
+    def mark(view: Callable) -> Callable:
+        content = getattr(view, "openapi_content", {})
+        content[str(status)] = {media: {"schema": schema or {"type": "string", "format": "binary"}}
+                                for media in media_types}
+        view.openapi_content = content
+        return view
+
+    return mark
 
 
-def register_paths(paths: dict[str, dict[str, Any]], schemas: dict[str, dict[str, Any]] | None = None) -> None:
-    _EXTRA_PATHS.update(paths)
-    _EXTRA_SCHEMAS.update(schemas or {})
+def response_header(status: int, name: str, description: str) -> Callable:
+    """Document a header a response carries (spectree's Response cannot); above `@api_spec.validate`."""
+    def mark(view: Callable) -> Callable:
+        headers = getattr(view, "openapi_headers", {})
+        headers.setdefault(str(status), {})[name] = {"schema": {"type": "string"}, "description": description}
+        view.openapi_headers = headers
+        return view
+
+    return mark
 
 
-def ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def json_content(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"application/json": {"schema": schema}}
-
-
-def error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": json_content(ref("Error"))}
-
-
-def query_param(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
-
-
-PROBABILITY = {"type": "number", "minimum": 0, "maximum": 1}
-NULLABLE_PROBABILITY = {"type": "number", "minimum": 0, "maximum": 1, "nullable": True}
-THRESHOLD_PARAM = query_param("threshold", PROBABILITY, "Decision threshold: fake when p > threshold (default 0.5).")
-REUSE_PARAM = query_param("reuse", {"type": "boolean"},
-                          "Return a stored result for the same bytes, model version and threshold (default true).")
-UNAVAILABLE = {"description": "Model, database or object store unavailable, or overloaded; see Retry-After.",
-               "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-               "content": json_content(ref("Error"))}
-
-
-def _schemas() -> dict[str, Any]:
-    nullable_str = {"type": "string", "nullable": True}
-    nullable_int = {"type": "integer", "nullable": True}
-    return {
-        "Error": {
-            "type": "object", "required": ["error"],
-            "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
-                "code": {"type": "string"}, "message": {"type": "string"},
-                "parameter": {"type": "string"}}, "additionalProperties": True}},
-        },
-        "Prediction": {
-            "type": "object",
-            "required": ["id", "media_type", "status", "threshold", "model_version", "sha256", "created_at"],
-            "properties": {
-                "id": {"type": "string", "format": "uuid"},
-                "media_type": {"type": "string", "enum": ["image", "video"]},
-                "status": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
-                "prediction": {"type": "string", "enum": ["fake", "real"], "nullable": True},
-                "fake_probability": NULLABLE_PROBABILITY,
-                "confidence": NULLABLE_PROBABILITY,
-                "threshold": PROBABILITY,
-                "model_version": {"type": "string"},
-                "sha256": {"type": "string"},
-                "filename": nullable_str,
-                "size_bytes": {"type": "integer"},
-                "width": nullable_int,
-                "height": nullable_int,
-                "processing_ms": {"type": "number", "nullable": True},
-                "created_at": {"type": "string", "format": "date-time"},
-                "result_url": nullable_str,
-                "reused": {"type": "boolean"},
-                "warning": {"type": "string"},
-                "error": {"type": "string"},
-            },
-            "additionalProperties": True,
-        },
-        "BatchEntry": {
-            "oneOf": [
-                {"allOf": [ref("Prediction"), {"type": "object", "required": ["index"],
-                                               "properties": {"index": {"type": "integer"}}}]},
-                {"type": "object", "required": ["index", "status", "error"], "properties": {
-                    "index": {"type": "integer"}, "filename": nullable_str, "status": {"type": "integer"},
-                    "error": {"type": "object"}}},
-            ],
-        },
-        "BatchResult": {
-            "type": "object", "required": ["count", "results"],
-            "properties": {"count": {"type": "integer"}, "succeeded": {"type": "integer"},
-                           "failed": {"type": "integer"},
-                           "results": {"type": "array", "items": ref("BatchEntry")}},
-        },
-        "PredictionList": {
-            "type": "object", "required": ["total", "results"],
-            "properties": {"total": {"type": "integer"}, "count": {"type": "integer"},
-                           "limit": {"type": "integer"}, "offset": nullable_int,
-                           "next_cursor": nullable_str,
-                           "results": {"type": "array", "items": ref("Prediction")}},
-        },
-        "Stats": {
-            "type": "object",
-            "properties": {
-                "since": {"type": "string", "format": "date-time"},
-                "until": {"type": "string", "format": "date-time"},
-                "total": {"type": "integer"},
-                "by_prediction": {"type": "object", "additionalProperties": {"type": "integer"}},
-                "by_media_type": {"type": "object", "additionalProperties": {"type": "integer"}},
-                "by_status": {"type": "object", "additionalProperties": {"type": "integer"}},
-                "by_declared_ai": {"type": "object", "properties": {
-                    "true": {"type": "integer"}, "false": {"type": "integer"}, "unknown": {"type": "integer"}}},
-                "c2pa_present": {"type": "integer"},
-                "per_day": {"type": "array", "items": {"type": "object", "properties": {
-                    "date": {"type": "string"}, "count": {"type": "integer"}}}},
-                "mean_fake_probability": {"type": "number", "nullable": True},
-                "processing_ms": {"type": "object", "properties": {
-                    "mean": {"type": "number", "nullable": True}, "p95": {"type": "number", "nullable": True}}},
-            },
-        },
-        "Health": {
-            "type": "object", "required": ["status", "ready"],
-            "properties": {"status": {"type": "string", "enum": ["ok", "unavailable"]},
-                           "ready": {"type": "boolean"}, "model": {"type": "object"},
-                           "database": {"type": "object"}, "object_store": {"type": "object"},
-                           "queue_depth": {"type": "integer"}, "warning": {"type": "string"}},
-            "additionalProperties": True,
-        },
-    }
-
-
-def _image_upload(field: str, many: bool) -> dict[str, Any]:
-    binary = {"type": "string", "format": "binary"}
-    schema = {"type": "array", "items": binary} if many else binary
-    return {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": [field],
-        "properties": {field: schema, "threshold": PROBABILITY, "reuse": {"type": "boolean"}}}}}}
-
-
-def _paths(settings: Settings) -> dict[str, Any]:
-    filters = [
-        query_param("prediction", {"type": "string", "enum": ["fake", "real"]}, "Only this verdict."),
-        query_param("media_type", {"type": "string", "enum": ["image", "video"]}, "Only this media type."),
-        query_param("status", {"type": "string", "enum": ["queued", "running", "done", "failed"]},
-                    "Only this status."),
-        query_param("since", {"type": "string", "format": "date-time"}, "Created at or after (ISO 8601)."),
-        query_param("until", {"type": "string", "format": "date-time"}, "Created at or before (ISO 8601)."),
-        query_param("min_probability", PROBABILITY, "Minimum fake probability."),
-        query_param("max_probability", PROBABILITY, "Maximum fake probability."),
-        query_param("sha256", {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}, "Exact SHA-256 of the input."),
-        query_param("filename", {"type": "string", "maxLength": 255}, "Substring of the filename."),
-        query_param("declared_ai", {"type": "string", "enum": ["true", "false", "unknown"]},
-                    "What the file's metadata claims (docs/PROVENANCE.md): generative AI, not, or no claim."),
-        query_param("c2pa", {"type": "string", "enum": ["true", "false"]}, "Whether a C2PA manifest was present."),
-        query_param("limit", {"type": "integer", "minimum": 1, "maximum": 500}, "Page size (default 50)."),
-        query_param("offset", {"type": "integer", "minimum": 0, "maximum": 10_000_000}, "Rows to skip."),
-        query_param("cursor", {"type": "string"}, "Opaque cursor from next_cursor; overrides offset."),
-    ]
-    id_param = {"name": "prediction_id", "in": "path", "required": True, "schema": {"type": "string"}}
-    return {
-        "/health": {"get": {
-            "summary": "Liveness and readiness", "tags": ["service"], "security": [],
-            "responses": {"200": {"description": "Ready", "content": json_content(ref("Health"))},
-                          "503": {"description": "Not ready", "content": json_content(ref("Health"))}}}},
-        "/predictions": {"get": {
-            "summary": "List past predictions, newest first", "tags": ["query"], "parameters": filters,
-            "responses": {"200": {"description": "A page", "content": json_content(ref("PredictionList"))},
-                          "400": error("Bad filter value (names the parameter)"), "503": UNAVAILABLE}}},
-        "/predictions/stats": {"get": {
-            "summary": "Totals, per-day counts, mean probability, processing time", "tags": ["query"],
-            "parameters": filters[3:5],
-            "responses": {"200": {"description": "Statistics", "content": json_content(ref("Stats"))},
-                          "400": error("Bad range"), "503": UNAVAILABLE}}},
-        "/predictions/{prediction_id}": {"get": {
-            "summary": "One prediction with a fresh result_url", "tags": ["query"], "parameters": [id_param],
-            "responses": {"200": {"description": "The record", "content": json_content(ref("Prediction"))},
-                          "404": error("Unknown id"), "503": UNAVAILABLE}}},
-        "/objects/{bucket}/{key}": {"get": {
-            "summary": "Signed link into the local object store (only without MinIO)", "tags": ["query"],
-            "security": [],
-            "parameters": [{"name": "bucket", "in": "path", "required": True, "schema": {"type": "string"}},
-                           {"name": "key", "in": "path", "required": True, "schema": {"type": "string"}},
-                           {"name": "expires", "in": "query", "required": True, "schema": {"type": "integer"}},
-                           {"name": "signature", "in": "query", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "The stored object",
-                                  "content": {"application/json": {}, "image/png": {},
-                                              "application/octet-stream": {}}},
-                          "404": error("No such object, or the signature is bad or expired")}}},
-        "/openapi.json": {"get": {
-            "summary": "This document", "tags": ["service"], "security": [],
-            "responses": {"200": {"description": "OpenAPI 3 document",
-                                  "content": json_content({"type": "object"})}}}},
-        "/docs": {"get": {
-            "summary": "Human-readable API documentation", "tags": ["service"], "security": [],
-            "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}},
-                          "308": {"description": "Redirect to /docs/, where the page is"}}}},
-    }
-
-
-# Access control and limits (api/auth.py, api/limits.py): every operation without its own
-# `security` needs a key; every operation but the exempt ones can answer 429.
 SECURITY_SCHEMES = {
     "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer d3_<id>_<secret>"},
     "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
 }
+ERROR_REF = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
 UNAUTHORIZED = {"description": "Missing, malformed, unknown or revoked API key",
-                "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
-                "content": json_content(ref("Error"))}
+                "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}, "content": ERROR_REF}
 RATE_LIMITED = {"description": "Rate limit exceeded (per key, or per client address without one); see Retry-After.",
-                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-                "content": json_content(ref("Error"))}
-NOT_RATE_LIMITED = frozenset({"/health", "/metrics"})
+                "headers": {"Retry-After": {"schema": {"type": "integer"}}}, "content": ERROR_REF}
 
 
-def _add_access_responses(paths: dict[str, Any]) -> None:
-    for path, item in paths.items():
-        for method, operation in item.items():
-            if method not in ("get", "put", "post", "delete", "patch", "head", "options"):
+def _openapi_path(rule: str) -> str:
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
+
+
+def _access(app: Flask, paths: dict[str, Any]) -> None:
+    """Security and the 401/429 answers from api/auth.py and api/limits.py, and the views' other content."""
+    for rule in app.url_map.iter_rules():
+        item = paths.get(_openapi_path(rule.rule))
+        if item is None:
+            continue
+        view = app.view_functions[rule.endpoint]
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            operation = item.get(method.lower())
+            if operation is None:
                 continue
-            responses = operation.setdefault("responses", {})
-            if "security" not in operation:
+            responses = operation["responses"]
+            for status, content in getattr(view, "openapi_content", {}).items():
+                responses.setdefault(status, {"description": "OK"})["content"] = copy.deepcopy(content)
+            for status, headers in getattr(view, "openapi_headers", {}).items():
+                responses.setdefault(status, {"description": "OK"}).setdefault("headers", {}).update(
+                    copy.deepcopy(headers))
+            if auth.is_public(rule.endpoint):
+                operation.setdefault("security", [])
+            if "security" not in operation or operation["security"]:
                 responses.setdefault("401", copy.deepcopy(UNAUTHORIZED))
-            if path not in NOT_RATE_LIMITED:
+            if rule.endpoint not in limits.EXEMPT_ENDPOINTS:
                 responses.setdefault("429", copy.deepcopy(RATE_LIMITED))
-
-
-LEGACY_OPERATION_IDS = {
-    ("/health", "get"): "getHealth", ("/predictions", "get"): "listPredictions",
-    ("/predictions/stats", "get"): "getPredictionStats", ("/predictions/{prediction_id}", "get"): "getPrediction",
-    ("/objects/{bucket}/{key}", "get"): "getObject", ("/openapi.json", "get"): "getOpenApi",
-    ("/docs", "get"): "getDocs", ("/metrics", "get"): "getMetrics",
-}
 
 
 def build_spec(app: Flask, settings: Settings) -> dict[str, Any]:
     spec = _generated(app, settings)
-    paths = spec["paths"]
-    schemas = spec["components"]["schemas"]
-    for path, item in _paths(settings).items():  # the routes not yet on schemas
-        paths.setdefault(path, {}).update(item)
-    for path, item in copy.deepcopy(_EXTRA_PATHS).items():
-        paths.setdefault(path, {}).update(item)
-    for (path, method), operation_id in LEGACY_OPERATION_IDS.items():
-        if method in paths.get(path, {}):
-            paths[path][method].setdefault("operationId", operation_id)
-    _add_access_responses(paths)
-    for name, schema in {**_schemas(), **copy.deepcopy(_EXTRA_SCHEMAS)}.items():
-        schemas.setdefault(name, schema)
+    _access(app, spec["paths"])
     return {
         "openapi": OPENAPI_VERSION,
         "info": {"title": TITLE, "version": VERSION, "description": DESCRIPTION},
-        "paths": dict(sorted(paths.items())),
-        "components": {"schemas": schemas, "securitySchemes": copy.deepcopy(SECURITY_SCHEMES)},
+        "tags": spec.get("tags", []),
+        "paths": dict(sorted(spec["paths"].items())),
+        "components": {"schemas": spec["components"]["schemas"], "securitySchemes": copy.deepcopy(SECURITY_SCHEMES)},
         "security": [{"bearerAuth": []}, {"apiKeyHeader": []}],
     }

@@ -10,11 +10,14 @@ UI's "Try it out" works unchanged (tests/test_api_openapi.py sends exactly that)
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
 from werkzeug.datastructures import FileStorage
 
+from api.services.queries import DEFAULT_LIMIT, MAX_LIMIT, MAX_OFFSET
 from api.services.videos import MAX_SAMPLE_FPS
 
 PROBABILITY = {"ge": 0.0, "le": 1.0, "allow_inf_nan": False}
@@ -111,6 +114,61 @@ class VideoFile(Params):
         "ASF), never from the filename."))
 
 
+# -- GET /predictions, /predictions/stats -----------------------------------------------------------
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return (value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value).astimezone(timezone.utc)
+
+
+class TimeRange(Params):
+    since: datetime | None = Field(None, description="Created at or after (ISO 8601 date or date-time, UTC if no "
+                                                     "offset).")
+    until: datetime | None = Field(None, description="Created at or before (ISO 8601).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TimeRange:
+        self.since, self.until = _utc(self.since), _utc(self.until)
+        if self.since and self.until and self.since > self.until:
+            raise PydanticCustomError("range", "since must not be after until", {"parameter": "since"})
+        return self
+
+
+class PredictionQuery(TimeRange):
+    prediction: Literal["fake", "real"] | None = Field(None, description="Only this verdict.")
+    media_type: Literal["image", "video"] | None = Field(None, description="Only this media type.")
+    status: Literal["queued", "running", "done", "failed"] | None = Field(None, description="Only this status.")
+    min_probability: float | None = Field(None, **PROBABILITY, description="Minimum fake probability.")
+    max_probability: float | None = Field(None, **PROBABILITY, description="Maximum fake probability.")
+    sha256: str | None = Field(None, pattern="^[0-9a-fA-F]{64}$", description="Exact SHA-256 of the input.")
+    filename: str | None = Field(None, max_length=255, description="Substring of the filename (case-insensitive).")
+    declared_ai: Literal["true", "false", "unknown"] | None = Field(None, description=(
+        "What the file's metadata claims (docs/PROVENANCE.md): generative AI, not, or no claim."))
+    c2pa: bool | None = Field(None, description="Whether a C2PA manifest was present.")
+    limit: int | None = Field(None, ge=1, le=MAX_LIMIT, json_schema_extra={"example": DEFAULT_LIMIT},
+                              description=f"Page size (default {DEFAULT_LIMIT}; with a cursor, the cursor's).")
+    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="Rows to skip (ignored with cursor).")
+    cursor: str | None = Field(None, max_length=2048, description=(
+        "Opaque cursor from next_cursor: it carries the filters and limit of its listing (send it alone; a "
+        "different filter or limit is a 400); overrides offset."))
+
+    @model_validator(mode="after")
+    def _probabilities(self) -> PredictionQuery:
+        if (self.min_probability is not None and self.max_probability is not None
+                and self.min_probability > self.max_probability):
+            raise PydanticCustomError("range", "min_probability must not exceed max_probability",
+                                      {"parameter": "min_probability"})
+        return self
+
+
+class ObjectLink(Params):
+    """The proof a signed /objects link carries (api/storage.py signs it)."""
+
+    # Not constrained here: a bad, expired or missing proof is a 404 like a missing object (nothing to probe).
+    expires: str | None = Field(None, description="Unix time the link expires at (from the link).")
+    signature: str | None = Field(None, description="HMAC-SHA256 of bucket, key and expires (from the link).")
+
+
 # -- responses -----------------------------------------------------------------------------------
 class ErrorDetail(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -181,7 +239,13 @@ class Prediction(BaseModel):
     processing_ms: float | None = None
     created_at: str = Field(description="ISO 8601, UTC.")
     result_url: str | None = Field(None, description="Signed, expiring link to the stored result JSON.")
-    reused: bool | None = Field(None, description="true: an earlier record for the same bytes (see reuse).")
+    reused: bool | None = Field(None, description=(
+        "true: the stored record of an earlier request with the same bytes, threshold and model version, "
+        "returned without a new analysis (same id and created_at); send reuse=false to analyse again. "
+        "false: a new analysis."))
+    notes: list[str] | None = Field(None, description=(
+        "What was done that the sender may not expect: a reused result, EXIF orientation ignored (the "
+        "pixels are scored as stored, as in the authors' evaluation), a 16-bit image scaled to 8 bits."))
     warning: str | None = Field(None, description="Present while the model has random (untrained) weights.")
     error: str | None = None
     provenance: Provenance | None = Field(None, description=(
@@ -263,3 +327,50 @@ class VideoPrediction(Prediction):
     timings_ms: dict[str, float] | None = Field(None, description="probe, decode, preprocess, inference (sync only).")
     status_url: str | None = Field(None, description="Async only: poll it (GET /predictions/{id}).")
     callback: Callback | None = None
+
+
+class PredictionList(BaseModel):
+    total: int = Field(description="Records matching the filters.")
+    count: int = Field(description="Records on this page.")
+    limit: int
+    offset: int | None = Field(None, description="null when paging by cursor.")
+    next_cursor: str | None = Field(None, description="Pass as cursor for the next page; null on the last one.")
+    results: list[Prediction]
+
+
+class DayCount(BaseModel):
+    date: str
+    count: int
+
+
+class ProcessingTimes(BaseModel):
+    mean: float | None = None
+    p95: float | None = None
+
+
+class Stats(BaseModel):
+    since: str
+    until: str
+    total: int
+    by_prediction: dict[str, int]
+    by_media_type: dict[str, int]
+    by_status: dict[str, int]
+    by_declared_ai: dict[str, int] | None = Field(None, description="true, false, unknown (no claim).")
+    c2pa_present: int | None = Field(None, description="Records whose file carried a C2PA manifest.")
+    per_day: list[DayCount]
+    mean_fake_probability: float | None = None
+    processing_ms: ProcessingTimes
+
+
+class Health(BaseModel):
+    """Without a key (when keys are required) only status and ready."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ok", "unavailable"]
+    ready: bool
+    model: dict[str, Any] | None = None
+    database: dict[str, Any] | None = None
+    object_store: dict[str, Any] | None = None
+    queue_depth: int | None = None
+    warning: str | None = None

@@ -23,7 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from api.detector.config import DetectorConfig  # noqa: E402
+from api.detector.config import (
+    IMAGE_SIZE,  # noqa: E402
+    DetectorConfig,  # noqa: E402
+)
 from api.detector.engine import InferenceEngine  # noqa: E402
 from api.detector.factory import build_model, resolve_device, resolve_precision  # noqa: E402
 
@@ -36,7 +39,7 @@ def sync(device: torch.device) -> None:
 def time_forward(model: torch.nn.Module, batch: int, device: torch.device, iters: int, min_seconds: float,
                  warm_up: bool) -> float:
     """Median seconds per forward of `batch` images (after a warm-up forward when asked)."""
-    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch)).to(device)
+    x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(batch)).to(device)
     with torch.inference_mode():
         if warm_up:
             model(x)
@@ -56,7 +59,7 @@ def peak_memory_gib(model: torch.nn.Module, batch: int, device: torch.device) ->
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
-        model(torch.randn(batch, 3, 224, 224, device=device))
+        model(torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device))
     sync(device)
     return torch.cuda.max_memory_allocated(device) / 2**30
 
@@ -68,7 +71,8 @@ def engine_throughput(config: DetectorConfig, model: torch.nn.Module, callers: i
     engine.start()
     if not engine.wait_ready(600):
         raise SystemExit(f"engine failed: {engine.load_error}")
-    images = [torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(callers)]
+    images = [torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(i))
+              for i in range(callers)]
     barrier = threading.Barrier(callers + 1)
     latencies: list[float] = []
     done = [0] * callers
@@ -100,7 +104,7 @@ def max_prob_diff(config: DetectorConfig, reference: torch.nn.Module, precision:
                   device: torch.device) -> float:
     """Max |p_precision - p_fp32| over n random images, same random weights."""
     other = build_model(DetectorConfig(**{**config.__dict__, "precision": precision}))
-    x = torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(123)).to(device)
+    x = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(123)).to(device)
     with torch.inference_mode():
         diff = (other(x) - reference(x)).abs().max().item()
     del other

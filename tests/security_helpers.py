@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import make_app, post_form
+from tests.helpers import make_app, post_form
 
 
 def secure_app(tmp_path: Path, engine, **overrides: str):

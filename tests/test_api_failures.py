@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import logging
 
+import pytest
 from sqlalchemy import func, select
 
 from api.models import Prediction
-from tests.conftest import image_bytes, make_app
+from tests.helpers import image_bytes, make_app
 
 
 def post(client, seed: int):
@@ -66,21 +67,35 @@ def test_unmigrated_database_refuses_to_start(tmp_path, tiny_engine, postgres_se
 
     from api import create_app
     from api.database import SchemaNotMigrated
-    from tests.conftest import app_settings
+    from tests.helpers import app_settings
 
     url = postgres_server.create_database()  # empty: never migrated
     with pytest.raises(SchemaNotMigrated, match="d3 db upgrade"):
         create_app(app_settings(tmp_path, DATABASE_URL=url), engine=tiny_engine)
 
 
-def test_an_integrity_error_is_a_logged_500_not_a_retry(tmp_path, tiny_engine, caplog):
-    """A refused write that retrying cannot fix (here a real SQLite trigger aborting the insert, as a
-    constraint would) is a bug: 500 without Retry-After, logged with its cause and the request id."""
-    app = make_app(tmp_path, tiny_engine)
+# A real trigger that refuses every insert the way a violated constraint does (an IntegrityError).
+REFUSING_TRIGGER = {
+    "sqlite": ["CREATE TRIGGER refuse_predictions BEFORE INSERT ON predictions "
+               "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"],
+    "postgresql": ["CREATE FUNCTION refuse_row() RETURNS trigger AS $$ BEGIN "
+                   "RAISE EXCEPTION 'refused by a test trigger' USING ERRCODE = 'check_violation'; END $$ "
+                   "LANGUAGE plpgsql",
+                   "CREATE TRIGGER refuse_predictions BEFORE INSERT ON predictions "
+                   "FOR EACH ROW EXECUTE FUNCTION refuse_row()"],
+}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_an_integrity_error_is_a_logged_500_not_a_retry(request, tmp_path, tiny_engine, caplog, backend):
+    """A refused write that retrying cannot fix is a bug: 500 without Retry-After, logged with its
+    cause and the request id, and nothing left half-written."""
+    overrides = {"DATABASE_URL": request.getfixturevalue("postgres_url")} if backend == "postgresql" else {}
+    app = make_app(tmp_path, tiny_engine, **overrides)
     client = app.test_client()
     with app.extensions["d3"].db.engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TRIGGER refuse_predictions BEFORE INSERT ON predictions "
-                             "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END")
+        for statement in REFUSING_TRIGGER[backend]:
+            conn.exec_driver_sql(statement)
     results_dir = app.extensions["d3"].store.root / app.extensions["d3"].settings.bucket_results
     with caplog.at_level(logging.ERROR):
         response = client.post("/predict", data={"file": (io.BytesIO(image_bytes(seed=4)), "x.png")},

@@ -14,7 +14,7 @@ from werkzeug.http import parse_options_header
 
 from api.exceptions import InvalidInput
 from api.utils.multipart import READ_SIZE, MultipartFormDataParser
-from tests.conftest import image_bytes, multipart_body, post_form
+from tests.helpers import image_bytes, multipart_body, post_form
 
 
 def parse(parser_class, body: bytes, content_type: str, **limits):
@@ -102,3 +102,14 @@ def test_a_malformed_body_is_a_json_400_naming_the_problem(client):
     assert "malformed multipart body" in response.get_json()["error"]["message"]
     ok = post_form(client, "/predict", [("file", ("a.png", image_bytes(seed=3)))])
     assert ok.status_code == 200, ok.get_json()
+
+
+def test_the_parser_overrides_only_werkzeugs_public_api():
+    """Werkzeug's private names may change in any release: the subclass must not override one."""
+    from werkzeug.formparser import FormDataParser
+
+    from api.utils.multipart import MultipartFormDataParser
+
+    overridden = {name for name in vars(MultipartFormDataParser)
+                  if hasattr(FormDataParser, name) and not name.startswith("__")}
+    assert overridden == {"parse"}

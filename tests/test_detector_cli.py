@@ -187,6 +187,9 @@ def test_fetch_weights_offline_says_so_and_how_to_place_files(tmp_path, d3, runn
     assert str(cache / "classifier.pth") in result.output and weights.AUTHORS_HEAD_URL in result.output
     assert "timm/vit_large_patch14_clip_224.openai" in result.output
     assert not (cache / "classifier.pth").exists()
+    # It never tells the user to run the very command that just failed (`make run` printed that first).
+    assert "run `d3 fetch-weights`" not in result.output and "fetch-weights --if-missing" not in result.output
+    assert "d3 info" in result.output
 
 
 def test_fetch_weights_if_missing_exits_at_once_when_present(tmp_path, d3, runner, monkeypatch):
@@ -240,9 +243,26 @@ def test_info_json(tmp_path, d3, runner):
 def test_info_reports_missing_weights(tmp_path, d3, runner):
     _, _, clip_file, _ = save_tiny_checkpoints(tmp_path)
     result = runner.invoke(d3, ["info", *flags(tmp_path, clip_file, "")])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     assert "head weights: MISSING" in result.output and "backbone weights: loadable" in result.output
     assert "d3 fetch-weights" in result.output and "head-missing" in result.output
+    assert "trained: no: weights missing (head)" in result.output
+
+
+def test_info_with_both_weight_files_missing_fails_and_says_missing(tmp_path, d3, runner):
+    """A new user ran `d3 info` before fetching anything: it said `trained: True` and exited 0."""
+    missing = ["--clip-weights", str(tmp_path / "nowhere" / "ViT-L-14.pt"),
+               "--head-weights", str(tmp_path / "nowhere" / "classifier.pth")]
+    base = ["--backbone", "d3-tiny", "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    result = runner.invoke(d3, ["info", *base, *missing])
+    assert result.exit_code == 1, result.output
+    assert "trained: True" not in result.output
+    assert "trained: no: weights missing (backbone, head)" in result.output
+    assert "backbone weights: MISSING" in result.output and "head weights: MISSING" in result.output
+    as_json = runner.invoke(d3, ["info", "--json", *base, *missing])
+    assert as_json.exit_code == 1
+    data = json.loads(as_json.output)
+    assert data["trained"] is False and data["weights_ok"] is False and data["missing"] == ["backbone", "head"]
 
 
 def test_bad_setting_is_a_usage_error(tmp_path, d3, runner):

@@ -19,7 +19,7 @@ from api.cli import cli
 from api.config import ConfigError, load_settings
 from api.models import ApiKey, Prediction
 from api.services.keys import KEY_PATTERN
-from tests.conftest import ROOT, TINY_MODEL, image_bytes, make_app
+from tests.helpers import ROOT, TINY_MODEL, image_bytes, make_app
 from tests.security_helpers import api_key, bearer, new_key, post_image, secure_app
 
 KEY_LINE = re.compile(r"^d3_[0-9a-f]{16}_[A-Za-z0-9_-]{43}$")

@@ -13,7 +13,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 from tests.security_helpers import bearer, new_key, post_image, secure_app
 
 CHECKS = (not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance)

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import image_bytes, post_form
+from tests.helpers import image_bytes, post_form
 from tests.security_corpus import hostile_files, many_frame_gif, tiny_mp4, unusual_but_valid, zip_bomb
 from tests.security_helpers import bearer, new_key, post_image, reset_peak_rss, rss_mb, secure_app
 

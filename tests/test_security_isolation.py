@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 from tests.security_helpers import bearer, new_key, post_image, secure_app, video_bytes
 
 

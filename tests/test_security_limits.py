@@ -10,7 +10,7 @@ import pytest
 import redis
 from flask import Blueprint, jsonify
 
-from tests.conftest import free_port, make_app
+from tests.helpers import free_port, make_app
 from tests.security_helpers import bearer, new_key, secure_app, video_bytes
 
 WINDOW_S = 3

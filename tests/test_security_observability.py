@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.detector import DetectorConfig, InferenceEngine
 from api.models import Prediction
 from api.request_log import JsonFormatter
-from tests.conftest import ROOT, TINY_MODEL, free_port, image_bytes, make_app, wait_for_port
+from tests.helpers import ROOT, TINY_MODEL, free_port, image_bytes, make_app, wait_for_port
 from tests.security_helpers import api_key, bearer, new_key, post_image, secure_app
 
 
@@ -127,25 +127,39 @@ class _SlowLoadingModel(torch.nn.Module):
 
 
 def test_model_load_time_is_measured(tmp_path):
+    """The load time is the scraped app's own engine's, whatever other engines in the process do.
+
+    The gauge is process-wide; it used to be written by a thread per engine whenever that engine
+    became ready, so a scrape could report whichever engine finished last (the flaky failure).
+    """
     gate = threading.Event()
     engine = InferenceEngine(DetectorConfig(device="cpu"), model=_SlowLoadingModel(gate))
+    other_gate = threading.Event()
+    other = InferenceEngine(DetectorConfig(device="cpu"), model=_SlowLoadingModel(other_gate))
     engine.start()
     try:
-        app = make_app(tmp_path, engine)
+        app = make_app(tmp_path / "slow", engine)
         assert value(scrape(app.test_client()), "d3_model_ready") == 0
+        assert value(scrape(app.test_client()), "d3_model_load_seconds") == 0  # not loaded yet
         time.sleep(0.5)
         gate.set()
         assert engine.wait_ready(30)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            loaded = value(scrape(app.test_client()), "d3_model_load_seconds")
-            if loaded > 0:
-                break
-            time.sleep(0.05)
+        loaded = value(scrape(app.test_client()), "d3_model_load_seconds")
         assert 0.5 <= loaded < 30
+        assert loaded == pytest.approx(engine.load_seconds)
+        # Another engine in the same process loads quickly, later: this app still reports its own.
+        other.start()
+        other_app = make_app(tmp_path / "fast", other)
+        other_gate.set()
+        assert other.wait_ready(30) and other.load_seconds < 0.5
+        time.sleep(0.2)  # its metrics thread has written the process-wide gauge by now
+        assert value(scrape(app.test_client()), "d3_model_load_seconds") == pytest.approx(engine.load_seconds)
+        assert value(scrape(other_app.test_client()), "d3_model_load_seconds") == pytest.approx(other.load_seconds)
     finally:
         gate.set()
+        other_gate.set()
         engine.stop()
+        other.stop()
 
 
 # -- structured logs ---------------------------------------------------------------------------
@@ -251,8 +265,15 @@ def gunicorn_service(tmp_path):
     try:
         wait_for_port(port, 60)
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while _http(f"{base}/health")[0] != 200:
+        deadline = time.monotonic() + 180
+
+        def healthy() -> bool:
+            try:  # a worker still importing the app accepts nothing yet: a timeout is "not ready"
+                return _http(f"{base}/health")[0] == 200
+            except (TimeoutError, urllib.error.URLError, ConnectionError):
+                return False
+
+        while not healthy():
             assert time.monotonic() < deadline, (tmp_path / "error.log").read_text()[-3000:]
             assert process.poll() is None, (tmp_path / "error.log").read_text()[-3000:]
             time.sleep(0.2)

@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from api.storage import LocalObjectStore, MinioObjectStore, ObjectNotFound, StoreUnavailable, object_key
+from api.storage import LocalObjectStore, MinioObjectStore, ObjectNotFound, StoreError, StoreUnavailable, object_key
 
 BUCKETS = ("res", "vid", "frm")
 
@@ -98,3 +98,10 @@ def test_minio_unreachable_is_store_unavailable():
     assert store.ping() is False
 
 
+
+
+def test_a_refusal_is_a_store_error_not_unavailable(minio_store):
+    """A missing bucket is a configuration bug, not "retry shortly": StoreError (a 500), not StoreUnavailable."""
+    with pytest.raises(StoreError) as refused:
+        minio_store.put_bytes("no-such-bucket-d3", "2026/01/01/a.json", b"{}", "application/json")
+    assert not isinstance(refused.value, StoreUnavailable) and "NoSuchBucket" in str(refused.value)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from api.services.queries import Filters
 from api.utils.video_probe import sample_indices
-from tests.conftest import image_bytes, make_app
+from tests.helpers import image_bytes, make_app
 from tests.video_clips import (
     VIDEO_APP_SETTINGS,
     clip_bytes,

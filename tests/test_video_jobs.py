@@ -19,7 +19,7 @@ from api.exceptions import InvalidInput
 from api.models import Prediction
 from api.services.callbacks import check_callback_url, deliver_callback
 from api.services.queries import Filters
-from tests.conftest import make_app
+from tests.helpers import make_app
 from tests.video_clips import VIDEO_APP_SETTINGS, clip_bytes, make_brightness_engine, post_video
 
 
@@ -271,13 +271,84 @@ def test_every_resolved_address_is_checked(address, reason):
     assert target.port == 9443 and target.path == "/hook?a=1" and target.addresses == (address,)
 
 
-def test_public_addresses_pass_and_delivery_rechecks(monkeypatch):
+class RebindingDNS:
+    """A real DNS server on a loopback UDP port whose answer for one name changes between queries,
+    as a DNS-rebinding attacker's does: answers[0] first, then answers[1], ... (the last repeats)."""
+
+    def __init__(self, name: str, answers: list[str]) -> None:
+        self.name, self.answers, self.queries = name.rstrip(".") + ".", answers, 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> RebindingDNS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rrset
+
+        while not self._stop.is_set():
+            try:
+                wire, client = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            query = dns.message.from_wire(wire)
+            reply = dns.message.make_response(query)
+            question = query.question[0]
+            if question.name.to_text() == self.name and question.rdtype == dns.rdatatype.A:
+                address = self.answers[min(self.queries, len(self.answers) - 1)]
+                self.queries += 1
+                reply.answer.append(dns.rrset.from_text(self.name, 0, "IN", "A", address))
+            elif question.name.to_text() != self.name:
+                reply.set_rcode(dns.rcode.NXDOMAIN)
+            self.sock.sendto(reply.to_wire(), client)
+
+    def resolver(self):
+        """The service's resolver hook, answered by this server over DNS (no cache, as the service's)."""
+        import dns.exception
+        import dns.resolver
+
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers, resolver.port, resolver.lifetime = ["127.0.0.1"], self.port, 5.0
+
+        def resolve(host: str, port: int) -> list[str]:
+            try:
+                return [record.address for record in resolver.resolve(host, "A")]
+            except dns.exception.DNSException as exc:
+                raise socket.gaierror(str(exc)) from None
+
+        return resolve
+
+
+def test_public_addresses_pass_and_delivery_rechecks():
     target = check_callback_url("https://93.184.215.14/cb", allow_http=False, allow_private=False)
     assert target.addresses == ("93.184.215.14",) and target.host_header == "93.184.215.14"
-    # At delivery time the host is resolved and checked again (DNS may have changed since).
-    status = deliver_callback("https://127.0.0.1:9/cb", {"id": "x"}, allow_http=False, allow_private=False,
-                              attempts=2, backoff_s=0.01)
-    assert status.startswith("refused: callback_url host '127.0.0.1' resolves to 127.0.0.1")
+    # A name that resolves to a public address when the job is submitted and to a private one when
+    # the callback is delivered (DNS rebinding) is refused at delivery: the host is resolved again.
+    with RebindingDNS("hook.rb.test", ["93.184.215.14", "127.0.0.1"]) as server:
+        resolve = server.resolver()
+        submitted = check_callback_url("https://hook.rb.test/cb", allow_http=False, allow_private=False,
+                                       resolve=resolve)
+        assert submitted.addresses == ("93.184.215.14",) and server.queries == 1
+        status = deliver_callback("https://hook.rb.test/cb", {"id": "x"}, allow_http=False, allow_private=False,
+                                  attempts=2, backoff_s=0.01, resolve=resolve)
+        assert server.queries == 2  # resolved again at delivery, not the submission's answer reused
+        assert status.startswith("refused: callback_url host 'hook.rb.test' resolves to 127.0.0.1")
+        # A name that does not resolve at all is refused as such.
+        with pytest.raises(InvalidInput) as caught:
+            check_callback_url("https://gone.rb.test/cb", allow_http=False, allow_private=False, resolve=resolve)
+        assert "does not resolve" in caught.value.message
 
 
 def test_delivery_gives_up_after_its_attempts():

@@ -15,7 +15,7 @@ from PIL import Image
 
 from api.detector import preprocess_image
 from api.utils.video_probe import VideoDecodeError, VideoReader, sample_indices, sniff
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 from tests.video_clips import decoded_levels, write_clip
 
 LIMITS = {"timeout_s": 60.0, "memory_mb": 4096}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from api.detector.preprocess import CLIP_MEAN, CLIP_STD
-from tests.conftest import post_form
+from tests.helpers import post_form
 
 # fourcc -> (container suffix, description). OpenCV's own writers; H.264 needs an encoder the
 # OpenCV wheel may lack, so it is checked at run time.

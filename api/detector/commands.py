@@ -17,7 +17,7 @@ import click
 
 from api.detector.config import DetectorConfig
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".avif"})
 F = TypeVar("F", bound=Callable[..., Any])
 
 _MODEL_OPTIONS: list[tuple[str, str, Any, str]] = [
@@ -67,19 +67,26 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start:start + size]
 
 
-def _read_image(path: Path, *, jpeg_quality: int | None = None, blur_sigma: float | None = None) -> Any:
-    """File -> preprocessed tensor; perturbations (spec §6) in the authors' order: blur, then JPEG."""
-    from PIL import Image
+def _read_image(path: Path, *, max_pixels: int, jpeg_quality: int | None = None,
+                blur_sigma: float | None = None) -> tuple[Any, tuple[str, ...]]:
+    """File -> (preprocessed tensor, notes), decoded exactly as the API decodes an upload.
 
+    Perturbations (spec §6) in the authors' order: blur, then JPEG.
+    """
     from api.detector.preprocess import gaussian_blur, jpeg_reencode, preprocess_image
+    from api.utils.images import decode_image
 
-    with Image.open(path) as img:
-        img = img.convert("RGB")
+    decoded = decode_image(path.read_bytes(), max_pixels)  # the service's format policy and limits
+    img = decoded.image.convert("RGB")
     if blur_sigma is not None:
         img = gaussian_blur(img, blur_sigma)
     if jpeg_quality is not None:
         img = jpeg_reencode(img, jpeg_quality)
-    return preprocess_image(img)
+    return preprocess_image(img), decoded.notes
+
+
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "message", None) or str(exc) or type(exc).__name__
 
 
 def _score(model: Any, tensors: list[Any]) -> list[float]:
@@ -103,23 +110,26 @@ def _verdict(p: float, threshold: float) -> tuple[str, float]:
 @model_options
 def predict(files: tuple[Path, ...], threshold: float, **options: Any) -> None:
     """Score image FILEs: one JSON object per file per line."""
-    config = _config(options)
+    settings = _settings(options)
+    config = DetectorConfig.from_settings(settings)
     model = _load_model(config)
     failed = False
     for chunk in _chunks(files, config.max_batch_size):
         lines: dict[int, dict[str, Any]] = {}
-        tensors, positions = [], []
+        tensors, positions, notes = [], [], {}
         for i, path in enumerate(chunk):
             try:
-                tensors.append(_read_image(path))
+                tensor, notes[i] = _read_image(path, max_pixels=settings.max_image_pixels)
+                tensors.append(tensor)
                 positions.append(i)
-            except Exception as exc:  # unreadable: report it, keep going with the others
-                lines[i] = {"file": str(path), "error": f"cannot read image: {exc}"}
+            except Exception as exc:  # unreadable or refused: report it, keep going with the others
+                lines[i] = {"file": str(path), "error": f"cannot read image: {_reason(exc)}"}
                 failed = True
         for i, p in zip(positions, _score(model, tensors) if tensors else [], strict=True):
             prediction, confidence = _verdict(p, threshold)
             lines[i] = {"file": str(chunk[i]), "fake_probability": p, "prediction": prediction,
-                        "confidence": confidence, "model_version": model.model_version, "trained": model.trained}
+                        "confidence": confidence, "model_version": model.model_version, "trained": model.trained,
+                        "notes": list(notes[i])}
         for i in range(len(chunk)):
             click.echo(json.dumps(lines[i]))
     if failed:
@@ -176,7 +186,8 @@ def eval_command(directory: Path, threshold: float, jpeg_quality: int | None, bl
     items = list_labelled_images(directory, max_per_class)
     if not items:
         raise click.UsageError(f"no images found under {directory}/real or {directory}/fake")
-    config = _config(options)
+    settings = _settings(options)
+    config = DetectorConfig.from_settings(settings)
     model = _load_model(config)
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
@@ -185,10 +196,12 @@ def eval_command(directory: Path, threshold: float, jpeg_quality: int | None, bl
             tensors, kept = [], []
             for path, label in chunk:
                 try:
-                    tensors.append(_read_image(path, jpeg_quality=jpeg_quality, blur_sigma=blur_sigma))
+                    tensor, _ = _read_image(path, max_pixels=settings.max_image_pixels, jpeg_quality=jpeg_quality,
+                                            blur_sigma=blur_sigma)
+                    tensors.append(tensor)
                     kept.append((path, label))
                 except Exception as exc:
-                    errors.append({"file": str(path), "error": f"cannot read image: {exc}"})
+                    errors.append({"file": str(path), "error": f"cannot read image: {_reason(exc)}"})
             for (path, label), p in zip(kept, _score(model, tensors) if tensors else [], strict=True):
                 rows.append({"file": str(path), "label": "fake" if label else "real", "fake_probability": p,
                              "prediction": _verdict(p, threshold)[0]})
@@ -257,7 +270,7 @@ def _manual_instructions(config: DetectorConfig) -> str:
         "     D3_CLIP_WEIGHTS=/path/to/ViT-L-14.pt\n"
         f"  2. head: download {AUTHORS_HEAD_URL}\n"
         f"     to {cache / HEAD_FILENAME}  (or anywhere, and set D3_HEAD_WEIGHTS=/path/to/classifier.pth)\n"
-        "Then run `d3 fetch-weights --if-missing` (or `d3 info`) to check that they load."
+        "Then run `d3 info` to check that they load (it exits 0 when both do)."
     )
 
 
@@ -302,7 +315,11 @@ def fetch_weights(if_missing: bool, **options: Any) -> None:
             problems.append(str(exc))
     report = weights.verify_weights(config)
     for part, entry in report.items():
-        status = "OK" if entry.get("loadable") else f"NOT USABLE: {entry.get('error')}"
+        # The error's own hint is "run `d3 fetch-weights`": this command, which just tried; the
+        # instructions below say what to do instead.
+        error = (entry.get("error") or "").replace(f"To fix: {weights.FETCH_HINT}, or",
+                                                   "To fix: place it by hand as below, or")
+        status = "OK" if entry.get("loadable") else f"NOT USABLE: {error}"
         click.echo(f"{part}: {entry.get('path') or entry.get('value')}  {status}")
     if _all_loadable(report):
         return
@@ -345,24 +362,30 @@ def info(as_json: bool, **options: Any) -> None:
     data["model_version"] = weights.version_string(
         config.backbone, report["backbone"]["identity"] or "missing", report["head"]["identity"] or "missing",
         config.shuffle_seed, data["precision"] or config.precision)
-    data["trained"] = all(entry.get("kind") not in (None, "random") for entry in report.values())
     data["weights_ok"] = _all_loadable(report)
+    # Trained only when both parts are real checkpoints that load: missing files are not a model.
+    data["trained"] = data["weights_ok"] and all(entry.get("kind") != "random" for entry in report.values())
+    data["missing"] = [part for part, entry in report.items() if not entry.get("present")]
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
-        return
+        sys.exit(0 if data["weights_ok"] else 1)
     for key, value in data["settings"].items():
         click.echo(f"{key}={value}")
     click.echo(f"cache dir: {data['cache_dir']}")
     click.echo(f"torch {data['torch']}, CUDA available: {data['cuda_available']}")
     click.echo(f"device: {data['device']}  precision: {data['precision']}" +
                (f"  ({data['device_error']})" if "device_error" in data else ""))
-    click.echo(f"model version: {data['model_version']}  trained: {data['trained']}")
+    trained = data["trained"] if data["weights_ok"] else (
+        f"no: weights missing ({', '.join(data['missing'])})" if data["missing"] else "no: weights not loadable")
+    click.echo(f"model version: {data['model_version']}  trained: {trained}")
     for part, entry in report.items():
         state = "loadable" if entry.get("loadable") else ("present, NOT loadable" if entry.get("present")
                                                            else "MISSING")
         click.echo(f"{part} weights: {state}  {entry.get('path') or entry.get('value') or ''}")
         if entry.get("error"):
             click.echo(f"  {entry['error']}")
+    if not data["weights_ok"]:
+        sys.exit(1)
 
 
 def register(cli: click.Group) -> None:

@@ -71,6 +71,8 @@ class InferenceEngine:
         self.warmed = False
         self.ready = False
         self.load_error: str | None = None
+        self.load_seconds: float | None = None  # start() to ready, measured by this engine itself
+        self._started_at: float | None = None
 
         self._cond = threading.Condition()
         self._queue: deque[_Item] = deque()
@@ -85,6 +87,7 @@ class InferenceEngine:
         """Load (or adopt) the model, warm it up and serve, all in a daemon thread."""
         if self._thread is not None:
             return
+        self._started_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="d3-inference", daemon=True)
         self._thread.start()
 
@@ -113,6 +116,7 @@ class InferenceEngine:
             log.error("model failed to load: %s", self.load_error)
             self._settled.set()
             return
+        self.load_seconds = time.monotonic() - (self._started_at or time.monotonic())
         with self._cond:
             self.ready = not self._stopping
         self._settled.set()

@@ -7,12 +7,17 @@ from flask import Blueprint, jsonify
 from api.auth import current_caller
 from api.context import services
 from api.detector.config import UNTRAINED_WARNING
+from api.openapi import Response, api_spec
+from api.schemas import Health
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/health")
+@api_spec.validate(tags=["service"], operation_id="getHealth", resp=Response(
+    HTTP_200=(Health, "Ready"), HTTP_503=(Health, "Not ready (model loading, database or object store down)")))
 def health():
+    """Liveness and readiness"""
     svc = services()
     model = svc.engine.describe()
     database_ok = svc.db.ping()

@@ -8,8 +8,8 @@ from api.auth import current_caller
 from api.context import services
 from api.detector.config import UNTRAINED_WARNING
 from api.exceptions import InvalidInput
-from api.openapi import UNAVAILABLE, api_spec, error, register_paths
 from api.openapi import Response as Responses
+from api.openapi import api_spec, produces, response_header
 from api.routes.common import absolute_links
 from api.schemas import ErrorBody, VideoFile, VideoParams, VideoPrediction
 
@@ -25,6 +25,7 @@ def _body_limit() -> None:
 
 
 @bp.post("/predict/video")
+@response_header(202, "Location", "GET /predictions/{id} of the job")
 @api_spec.validate(tags=["predict"], operation_id="predictVideo", resp=Responses(
     HTTP_200=(VideoPrediction, "Analysed and stored"),
     HTTP_202=(VideoPrediction, "Queued as a job; poll status_url (also the Location header)"),
@@ -68,24 +69,19 @@ def predict_video(query: VideoParams, form: VideoFile):
 
 
 @bp.get("/predictions/<prediction_id>/timeline.png")
+@produces(200, "image/png")
+@api_spec.validate(tags=["query"], operation_id="getTimeline", resp=Responses(
+    HTTP_200=(None, "The PNG"),
+    HTTP_404=(ErrorBody, "Unknown id, another owner's, not a video, or the job is not done yet"),
+    HTTP_503=(ErrorBody, "The database or object store is unavailable; see Retry-After")))
 def timeline(prediction_id: str):
+    """Timeline picture of a video prediction
+
+    Fake probability of every sampled frame over time, the threshold line and the fake segments
+    shaded (PNG, 1000x320). Only the owner's records.
+    """
     caller = current_caller()
     svc = services()
     row = svc.queries.get(prediction_id, caller.owner, caller.is_admin)  # another owner's id: 404
     png = svc.videos.timeline_png(row)
     return Response(png, content_type="image/png", headers={"Cache-Control": "private, max-age=300"})
-
-
-# -- OpenAPI (the PNG route is not on a schema yet) --------------------------------------------------
-register_paths({
-    "/predictions/{prediction_id}/timeline.png": {"get": {
-        "summary": "Timeline picture of a video prediction", "tags": ["query"], "operationId": "getTimeline",
-        "description": "Fake probability of every sampled frame over time, the threshold line and the fake "
-                       "segments shaded (PNG, 1000x320). Only the owner's records.",
-        "parameters": [{"name": "prediction_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-        "responses": {
-            "200": {"description": "The PNG", "content": {"image/png": {"schema": {"type": "string",
-                                                                                  "format": "binary"}}}},
-            "404": error("Unknown id, another owner's, not a video, or the job is not done yet"),
-            "503": UNAVAILABLE}}},
-})

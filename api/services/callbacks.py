@@ -62,7 +62,16 @@ def _refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | No
     return None
 
 
-def check_callback_url(url: str, allow_http: bool, allow_private: bool) -> CallbackTarget:
+Resolver = Callable[[str, int], list[str]]  # (host, port) -> addresses; raises OSError when it does not resolve
+
+
+def system_resolve(host: str, port: int) -> list[str]:
+    """The host's addresses from the system resolver (getaddrinfo: /etc/hosts, DNS, ...)."""
+    return [info[4][0].split("%")[0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
+def check_callback_url(url: str, allow_http: bool, allow_private: bool,
+                       resolve: Resolver = system_resolve) -> CallbackTarget:
     """Validate a callback URL and resolve its host; InvalidInput (parameter callback_url) if refused."""
     def refuse(message: str) -> InvalidInput:
         return InvalidInput(f"callback_url {message}", parameter="callback_url")
@@ -85,10 +94,11 @@ def check_callback_url(url: str, allow_http: bool, allow_private: bool) -> Callb
     except ValueError:
         raise refuse("has an invalid port") from None
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
+        addresses = tuple(dict.fromkeys(resolve(host, port)))
+    except (OSError, UnicodeError):
         raise refuse(f"host {host!r} does not resolve") from None
-    addresses = tuple(dict.fromkeys(info[4][0].split("%")[0] for info in infos))
+    if not addresses:
+        raise refuse(f"host {host!r} does not resolve")
     if not allow_private:
         for address in addresses:
             reason = _refusal(ipaddress.ip_address(address))
@@ -119,7 +129,7 @@ def _post(target: CallbackTarget, body: bytes, timeout_s: float) -> int:
 
 def deliver_callback(url: str, payload: dict[str, Any], allow_http: bool, allow_private: bool,
                      attempts: int = CALLBACK_ATTEMPTS, backoff_s: float = CALLBACK_BACKOFF_S,
-                     timeout_s: float = CALLBACK_TIMEOUT_S) -> str:
+                     timeout_s: float = CALLBACK_TIMEOUT_S, resolve: Resolver = system_resolve) -> str:
     """POST `payload` with retries; returns a short status for `video_predictions.callback_status`.
 
     Retried: connection errors, timeouts, 408, 429 and 5xx. Not retried: other answers, refusals.
@@ -128,7 +138,7 @@ def deliver_callback(url: str, payload: dict[str, Any], allow_http: bool, allow_
     last = "not attempted"
     for attempt in range(1, attempts + 1):
         try:  # resolved and checked again at every attempt: DNS may have changed
-            target = check_callback_url(url, allow_http, allow_private)
+            target = check_callback_url(url, allow_http, allow_private, resolve)
         except InvalidInput as exc:
             return f"refused: {exc.message}"[:64]
         try:

@@ -12,14 +12,11 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from api.database import Database
 from api.exceptions import InvalidInput, NotFound
@@ -98,7 +95,7 @@ class KeyService:
         assert KEY_PATTERN.match(plaintext)
         row = ApiKey(id=key_id, name=name, key_hash=hash_key(plaintext), is_admin=is_admin,
                      created_at=datetime.now(timezone.utc))
-        with self._session() as session:
+        with self.db.session() as session:
             session.add(row)
         return _info(row), plaintext
 
@@ -106,12 +103,12 @@ class KeyService:
         query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
         if not include_revoked:
             query = query.where(ApiKey.revoked_at.is_(None))
-        with self._session() as session:
+        with self.db.session() as session:
             return [_info(row) for row in session.scalars(query)]
 
     def revoke(self, key_id: str) -> KeyInfo:
         """Revoke by public id; revoking twice keeps the first revocation time."""
-        with self._session() as session:
+        with self.db.session() as session:
             row = session.get(ApiKey, key_id.strip())
             if row is None:
                 raise NotFound(f"no API key with id {key_id!r}")
@@ -121,11 +118,11 @@ class KeyService:
 
     # -- per request -----------------------------------------------------------------
     def verify(self, presented: str) -> Verification:
-        """Check a presented key. Raises Unavailable only when the database cannot answer."""
+        """Check a presented key. Raises DatabaseUnavailable only when the database cannot answer."""
         match = KEY_PATTERN.match(presented)
         if match is None:
             return Verification(None, KeyProblem.MALFORMED)
-        with self._session() as session:
+        with self.db.session() as session:
             row = session.get(ApiKey, match["id"])
             stored = row.key_hash if row is not None else _DUMMY_HASH
             # Same work whether or not the id exists: hash, then a constant-time compare.
@@ -140,8 +137,3 @@ class KeyService:
             if last is None or now - last >= LAST_USED_RESOLUTION:
                 row.last_used_at = now
             return Verification(_info(row))
-
-    @contextmanager
-    def _session(self) -> Iterator[Session]:
-        with self.db.session() as session:
-            yield session

@@ -162,6 +162,9 @@ class PredictionService:
             return None
         body = serialize_prediction(row, self.store, self.settings)
         body["reused"] = True
+        body["notes"] = [f"reused: these bytes were scored before with the same threshold and model version "
+                         f"(prediction {row.id}, {body['created_at']}); this is that stored result, not a new "
+                         "analysis. Send reuse=false to run the model again and store a new prediction"]
         return body
 
     def _store(self, upload: Upload, digest: str, decoded, probability: float, threshold: float,
@@ -177,10 +180,13 @@ class PredictionService:
             result_object=object_key(str(prediction_id), ".json", now), status="done", owner=owner)
         record_provenance(row, provenance)
         document = serialize_prediction(row, None, self.settings)
+        notes = list(decoded.notes)
         document["input"] = {"format": decoded.format, "mode": decoded.image.mode, "size_bytes": len(upload.data),
-                             "trained_model": self.engine.trained}
+                             "trained_model": self.engine.trained, "notes": notes}
         self.save(row, document)
-        return serialize_prediction(row, self.store, self.settings)
+        body = serialize_prediction(row, self.store, self.settings)
+        body.update(reused=False, notes=notes)
+        return body
 
     def save(self, row: Prediction, document: dict[str, Any]) -> None:
         insert_with_objects(self.db, self.store, row, [

@@ -6,12 +6,12 @@ import base64
 import binascii
 import json
 import math
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import Field, TypeAdapter, ValidationError
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.sql import Select
 
@@ -21,111 +21,91 @@ from api.models import Prediction
 
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_OFFSET = 10_000_000
 
 
 @dataclass(frozen=True)
 class Filters:
+    """A listing's filters (the route fills them from its schema; a cursor carries them back)."""
+
     prediction: str | None = None
     media_type: str | None = None
     status: str | None = None
     since: datetime | None = None
     until: datetime | None = None
-    min_probability: float | None = None
-    max_probability: float | None = None
-    sha256: str | None = None
-    filename: str | None = None
-    declared_ai: str | None = None  # true | false | unknown (no claim in the metadata)
+    min_probability: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_probability: Annotated[float, Field(ge=0, le=1)] | None = None
+    sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] | None = None
+    filename: Annotated[str, Field(max_length=255)] | None = None
+    declared_ai: Literal["true", "false", "unknown"] | None = None  # unknown: no claim in the metadata
     c2pa: bool | None = None  # a C2PA manifest was present
 
 
-# -- parsing query parameters (strings in, typed values out, InvalidInput naming the parameter) ------
-def parse_time(name: str, raw: str | None) -> datetime | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidInput(f"{name} must be an ISO 8601 date or date-time, got {raw!r}", parameter=name) from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+_FILTERS = TypeAdapter(Filters)  # checks what a cursor carries back with the filters' own types
 
 
-def parse_probability(name: str, raw: str | None) -> float | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidInput(f"{name} must be a number between 0 and 1, got {raw!r}", parameter=name) from None
-    if not (0.0 <= value <= 1.0) or math.isnan(value):
-        raise InvalidInput(f"{name} must be between 0 and 1, got {raw!r}", parameter=name)
-    return value
+# -- cursors: the position after a page's last row, and the filters and page size of that listing ----
+@dataclass(frozen=True)
+class Cursor:
+    created: datetime
+    last_id: uuid.UUID
+    filters: Filters
+    limit: int
 
 
-def parse_int(name: str, raw: str | None, default: int, minimum: int, maximum: int) -> int:
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput(f"{name} must be an integer, got {raw!r}", parameter=name) from None
-    if not minimum <= value <= maximum:
-        raise InvalidInput(f"{name} must be between {minimum} and {maximum}, got {value}", parameter=name)
-    return value
+def _filters_json(filters: Filters) -> dict[str, Any]:
+    values = {name: getattr(filters, name) for name in Filters.__dataclass_fields__}
+    return {name: value.isoformat() if isinstance(value, datetime) else value
+            for name, value in values.items() if value is not None}
 
 
-def parse_choice(name: str, raw: str | None, choices: tuple[str, ...]) -> str | None:
-    if raw is None or raw == "":
-        return None
-    if raw not in choices:
-        raise InvalidInput(f"{name} must be one of {', '.join(choices)}, got {raw!r}", parameter=name)
-    return raw
-
-
-def parse_filters(args: dict[str, str]) -> Filters:
-    sha = args.get("sha256") or None
-    if sha is not None and not _SHA256.match(sha.lower()):
-        raise InvalidInput("sha256 must be 64 hexadecimal characters", parameter="sha256")
-    filters = Filters(
-        prediction=parse_choice("prediction", args.get("prediction"), ("fake", "real")),
-        media_type=parse_choice("media_type", args.get("media_type"), ("image", "video")),
-        status=parse_choice("status", args.get("status"), ("queued", "running", "done", "failed")),
-        since=parse_time("since", args.get("since")),
-        until=parse_time("until", args.get("until")),
-        min_probability=parse_probability("min_probability", args.get("min_probability")),
-        max_probability=parse_probability("max_probability", args.get("max_probability")),
-        sha256=sha.lower() if sha else None,
-        filename=(args.get("filename") or None),
-        declared_ai=parse_choice("declared_ai", args.get("declared_ai"), ("true", "false", "unknown")),
-        c2pa={"true": True, "false": False, None: None}[parse_choice("c2pa", args.get("c2pa"), ("true", "false"))],
-    )
-    if filters.since and filters.until and filters.since > filters.until:
-        raise InvalidInput("since must not be after until", parameter="since")
-    if (filters.min_probability is not None and filters.max_probability is not None
-            and filters.min_probability > filters.max_probability):
-        raise InvalidInput("min_probability must not exceed max_probability", parameter="min_probability")
-    if filters.filename is not None and len(filters.filename) > 255:
-        raise InvalidInput("filename filter is longer than 255 characters", parameter="filename")
-    return filters
-
-
-def encode_cursor(row: Prediction) -> str:
+def encode_cursor(row: Prediction, filters: Filters, limit: int) -> str:
     created = row.created_at.replace(tzinfo=None) if row.created_at.tzinfo is None else \
         row.created_at.astimezone(timezone.utc).replace(tzinfo=None)
-    raw = json.dumps([created.isoformat(), str(row.id)]).encode()
+    raw = json.dumps({"after": [created.isoformat(), str(row.id)], "limit": limit,
+                      "filters": _filters_json(filters)}, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+def decode_cursor(cursor: str) -> Cursor:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        created_raw, id_raw = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        created_raw, id_raw = data["after"]
         created = datetime.fromisoformat(created_raw).replace(tzinfo=timezone.utc)
-        return created, uuid.UUID(id_raw)
-    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError, UnicodeDecodeError):
+        stored = data["filters"]
+        if not isinstance(stored, dict) or set(stored) - set(Filters.__dataclass_fields__):
+            raise ValueError("unknown filter")
+        # The filters' own types and bounds: a cursor cannot smuggle in what a filter refuses.
+        filters = _FILTERS.validate_python(stored)
+        limit = data["limit"]
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+            raise ValueError("bad limit")
+        return Cursor(created=created, last_id=uuid.UUID(id_raw), filters=filters, limit=limit)
+    except (ValueError, TypeError, KeyError, AttributeError, ValidationError, binascii.Error,
+            json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidInput("cursor is not valid; use the next_cursor of a previous page", parameter="cursor") from None
+
+
+def apply_cursor(filters: Filters, limit: int | None, cursor: str | None) -> tuple[Filters, int]:
+    """The filters and page size of a listing: a cursor's own, which the request may repeat but not change.
+
+    Following `next_cursor` alone continues the same listing; a filter or limit that differs from the
+    cursor's would silently mix two listings, so it is refused (start again without the cursor).
+    """
+    if not cursor:
+        return filters, DEFAULT_LIMIT if limit is None else limit
+    position = decode_cursor(cursor)
+    for name in Filters.__dataclass_fields__:
+        given = getattr(filters, name)
+        if given is not None and given != getattr(position.filters, name):
+            raise InvalidInput(f"{name} differs from the listing this cursor continues; follow next_cursor "
+                               "without changing the filters, or start a new listing without a cursor",
+                               parameter=name)
+    if limit is not None and limit != position.limit:
+        raise InvalidInput(f"limit {limit} differs from the cursor's page size {position.limit}; follow "
+                           "next_cursor without it, or start a new listing without a cursor", parameter="limit")
+    return position.filters, position.limit
 
 
 # -- the queries -----------------------------------------------------------
@@ -175,16 +155,16 @@ class QueryService:
         count_query = _apply(select(func.count()).select_from(Prediction), filters, owner, all_owners)
         page = base.order_by(Prediction.created_at.desc(), Prediction.id.desc())
         if cursor:
-            created, last_id = decode_cursor(cursor)
-            page = page.where(or_(Prediction.created_at < created,
-                                  and_(Prediction.created_at == created, Prediction.id < last_id)))
+            position = decode_cursor(cursor)
+            page = page.where(or_(Prediction.created_at < position.created,
+                                  and_(Prediction.created_at == position.created, Prediction.id < position.last_id)))
         else:
             page = page.offset(offset)
         page = page.limit(limit + 1)  # one extra row says whether there is a next page
         with self.db.session() as session:
             rows = list(session.scalars(page))
             total = session.scalar(count_query) or 0
-        next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+        next_cursor = encode_cursor(rows[limit - 1], filters, limit) if len(rows) > limit else None
         return rows[:limit], total, next_cursor
 
     def get(self, prediction_id: str, owner: str | None, all_owners: bool) -> Prediction:

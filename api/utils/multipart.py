@@ -69,7 +69,7 @@ class _FormCollector:
     def part_begin(self) -> None:
         self._parts += 1
         if self.parser.max_form_parts is not None and self._parts > self.parser.max_form_parts:
-            raise RequestEntityTooLarge()
+            raise RequestEntityTooLarge(f"the form has more than the limit of {self.parser.max_form_parts} parts")
         self._header_pairs = []
         self._chunks = []
         self._field_size = 0
@@ -107,7 +107,7 @@ class _FormCollector:
         self._field_size += end - start
         limit = self.parser.max_form_memory_size
         if limit is not None and self._field_size > limit:
-            raise RequestEntityTooLarge()
+            raise RequestEntityTooLarge(f"a form field (not a file) is larger than the limit of {limit} bytes")
         self._chunks.append(data[start:end])
 
     def part_end(self) -> None:
