@@ -21,7 +21,8 @@ from typing import Any
 
 import requests
 
-from tests.conftest import PostgresServer, S3Server, free_port
+from tests.conftest import PostgresServer, S3Server
+from tests.helpers import free_port
 from tests.k8s_helpers import ROOT, Rendered, container_env, containers, expand, pod_labels, pod_spec, selector_matches
 
 NAMESPACE = "d3"

@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 from tests.k8s_helpers import ROOT, Rendered, containers, render
 from tests.k8s_topology import SANDBOX, LocalCluster
 from tests.video_clips import clip_bytes
