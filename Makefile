@@ -21,7 +21,7 @@ HAVE_NODE := $(shell command -v node >/dev/null 2>&1 && command -v npm >/dev/nul
 NO_NODE_MESSAGE := Node.js (20.19+) and npm not found: the web front end (/ui) is not built and its tests \
 	are skipped. Install Node.js, then run make setup again.
 
-.PHONY: setup run demo test lint bench clean web web-test web-client screenshots
+.PHONY: setup tools run demo test lint bench clean web web-test web-client screenshots
 
 setup: $(STAMP) web
 
@@ -69,7 +69,11 @@ demo: setup
 	$(TINY_MODEL_ENV) $(BIN)/d3 db upgrade
 	$(QUICKSTART_ENV) $(TINY_MODEL_ENV) $(BIN)/gunicorn -c gunicorn_config.py api.app:app
 
-test: setup
+# checkov (Kubernetes and Dockerfile checks) in its own venv: its pins would fight the app's.
+tools:
+	scripts/setup-tools-venv.sh
+
+test: setup tools
 	scripts/install-test-deps.sh
 	$(BIN)/ruff check .
 	$(MAKE) --no-print-directory web-test
@@ -83,4 +87,4 @@ bench: setup
 	$(BIN)/python bench/api_load.py --tiny
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache $(WEB)/node_modules $(WEB)/dist
+	rm -rf $(VENV) .venv-tools .pytest_cache .ruff_cache $(WEB)/node_modules $(WEB)/dist

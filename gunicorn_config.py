@@ -128,11 +128,14 @@ if under_systemd():
     _access_default, _error_default = "-", "-"
 else:
     _log_dir = Path(_env("GUNICORN_LOG_DIR", str(HERE / "logs")))
-    _log_dir.mkdir(parents=True, exist_ok=True)
     _access_default, _error_default = str(_log_dir / "access.log"), str(_log_dir / "error.log")
 
 accesslog = _env("GUNICORN_ACCESS_LOG", _access_default)
 errorlog = _env("GUNICORN_ERROR_LOG", _error_default)
+# Only a log file needs its folder: with both logs on stdout/stderr (containers, a read-only
+# root filesystem) nothing is created.
+for _log in {accesslog, errorlog} - {"-"}:
+    Path(_log).parent.mkdir(parents=True, exist_ok=True)
 loglevel = _env("GUNICORN_LOG_LEVEL", _env("LOG_LEVEL", "info")).lower()
 capture_output = not under_systemd()  # stray prints land in error.log (the journal has them anyway)
 # client, time, request line, status, bytes, referer, user agent, request time in ms, request id.
