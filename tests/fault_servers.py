@@ -28,8 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PostgresServer
-from tests.helpers import free_port, wait_for_port
+from tests.helpers import PostgresServer, free_port, wait_for_port
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -21,8 +21,7 @@ from typing import Any
 
 import requests
 
-from tests.conftest import PostgresServer, S3Server
-from tests.helpers import free_port
+from tests.helpers import PostgresServer, S3Server, free_port
 from tests.k8s_helpers import ROOT, Rendered, container_env, containers, expand, pod_labels, pod_spec, selector_matches
 
 NAMESPACE = "d3"

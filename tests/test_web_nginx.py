@@ -8,8 +8,8 @@ import threading
 import pytest
 import requests
 
-from tests.conftest import ROOT, free_port, make_app
 from tests.deploy_helpers import Nginx, ensure_system_deps
+from tests.helpers import ROOT, free_port, make_app
 
 TEMPLATE = ROOT / "web" / "nginx" / "default.conf.template"
 

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT, make_app
+from tests.helpers import ROOT, make_app
 
 WEB = ROOT / "web"
 

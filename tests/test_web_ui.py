@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from tests.conftest import ROOT, app_settings, free_port, image_bytes
+from tests.helpers import ROOT, app_settings, free_port, image_bytes
 
 CHROMIUM = os.environ.get("UI_CHROMIUM", "/usr/bin/chromium")
 DIST = ROOT / "web" / "dist"
