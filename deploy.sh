@@ -217,6 +217,8 @@ source_files() { # NUL-separated list of the files that make a release, relative
     if git -C "$SRC_DIR" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
         git -C "$SRC_DIR" ls-files -z --cached --others --exclude-standard |
             while IFS= read -r -d '' f; do [ -f "$SRC_DIR/$f" ] && printf '%s\0' "$f"; done
+        # The built web front end is ignored by git but ships with the code (the app serves it at /ui/).
+        if [ -d "$SRC_DIR/web/dist" ]; then (cd "$SRC_DIR" && find web/dist -type f -print0); fi
     else
         (cd "$SRC_DIR" && find . -type f \
             -not -path './.git/*' -not -path './.venv/*' -not -path './instance/*' -not -path './logs/*' \
@@ -322,6 +324,9 @@ do_release() {
     if [ -f "$dest/.release-complete" ]; then
         say "unchanged: $dest exists (same source)"
         return
+    fi
+    if [ ! -f "$SRC_DIR/web/dist/index.html" ]; then
+        warn "web/dist is not built (make setup with Node.js builds it): /ui/ will answer that it is not built"
     fi
     if dry; then
         say "would copy $(cd "$SRC_DIR" && source_files | tr -cd '\0' | wc -c) files to $dest, link .env/instance/logs, byte-compile"

@@ -58,7 +58,8 @@ def worker_token() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid exists on this host (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -81,7 +82,7 @@ def worker_gone(worker: str | None, heartbeat: datetime | None, now: datetime, s
         pid = int(pid_text)
         if pid == os.getpid() and own_token is not None:
             return f"its worker {worker} was an earlier process with this pid"
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             return f"its worker {worker} is no longer running"
     beat = aware(heartbeat)
     if beat is None or now - beat > timedelta(seconds=stale_after_s):

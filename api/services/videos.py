@@ -55,7 +55,7 @@ from api.exceptions import (
 )
 from api.models import Prediction, VideoPrediction
 from api.services.callbacks import check_callback_url
-from api.services.jobs import JobStore
+from api.services.jobs import JobStore, pid_alive
 from api.services.predictions import (
     provenance_limits,
     record_provenance,
@@ -125,16 +125,6 @@ def temp_prefix(kind: str) -> str:
     return f"d3-{kind}-{os.getpid()}-"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_dead_uploads(directory: str | None = None) -> list[str]:
     """Remove temporary uploads left by processes that died (kill -9, OOM) mid-request or mid-job.
 
@@ -151,7 +141,7 @@ def sweep_dead_uploads(directory: str | None = None) -> list[str]:
         if not match:
             continue
         pid = int(match.group(1))
-        if _pid_alive(pid):
+        if pid_alive(pid):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(folder, name))
