@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PostgresServer, free_port, wait_for_port
+from tests.helpers import free_port, wait_for_port
+from tests.servers import PostgresServer
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import requests
 
-from tests.helpers import PostgresServer, S3Server, free_port
+from tests.helpers import free_port
 from tests.k8s_helpers import ROOT, Rendered, container_env, containers, expand, pod_labels, pod_spec, selector_matches
+from tests.servers import PostgresServer, S3Server
 
 NAMESPACE = "d3"
 # The images' own paths (not volumes) and where their content is in this checkout.
