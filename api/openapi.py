@@ -63,6 +63,8 @@ class D3FlaskPlugin(FlaskPlugin):
 
     def validate_response(self, resp, resp_model, skip_validation, force_resp_serialize):
         # Documented, not re-validated at run time: the services build the bodies, the tests check them.
+        if getattr(resp, "direct_passthrough", False):  # a streamed file (send_from_directory): nothing to read
+            return resp, None
         return super().validate_response(resp, resp_model, True, force_resp_serialize)
 
 

@@ -100,7 +100,7 @@ def test_offset_and_cursor_pages_cover_everything_once(seeded):
 
 
 @pytest.mark.parametrize("param,value", [
-    ("prediction", "maybe"), ("media_type", "audio"), ("since", "yesterday"), ("until", "2024-13-01"),
+    ("prediction", "maybe"), ("media_type", "sound"), ("since", "yesterday"), ("until", "2024-13-01"),
     ("min_probability", "2"), ("max_probability", "x"), ("sha256", "abc"), ("limit", "0"), ("limit", "501"),
     ("offset", "-1"), ("cursor", "!!not-a-cursor"), ("status", "paused"),
 ])
@@ -128,7 +128,7 @@ def test_stats(seeded):
                        since=(NOW - timedelta(days=10)).isoformat(), until=NOW.isoformat())
     assert status == 200
     assert body["total"] == 12
-    assert body["by_media_type"] == {"image": 9, "video": 3}
+    assert body["by_media_type"] == {"image": 9, "video": 3, "audio": 0, "text": 0}
     fakes = sum(1 for r in rows if r["prediction"] == "fake")
     assert body["by_prediction"] == {"fake": fakes, "real": 12 - fakes}
     assert sum(day["count"] for day in body["per_day"]) == 12

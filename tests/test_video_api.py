@@ -402,7 +402,7 @@ def test_openapi_documents_the_video_routes(vclient):
     fields = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]["properties"]
     assert set(fields) == {"file"}  # the parameters are query parameters (also accepted as form fields)
     assert {p["name"] for p in post["parameters"]} == {"frames", "fps", "threshold", "aggregation", "async",
-                                                       "callback_url"}
+                                                       "callback_url", "audio"}
     assert "Location" in post["responses"]["202"]["headers"]
     timeline = spec["paths"]["/predictions/{prediction_id}/timeline.png"]["get"]
     assert "image/png" in timeline["responses"]["200"]["content"] and "404" in timeline["responses"]
