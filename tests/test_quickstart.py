@@ -35,8 +35,11 @@ BROWSER_UNSAFE_PORTS = frozenset({
 
 def make_commands(target: str) -> list[str]:
     """The shell lines `make TARGET` runs (setup taken as done)."""
-    result = subprocess.run(["make", "-n", "-o", ".venv/.installed", target], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+    # Run from `make test` too: a sub-make would print "Entering directory" lines among the commands.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    result = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed",
+                             "-o", "web/dist/index.html", "-o", "web/node_modules/.installed", target],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     return [line for line in result.stdout.splitlines() if line.strip()]
 

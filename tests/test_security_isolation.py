@@ -41,7 +41,7 @@ def world(tmp_path, tiny_engine):
     upload("bob", 202, "1.0", "bob-passport.png")
     # Bob sends alice's exact bytes at her threshold: he must get his own record, never hers.
     twin = upload("bob", 101, "0.0", "bob-copy.png")
-    assert "reused" not in twin and twin["id"] != made["alice"][0]["id"]
+    assert twin["reused"] is False and twin["id"] != made["alice"][0]["id"]
     assert twin["sha256"] == made["alice"][0]["sha256"]
 
     if "video" in app.blueprints:  # the video route, once it exists: bob owns one video too
