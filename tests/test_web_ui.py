@@ -180,6 +180,10 @@ def test_image_upload_shows_the_verdict_threshold_model_and_caution(page, ui_ser
     expect(result.get_by_test_id("verdict")).to_have_text(verdict)
     expect(result.get_by_test_id("caution")).to_contain_text("untrained")  # the tiny model is random
     expect(page.get_by_test_id("banner-untrained")).to_be_visible()
+    # The provenance block, beside the verdict: a generated PNG carries no metadata claim.
+    assert stored["provenance"]["declared_ai"] is None
+    expect(result.get_by_test_id("declared")).to_contain_text("makes no claim")
+    expect(result.get_by_test_id("c2pa")).to_have_text("no Content Credentials")
     # The key went as a Bearer header, and stays in session storage only.
     assert page.evaluate("sessionStorage.getItem('d3.apiKey')") == ui_server.key
     assert page.evaluate("localStorage.length") == 0 and page.evaluate("document.cookie") == ""

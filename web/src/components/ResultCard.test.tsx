@@ -48,4 +48,28 @@ describe("ResultCard", () => {
     render(<ResultCard result={result} />);
     expect(screen.getByTestId("chunks")).toHaveTextContent("tokens 0–128: criterion 0.420");
   });
+
+  it("shows what the metadata claims beside the verdict, never in it", () => {
+    const provenance = {
+      c2pa: { present: true, status: "tampered", claim_generator: "ImageMaker/2.1", signer: { issuer: "Example Corp" } },
+      iptc_digital_source_type: { code: "trainedAlgorithmicMedia", uri: "x", label: "Trained algorithmic media" },
+      declared_ai: true, declared_ai_source: "c2pa", notes: [],
+    };
+    render(<ResultCard result={{ ...base, media_type: "image", prediction: "real", fake_probability: 0.2,
+                                 provenance } as unknown as AnyPrediction} />);
+    expect(screen.getByTestId("verdict")).toHaveTextContent("Likely real");
+    expect(screen.getByTestId("declared")).toHaveTextContent("made with generative AI (in its C2PA manifest)");
+    expect(screen.getByTestId("c2pa")).toHaveTextContent("tampered");
+    expect(screen.getByTestId("c2pa")).toHaveTextContent("signed by Example Corp");
+    expect(screen.getByTestId("source-type")).toHaveTextContent("Trained algorithmic media");
+  });
+
+  it("says when a file carries no metadata claim", () => {
+    const provenance = { c2pa: { present: false }, iptc_digital_source_type: null, declared_ai: null,
+                         declared_ai_source: null, notes: [] };
+    render(<ResultCard result={{ ...base, media_type: "image", prediction: "real", fake_probability: 0.2,
+                                 provenance } as unknown as AnyPrediction} />);
+    expect(screen.getByTestId("declared")).toHaveTextContent("makes no claim");
+    expect(screen.getByTestId("c2pa")).toHaveTextContent("no Content Credentials");
+  });
 });

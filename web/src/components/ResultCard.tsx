@@ -2,6 +2,7 @@ import { useRef } from "react";
 import type { AnyPrediction } from "../api/client";
 import { formatBytes, formatProbability, formatSeconds, timelineOf } from "../media";
 import { ProbabilityMeter } from "./ProbabilityMeter";
+import { ProvenanceFacts } from "./ProvenanceFacts";
 import { SegmentList } from "./SegmentList";
 import { Timeline } from "./Timeline";
 import { TopFrames } from "./TopFrames";
@@ -73,6 +74,7 @@ export function ResultCard({ result, source = null, warning = null, headingLevel
         {result.frames_analyzed != null && <><dt>Frames analysed</dt><dd>{result.frames_analyzed} ({result.aggregation})</dd></>}
         <dt>Record</dt><dd><a href={`#/history/${result.id}`}>{result.id}</a></dd>
       </dl>
+      <ProvenanceFacts provenance={result.provenance} heading={Sub} />
       {timeline && (
         <section className="media-detail" aria-label="Timeline">
           {source && (isAudio
