@@ -315,7 +315,10 @@ def test_freeze_then_thaw_under_load(service, system, request):
     # /health never waits on the frozen system: it answers in well under 100 ms, and even its
     # slowest answer (this CI machine is shared and its 2 cores are oversubscribed) stays below the
     # frozen system's deadline (2 s; 1 s for Redis' probe), which any wait on it would take at least.
-    assert percentile(health_latencies, 0.5) < 0.1 and max(health_latencies) < 1.0
+    # A wait on the frozen system takes its deadline (2 s for the database and the store): the
+    # slowest /health answer stays under it; the Redis probe's own bound is 1 s.
+    slowest_allowed = 1.0 if system == "redis" else 1.9
+    assert percentile(health_latencies, 0.5) < 0.1 and max(health_latencies) < slowest_allowed
     assert named, "/health never named the frozen system"
     since = named[-1][4][system]["since"]
     assert named[-1][4][system]["ok"] is False and since
