@@ -174,7 +174,7 @@ class RemoteEngine:
             config = client.get_model_config(self.config.model_name, as_json=True, **kw)["config"]
         else:
             config = client.get_model_config(self.config.model_name)
-        model = TierModel.from_config(config, self.config.model_name)
+        model = self._read_model(config)
         with self._lock:
             changed = self.tier_model is None or model.model_version != self.model_version
             self.tier_model = model
@@ -187,6 +187,10 @@ class RemoteEngine:
         if changed:
             log.info("inference tier %s ready: %s (%s) on %s", self.config.url, model.model_version,
                      "trained" if model.trained else "RANDOM, UNTRAINED weights", model.device or "?")
+
+    def _read_model(self, config: dict[str, Any]) -> Any:
+        """What the tier's config says of the model; a remote detector (remote_detectors.py) reads its own."""
+        return TierModel.from_config(config, self.config.model_name)
 
     def _mark_down(self, reason: str) -> None:
         with self._lock:
@@ -256,23 +260,25 @@ class RemoteEngine:
         for tensor in tensors:
             if tuple(tensor.shape) != INPUT_SHAPE:
                 raise ValueError(f"expected preprocessed images of shape {INPUT_SHAPE}, got {tuple(tensor.shape)}")
+        return self._bounded(len(tensors), timeout, lambda deadline, bound: self._predict(tensors, deadline, bound))
+
+    def _bounded(self, count: int, timeout: float | None, call: Callable[[float, float], Any]) -> Any:
+        """call(deadline, bound) under this call's bound, its `count` inputs in flight, timed as model time."""
         bound = self.config.timeout_s if timeout is None else min(timeout, self.config.timeout_s)
         started = time.perf_counter()
         deadline = time.monotonic() + bound
         with self._lock:
-            self._in_flight += len(tensors)
+            self._in_flight += count
         try:
-            return self._predict(tensors, deadline, bound)
+            return call(deadline, bound)
         finally:
             seconds = time.perf_counter() - started
             add_model_time(seconds)
             with self._lock:
-                self._in_flight -= len(tensors)
+                self._in_flight -= count
 
-    def _predict(self, tensors: Sequence[torch.Tensor], deadline: float, bound: float) -> list[float]:
-        import numpy as np
-        import torch
-
+    def _connected_model(self, deadline: float, bound: float) -> Any:
+        """The tier's model, connecting first when the tier is marked down."""
         if self._stopping.is_set():
             raise EngineNotReady("the inference engine stopped")
         if not self.ready or self.tier_model is None:
@@ -283,8 +289,14 @@ class RemoteEngine:
                 if _is_timeout(exc):
                     raise EngineTimeout(f"the inference tier did not answer within {bound:g} s") from None
                 raise InferenceTierUnavailable() from None  # the address and cause: the log and /health
-        model = self.tier_model
-        assert model is not None
+        assert self.tier_model is not None
+        return self.tier_model
+
+    def _predict(self, tensors: Sequence[torch.Tensor], deadline: float, bound: float) -> list[float]:
+        import numpy as np
+        import torch
+
+        model = self._connected_model(deadline, bound)
         batch = torch.stack(list(tensors)).numpy()
         if model.input_dtype == "FP16":
             batch = batch.astype(np.float16)
@@ -296,6 +308,12 @@ class RemoteEngine:
         return results
 
     def _infer(self, model: TierModel, batch: Any, deadline: float, bound: float) -> list[float]:
+        response = self._send([(model.input_name, batch, model.input_dtype)], [model.output_name], deadline, bound)
+        return [float(p) for p in response.as_numpy(model.output_name).reshape(-1)]
+
+    def _send(self, inputs: Sequence[tuple[str, Any, str]], outputs: Sequence[str], deadline: float,
+              bound: float) -> Any:
+        """One KServe v2 infer call of (name, array, datatype) inputs within the deadline; the response."""
         left = deadline - time.monotonic()
         if left <= 0:
             raise EngineTimeout(f"the inference tier did not answer within {bound:g} s")
@@ -304,9 +322,11 @@ class RemoteEngine:
             import tritonclient.grpc as tc
         else:
             import tritonclient.http as tc
-        request = tc.InferInput(model.input_name, list(batch.shape), model.input_dtype)
-        request.set_data_from_numpy(batch)
-        output = tc.InferRequestedOutput(model.output_name)
+        requests = []
+        for name, array, datatype in inputs:
+            request = tc.InferInput(name, list(array.shape), datatype)
+            request.set_data_from_numpy(array)
+            requests.append(request)
         # `timeout` (microseconds) is Triton's per-request queue deadline: what waits longer than
         # this call will wait is dropped from the queue, not computed for nobody.
         kw: dict[str, Any] = {"timeout": max(1, int(left * 1e6))}
@@ -314,13 +334,14 @@ class RemoteEngine:
             kw["client_timeout"] = left
         started = time.perf_counter()
         try:
-            response = client.infer(self.config.model_name, [request], outputs=[output], **kw)
+            response = client.infer(self.config.model_name, requests,
+                                    outputs=[tc.InferRequestedOutput(name) for name in outputs], **kw)
         except Exception as exc:
             raise self._translate(exc, bound) from None
         with self._lock:
             self._stats["requests_sent"] += 1
             self._stats["request_seconds_total"] += time.perf_counter() - started
-        return [float(p) for p in response.as_numpy(model.output_name).reshape(-1)]
+        return response
 
     def _translate(self, exc: Exception, bound: float) -> Exception:
         text = _describe(exc)

@@ -9,6 +9,9 @@ gRPC) instead of holding a model of its own.
 The model's identity (version string, trained or random, backbone, precision, device) is
 published as `parameters` of the model's Triton config, the place where a stock Triton keeps
 static facts about a model too (`config.pbtxt`), so the API reads it the same way from both.
+
+The speech and text detectors whose weights the tier has are bound beside it, one Triton model
+each (`extra_models`, built by tier_detectors.py), with the same queue policy and batching window.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import signal
 import socket
 import sys
 import sysconfig
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,10 +150,12 @@ def warm_up(model: Any, device: Any, batch_size: int = 1) -> None:
 class InferenceTier:
     """Build, warm up and serve the model; `start()` returns once Triton reports the model ready."""
 
-    def __init__(self, detector: DetectorConfig, tier: TierConfig, model: Any = None) -> None:
+    def __init__(self, detector: DetectorConfig, tier: TierConfig, model: Any = None,
+                 extra_models: Sequence[Any] = ()) -> None:
         self.detector = detector
         self.tier = tier
         self.model = model
+        self.extra_models = tuple(extra_models)  # tier_detectors.TierBinding: AASIST, Fast-DetectGPT
         self.device: Any = None
         self.triton: Any = None
 
@@ -196,6 +201,15 @@ class InferenceTier:
             strict=True,
         )
         _publish_parameters(self.triton, MODEL_NAME, identity_parameters(self.model, self.device))
+        # The same queue and window; no preferred sizes (D³'s image batch sizes mean nothing here).
+        extra_batcher = DynamicBatcher(max_queue_delay_microseconds=tier.max_queue_delay_microseconds,
+                                       default_queue_policy=queue_policy)
+        for extra in self.extra_models:
+            self.triton.bind(model_name=extra.model_name, infer_func=extra.infer_func, inputs=extra.inputs,
+                             outputs=extra.outputs,
+                             config=ModelConfig(max_batch_size=tier.max_batch_size, batcher=extra_batcher),
+                             strict=True)
+            _publish_parameters(self.triton, extra.model_name, extra.parameters)
         self.triton.run()  # returns when Triton says the model is ready
 
     def serve_forever(self) -> bool:

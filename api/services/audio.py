@@ -37,7 +37,7 @@ from api.exceptions import (
 )
 from api.models import Prediction, VideoPrediction
 from api.services.jobs import JobStore
-from api.services.predictions import serialize_prediction, verdict
+from api.services.predictions import model_failures, serialize_prediction, verdict
 from api.services.records import insert_with_objects
 from api.services.timeline import render_timeline
 from api.services.videos import (
@@ -178,7 +178,10 @@ class AudioService:
         for first in range(0, len(spans), SCORING_CHUNK):
             group = spans[first:first + SCORING_CHUNK]
             try:
-                scores = detector.predict([samples[start:end] for start, end in group])
+                with model_failures():  # the inference tier's overload, timeout, outage: their own 503s
+                    scores = detector.predict([samples[start:end] for start, end in group])
+            except Unavailable:
+                raise
             except Exception as exc:  # the forward pass failed (out of memory, ...): the model, not the file
                 log.exception("AASIST failed on %d windows", len(group))
                 raise Unavailable("the audio detector failed on this request; retry shortly") from exc
