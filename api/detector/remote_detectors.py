@@ -29,6 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
+
+from api.detector.aasist import fix_length, scores_from_logits
 from api.detector.interface import Detector, InputTooLong, InputTooShort, Score
 from api.detector.remote_engine import RemoteConfig, RemoteEngine
 
@@ -131,33 +134,21 @@ class RemoteDetector(RemoteEngine, Detector):
 
 
 class RemoteAasist(RemoteDetector):
-    modality = "audio"
-    name = "aasist"
-    model_name = AUDIO_MODEL
+    modality, name, model_name = "audio", "aasist", AUDIO_MODEL
     input_name, input_dtype, output_name = "waveforms", "FP32", "logits"
 
     def encode(self, inputs: Sequence[Any]) -> Any:
-        import numpy as np
-
-        from api.detector.aasist import fix_length
-
         return np.stack([fix_length(np.asarray(w, dtype=np.float32)) for w in inputs])
 
     def decode(self, output: Any) -> list[Score]:
-        from api.detector.aasist import scores_from_logits
-
         return scores_from_logits(output.reshape(-1, 2).tolist())
 
 
 class RemoteFastDetectGPT(RemoteDetector):
-    modality = "text"
-    name = "fast-detectgpt"
-    model_name = TEXT_MODEL
+    modality, name, model_name = "text", "fast-detectgpt", TEXT_MODEL
     input_name, input_dtype, output_name = "texts", "BYTES", "results"
 
     def encode(self, inputs: Sequence[str]) -> Any:
-        import numpy as np
-
         return np.array([[text.encode("utf-8")] for text in inputs], dtype=np.object_)
 
     def decode(self, output: Any) -> list[Score]:
