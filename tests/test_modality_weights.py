@@ -25,15 +25,10 @@ D3_RANDOM = ["--backbone", "d3-tiny", "--clip-weights", "random:1", "--head-weig
 
 
 @pytest.fixture
-def d3() -> click.Group:
-    group = click.Group("d3")
-    register(group)
-    return group
-
-
-@pytest.fixture
-def run(d3, tmp_path, monkeypatch):
+def run(tmp_path, monkeypatch):
     """`d3 ...` with the cache in tmp_path, offline, and no user caches to find anything in."""
+    d3 = click.Group("d3")
+    register(d3)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "user-hf"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
