@@ -8,6 +8,7 @@ for the module (starting Triton costs seconds); the tests that freeze and kill i
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ TEXT = ("The committee met on Tuesday to review the budget and, after a long dis
 def detector_tier():
     from tests.triton_tier import TritonTier
 
-    tier = TritonTier({**TINY_MODEL, **TINY_DETECTORS})
+    tier = TritonTier({**TINY_MODEL, **TINY_DETECTORS}, D3_TRITON_MAX_QUEUE_SIZE="4")
     tier.start()
     yield tier
     tier.destroy()
@@ -46,7 +47,7 @@ def recording(tmp_path_factory):
 def remote_app(tmp_path, detector_tier, tiny_engine):
     """The API with D3_INFERENCE_URL set: its speech and text detectors are the tier's."""
     app = make_app(tmp_path / "remote", tiny_engine, None, D3_INFERENCE_URL=detector_tier.grpc_url,
-                   D3_INFERENCE_TIMEOUT_S=str(BOUND_S))
+                   D3_INFERENCE_TIMEOUT_S=str(BOUND_S), RATE_LIMIT_DEFAULT="1000000/minute")
     registry = app.extensions["d3"].detectors
     assert registry.wait(30)
     yield app
@@ -159,6 +160,31 @@ def test_without_the_url_the_detectors_run_in_process():
 
 
 # ------------------------------------------------------------------ failures (last: they freeze and kill the tier)
+def test_a_full_tier_queue_is_503_with_retry_after(remote_app, detector_tier):
+    # The models stop computing; Triton keeps queueing: 4 requests wait, the rest are refused at once.
+    def one(_: int):
+        started = time.monotonic()
+        response = remote_app.test_client().post("/predict/text", json={"text": TEXT})
+        return response.status_code, response.headers.get("Retry-After"), response.get_json(), \
+            time.monotonic() - started
+
+    detector_tier.pause_model()
+    try:
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(one, range(10)))
+    finally:
+        detector_tier.resume_model()
+    assert [status for status, _, _, _ in results] == [503] * 10
+    for _, retry_after, body, elapsed in results:
+        assert int(retry_after) >= 1 and body["error"]["code"] == "unavailable"
+        assert elapsed <= BOUND_S + SLACK_S
+    assert any("overloaded" in body["error"]["message"] for _, _, body, _ in results), results
+    deadline = time.monotonic() + 30  # back once Triton has dropped what waited past its deadline
+    while remote_app.test_client().post("/predict/text", json={"text": TEXT}).status_code != 200:
+        assert time.monotonic() < deadline, "the tier did not recover from the burst"
+        time.sleep(0.3)
+
+
 def test_a_frozen_tier_is_503_within_the_bound(remote_app, detector_tier, recording):
     client = remote_app.test_client()
     detector_tier.pause()
