@@ -79,7 +79,7 @@ class DetectorRegistry:
     def from_settings(cls, settings: Any) -> DetectorRegistry:
         """AASIST for audio, Fast-DetectGPT for text: in the inference tier when D3_INFERENCE_URL is set,
         else in this process, configured by their settings."""
-        return cls.remote(settings) if settings.d3_inference_url else cls.in_process(settings)
+        return cls.remote(settings) if getattr(settings, "d3_inference_url", "") else cls.in_process(settings)
 
     @classmethod
     def remote(cls, settings: Any) -> DetectorRegistry:
