@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +214,18 @@ def test_a_killed_tier_is_503_with_retry_after_and_health_says_so(remote_app, de
     modalities = client.get("/health").get_json()["modalities"]
     assert modalities["audio"]["status"] == modalities["text"]["status"] == "unavailable"
     assert "unavailable" in modalities["text"]["inference_tier"]["error"]
+
+
+def test_a_deep_pytriton_home_gets_a_workspace_whose_socket_paths_fit(monkeypatch, tmp_path):
+    # A long PYTRITON_HOME (the Kubernetes topology test's volumes) made `fast_detectgpt`'s socket
+    # path too long for AF_UNIX, and the tier did not start.
+    import pytriton.constants
+
+    from api.detector.triton_server import short_workspace
+
+    monkeypatch.setattr(pytriton.constants, "PYTRITON_HOME", tmp_path / ("d" * 60))
+    workspace = short_workspace(["d3", "aasist", "fast_detectgpt"])
+    assert workspace is not None and len(f"{workspace}/fast_detectgpt_0_0-server.sock") <= 107
+    assert not (tmp_path / ("d" * 60)).exists()
+    monkeypatch.setattr(pytriton.constants, "PYTRITON_HOME", Path("/home/d3/.cache/pytriton"))
+    assert short_workspace(["d3", "aasist", "fast_detectgpt"]) is None

@@ -191,7 +191,8 @@ class InferenceTier:
             max_queue_delay_microseconds=tier.max_queue_delay_microseconds,
             preferred_batch_size=list(tier.preferred_batch_sizes) or None,
             default_queue_policy=queue_policy)
-        self.triton = Triton(config=triton_config)
+        self.triton = Triton(config=triton_config,
+                             workspace=short_workspace([MODEL_NAME, *(m.model_name for m in self.extra_models)]))
         self.triton.bind(
             model_name=MODEL_NAME,
             infer_func=make_infer_function(self.model, self.device),
@@ -236,6 +237,24 @@ class InferenceTier:
         host = self.tier.host if self.tier.host not in ("0.0.0.0", "::") else socket.gethostname()  # noqa: S104
         return {"http": f"http://{host}:{self.tier.http_port}", "grpc": f"grpc://{host}:{self.tier.grpc_port}",
                 "metrics": f"http://{host}:{self.tier.metrics_port}/metrics"}
+
+
+def short_workspace(model_names: Sequence[str]) -> str | None:
+    """A workspace whose Unix socket paths fit, or None for PyTriton's default.
+
+    PyTriton makes sockets named after each model in its workspace (<PYTRITON_HOME>/workspace_XXXXXXXX/
+    <model>_0_0-server.sock); a deep PYTRITON_HOME (a HOME on a long volume path) plus a long model
+    name passes the 107 bytes a socket path may have, and the model fails to load. Then the
+    workspace goes under the temporary folder instead (PyTriton removes it when it stops)."""
+    import tempfile
+    import uuid
+
+    from pytriton.constants import PYTRITON_HOME
+
+    longest = max(len(f"{name}_0_0-server.sock") for name in model_names)
+    if len(str(PYTRITON_HOME)) + len("/workspace_XXXXXXXX/") + longest <= 107:
+        return None
+    return os.path.join(tempfile.gettempdir(), f"pytriton-{uuid.uuid4().hex[:8]}")
 
 
 def _publish_parameters(triton: Any, model_name: str, parameters: dict[str, str]) -> None:
