@@ -8,7 +8,6 @@ for the module (starting Triton costs seconds); the tests that freeze and kill i
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -163,18 +162,7 @@ def test_without_the_url_the_detectors_run_in_process():
 # ------------------------------------------------------------------ failures (last: they freeze and kill the tier)
 def test_a_full_tier_queue_is_503_with_retry_after(remote_app, detector_tier):
     # The models stop computing; Triton keeps queueing: 4 requests wait, the rest are refused at once.
-    def one(_: int):
-        started = time.monotonic()
-        response = remote_app.test_client().post("/predict/text", json={"text": TEXT})
-        return response.status_code, response.headers.get("Retry-After"), response.get_json(), \
-            time.monotonic() - started
-
-    detector_tier.pause_model()
-    try:
-        with ThreadPoolExecutor(10) as pool:
-            results = list(pool.map(one, range(10)))
-    finally:
-        detector_tier.resume_model()
+    results = detector_tier.burst(lambda _: remote_app.test_client().post("/predict/text", json={"text": TEXT}), 10)
     assert [status for status, _, _, _ in results] == [503] * 10
     for _, retry_after, body, elapsed in results:
         assert int(retry_after) >= 1 and body["error"]["code"] == "unavailable"

@@ -16,7 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -124,6 +127,22 @@ class TritonTier:
     def resume_model(self) -> None:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
+
+    def burst(self, send: Callable[[int], Any], count: int) -> list[tuple[int, str | None, Any, float]]:
+        """send(0..count-1) all at once while the model is frozen (Triton keeps queueing): each
+        answer's (status, Retry-After, JSON body, seconds)."""
+        def one(number: int) -> tuple[int, str | None, Any, float]:
+            started = time.monotonic()
+            response = send(number)
+            return (response.status_code, response.headers.get("Retry-After"), response.get_json(),
+                    time.monotonic() - started)
+
+        self.pause_model()
+        try:
+            with ThreadPoolExecutor(count) as pool:
+                return list(pool.map(one, range(count)))
+        finally:
+            self.resume_model()
 
     def kill(self) -> None:
         """SIGKILL the whole tier (no clean-up by it: what a crash or an OOM kill leaves)."""
