@@ -115,6 +115,19 @@ def test_audio_and_text_through_the_tier_score_as_in_process(remote_app, local_a
     assert short[0].get_json() == short[1].get_json()
 
 
+def test_a_recordings_windows_go_to_the_tier_as_one_request(remote_app, detector_tier, tmp_path):
+    # 40 s: ten windows, more than a job's scoring chunk (8), still one request to the tier.
+    path = encode(tmp_path / "long.wav", tone(40.0, freq=220.0) + noise(40.0, amplitude=0.02), 16_000, "wav")
+    before = detector_tier.metrics("aasist")
+    response = post_audio(remote_app.test_client(), path)
+    assert response.status_code == 200, response.get_json()
+    after = detector_tier.metrics("aasist")
+    windows = len(response.get_json()["windows"])
+    assert windows == 10
+    assert after["nv_inference_request_success"] - before.get("nv_inference_request_success", 0) == 1
+    assert after["nv_inference_count"] - before.get("nv_inference_count", 0) == windows
+
+
 def test_the_remote_detectors_over_http_and_batched(detector_tier, tiny_detectors):
     windows = [np.sin(np.arange(n, dtype=np.float32) / (5 + n % 7)).astype(np.float32) for n in (500, 64_600, 80_000)]
     texts = [TEXT, TEXT.upper(), "x" * 3, TEXT[::-1]]

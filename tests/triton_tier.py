@@ -208,12 +208,12 @@ class TritonTier:
                     os.unlink(os.path.join(SHM, name))
 
     # -- observation ------------------------------------------------------------------------
-    def metrics(self) -> dict[str, float]:
-        """Triton's Prometheus counters of the d3 model, e.g. nv_inference_count, summed over labels."""
+    def metrics(self, model: str = "d3") -> dict[str, float]:
+        """Triton's Prometheus counters of one model, e.g. nv_inference_count, summed over labels."""
         text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
         values: dict[str, float] = {}
         for line in text.splitlines():
-            if line.startswith("nv_inference_") and 'model="d3"' in line:
+            if line.startswith("nv_inference_") and f'model="{model}"' in line:
                 name = line.split("{", 1)[0]
                 values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
         return values

@@ -54,7 +54,7 @@ from api.utils.audio_decode import AudioDecodeError, DecodedAudio, decode_audio,
 
 log = logging.getLogger(__name__)
 
-SCORING_CHUNK = 8  # windows per detector call (progress is reported between calls)
+SCORING_CHUNK = 8  # windows per detector call in a job (progress is reported between calls)
 SUFFIX = {"wav": ".wav", "flac": ".flac", "ogg": ".ogg", "mp3": ".mp3", "aac": ".aac", "m4a": ".m4a"}
 
 
@@ -175,8 +175,11 @@ class AudioService:
         spans = plan_windows(samples.shape[0], self.settings.audio_hop_seconds)
         windows: list[dict] = []
         started = time.perf_counter()
-        for first in range(0, len(spans), SCORING_CHUNK):
-            group = spans[first:first + SCORING_CHUNK]
+        # A request's windows go to the detector in one call (so one request to an inference tier); a
+        # job's in chunks, so that its progress moves between them.
+        chunk = SCORING_CHUNK if progress is not None else max(len(spans), 1)
+        for first in range(0, len(spans), chunk):
+            group = spans[first:first + chunk]
             try:
                 with model_failures():  # the inference tier's overload, timeout, outage: their own 503s
                     scores = detector.predict([samples[start:end] for start, end in group])
