@@ -33,7 +33,8 @@ def serve_inference(host: str | None, http_port: int | None, grpc_port: int | No
     D3_INFERENCE_URL=grpc://HOST:GRPC_PORT. Ready (and so /v2/health/ready) only after the model
     is loaded and one warm-up forward has run. The speech and text detectors (AASIST_*, TEXT_*
     settings) are served beside it as the models `aasist` and `fast_detectgpt`, each one whose
-    weights are here; a modality whose weights are missing is not served, and this says why.
+    weights are here; a modality whose weights are missing is not served, and this says why. The
+    D3 backbone's two-view features are served as `d3_features` (for `d3 features`), from the same model.
     """
     from api.detector import tier_detectors, triton_server
     from api.detector.errors import DetectorError
@@ -55,6 +56,8 @@ def serve_inference(host: str | None, http_port: int | None, grpc_port: int | No
         raise click.ClickException(str(exc)) from exc
     click.echo("d3 inference tier: loading the speech and text detectors (AASIST_*, TEXT_*) ...", err=True)
     tier.extra_models, not_served = tier_detectors.load_bindings(settings)
+    # The backbone's features for `d3 features` (remote_features.py), from the model just loaded.
+    tier.extra_models = [*tier.extra_models, tier_detectors.features_binding(tier.model, tier.device)]
     try:
         tier.start()
     except Exception as exc:  # a port in use, Triton failing to start: say so, exit non-zero

@@ -4,6 +4,9 @@
 AASIST_* / TEXT_* settings as an API that runs them in-process, so the tier computes exactly what
 the API would. A modality whose weights are missing (or fail to load) is not served, and the
 command says why; the others are. The tensors and the identity parameters are remote_detectors.py's.
+
+The D³ backbone's two-view features (for `d3 features`) are one more binding over the tier's own
+D³ model, not a second copy of it (features_binding; the wire format is remote_features.py's).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from api.detector.remote_detectors import (
     encode_text_result,
     identity_parameters,
 )
+from api.detector.remote_features import FEATURES_INPUT, FEATURES_MODEL, FEATURES_OUTPUT, features_parameters
 
 log = logging.getLogger(__name__)
 _WARM_UP_TEXT = "The tier runs one forward pass of each model before it says it is ready. " * 4
@@ -90,6 +94,38 @@ def text_binding(detector: Any) -> TierBinding:
     return TierBinding("text", TEXT_MODEL, detector, infer,
                        [Tensor(name=RemoteFastDetectGPT.input_name, dtype=np.bytes_, shape=(1,))],
                        [Tensor(name=RemoteFastDetectGPT.output_name, dtype=np.bytes_, shape=(1,))])
+
+
+@dataclass(frozen=True)
+class FeaturesBinding(TierBinding):
+    """The D³ model's backbone as a Triton model; `detector` is the D3Model itself."""
+
+    device: Any = None
+
+    @property
+    def parameters(self) -> dict[str, str]:
+        return features_parameters(self.detector, self.device)
+
+
+def features_binding(model: Any, device: Any) -> FeaturesBinding:
+    """`images` (N x 3 x 224 x 224) -> `features` (N x 2 x dim) of the tier's already-built D³ model."""
+    import numpy as np
+    import torch
+    from pytriton.decorators import batch
+    from pytriton.model_config import Tensor
+
+    from api.detector.model import feature_dim
+
+    @batch
+    def infer(images: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.inference_mode():  # features() is what the D³ model's forward runs before its head
+            feats = model.features(torch.from_numpy(images).to(device))
+        return {FEATURES_OUTPUT: feats.float().cpu().numpy()}
+
+    dim = feature_dim(model.visual)
+    return FeaturesBinding("image features", FEATURES_MODEL, model, infer,
+                           [Tensor(name=FEATURES_INPUT, dtype=np.float32, shape=(3, 224, 224))],
+                           [Tensor(name=FEATURES_OUTPUT, dtype=np.float32, shape=(2, dim))], device=device)
 
 
 BINDERS: dict[str, Callable[[Any], TierBinding]] = {"audio": aasist_binding, "text": text_binding}

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -125,18 +125,33 @@ class FeatureSet:
                    list(payload["files"]), json.loads(payload["meta_json"]))
 
 
+# What a feature depends on: the tower and its weights, the permutation seed, the precision.
+BACKBONE_KEYS = ("backbone", "clip_weights", "shuffle_seed", "precision")
+
+
+class FeatureSource(Protocol):
+    """What computes two-view features: the in-process D3Model, or the tier's (remote_features.py)."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 def backbone_identity(model: D3Model) -> dict[str, Any]:
-    """What a feature depends on: the tower and its weights, the permutation seed, the precision."""
+    """BACKBONE_KEYS of a loaded model (a tier publishes the same, see remote_features.py)."""
     parts = model.model_version.split("/")  # d3/<backbone>/<clip id>/head-<id>/seed<N>/<precision>
     return {"backbone": model.backbone, "clip_weights": parts[2] if len(parts) > 2 else "",
             "shuffle_seed": parts[4].removeprefix("seed") if len(parts) > 4 else "", "precision": model.precision}
 
 
-def extract_features(model: D3Model, items: Sequence[tuple[Path, int]], *, augmentation: Augmentation,
+def extract_features(model: FeatureSource, items: Sequence[tuple[Path, int]], *, augmentation: Augmentation,
                      copies: int, seed: int, batch_size: int, out: Path | None = None,
-                     save_every: int = 20, progress: Callable[[int], None] | None = None) -> FeatureSet:
-    """Two-view features of every (file, label) x copy; with `out`, resumable (rows already there are kept)."""
-    meta = {**backbone_identity(model), "augmentation": asdict(augmentation), "copies": copies, "seed": seed}
+                     save_every: int = 20, progress: Callable[[int], None] | None = None,
+                     identity: dict[str, Any] | None = None) -> FeatureSet:
+    """Two-view features of every (file, label) x copy; with `out`, resumable (rows already there are kept).
+
+    `model` is a D3Model (its identity read with backbone_identity) or any FeatureSource with its
+    `identity`; the same identity gives the same meta, so a file may be resumed by either."""
+    identity = backbone_identity(model) if identity is None else identity  # type: ignore[arg-type]
+    meta = {**identity, "augmentation": asdict(augmentation), "copies": copies, "seed": seed}
     meta = json.loads(json.dumps(meta))  # the form it has after a save and load (tuples become lists)
     done = FeatureSet(torch.empty(0, 2, 0, dtype=torch.float16), torch.empty(0, dtype=torch.long), [], [], [],
                       meta)
@@ -151,7 +166,8 @@ def extract_features(model: D3Model, items: Sequence[tuple[Path, int]], *, augme
         list(done.files)
     if progress and len(done):
         progress(len(done))
-    device = next(model.parameters()).device
+    parameters = getattr(model, "parameters", None)  # a module's inputs go to its device; a tier's stay here
+    device = next(parameters()).device if callable(parameters) else torch.device("cpu")
     pending: list[tuple[torch.Tensor, int, str, int, str]] = []
     batches = 0
 
@@ -171,21 +187,26 @@ def extract_features(model: D3Model, items: Sequence[tuple[Path, int]], *, augme
         if out is not None and batches % save_every == 0:
             _assemble(chunks, labels, hashes, copy_ids, files, meta).save(out)
 
-    for path, label in items:
-        data = Path(path).read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        for copy in range(copies):
-            if (digest, copy) in have:
-                continue
-            try:
-                tensor = augmented_tensor(data, *augmentation.draw(seed, digest, copy))
-            except (OSError, ValueError, SyntaxError) as exc:
-                raise TrainingError(f"cannot read image {path}: {exc}") from None
-            pending.append((tensor, label, digest, copy, str(path)))
-            have.add((digest, copy))
-            if len(pending) >= batch_size:
-                flush()
-    flush()
+    try:
+        for path, label in items:
+            data = Path(path).read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            for copy in range(copies):
+                if (digest, copy) in have:
+                    continue
+                try:
+                    tensor = augmented_tensor(data, *augmentation.draw(seed, digest, copy))
+                except (OSError, ValueError, SyntaxError) as exc:
+                    raise TrainingError(f"cannot read image {path}: {exc}") from None
+                pending.append((tensor, label, digest, copy, str(path)))
+                have.add((digest, copy))
+                if len(pending) >= batch_size:
+                    flush()
+        flush()
+    except Exception:
+        if out is not None and batches:  # keep the finished batches (a tier gone, a bad file): a rerun resumes
+            _assemble(chunks, labels, hashes, copy_ids, files, meta).save(out)
+        raise
     result = _assemble(chunks, labels, hashes, copy_ids, files, meta)
     if out is not None:
         result.save(out)
@@ -338,7 +359,7 @@ def make_card(*, head_sha256: str, train: FeatureSet, val: FeatureSet, recipe: R
         "format": CARD_FORMAT,
         "head_sha256": head_sha256,
         "created_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
-        "belongs_to": {k: train.meta.get(k) for k in ("backbone", "clip_weights", "shuffle_seed", "precision")},
+        "belongs_to": {k: train.meta.get(k) for k in BACKBONE_KEYS},
         "seed": seed,
         "start": start,
         "recipe": {**asdict(recipe), "optimizer": "AdamW", "loss": "BCEWithLogits (BCE on the logit)",

@@ -1,16 +1,33 @@
-"""`d3 features`, `d3 train`, `d3 calibrate`: adapt the head to your own data and choose its threshold."""
+"""`d3 features`, `d3 train`, `d3 calibrate`: adapt the head to your own data and choose its threshold.
+
+The frozen backbone runs in this process, or on the inference tier when D3_INFERENCE_URL (or
+--inference-url) names one: the tier's `d3_features` model (remote_features.py), the same tower
+the tier scores with. Either way the features file is the same (features, meta, hashes).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
-from api.detector.commands import _config, _load_model, list_labelled_images, model_options
+from api.detector.commands import _config, _load_model, _settings, list_labelled_images, model_options
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def tier_options(fn: F) -> F:
+    """--inference-url / --inference-timeout, as d3_* keyword arguments (read with the model settings)."""
+    fn = click.option("--inference-timeout", "d3_inference_timeout_s", type=click.FloatRange(min=0.1), default=None,
+                      help="seconds one batch may take on the tier [D3_INFERENCE_TIMEOUT_S]")(fn)
+    return click.option("--inference-url", "d3_inference_url", default=None, metavar="URL",
+                        help="run the backbone on this inference tier, grpc://HOST:8001 or http://HOST:8000 "
+                             "('' = in this process) [D3_INFERENCE_URL]")(fn)
 
 
 def _fail(exc: Exception) -> click.ClickException:
@@ -23,24 +40,50 @@ def _progress_bar(total: int, label: str, enabled: bool) -> Any:
     return tqdm(total=total, unit="img", desc=label, file=sys.stderr, disable=not enabled)
 
 
-def _features_of(source: Path, options: dict[str, Any], *, augment: bool, copies: int, seed: int,
-                 progress: bool, out: Path | None = None, model: Any = None) -> Any:
-    """A FeatureSet from a features file, or from a real/ + fake/ folder through the frozen backbone."""
-    from api.detector.training import Augmentation, FeatureSet, TrainingError, extract_features
+def _backbone(options: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
+    """(a FeatureSource, its identity or None to read it from the model): the tier's, or loaded here."""
+    settings = _settings(options)
+    if not settings.d3_inference_url:
+        return _load_model(_config(options)), None
+    from api.detector.remote_features import RemoteFeatures
 
+    remote = RemoteFeatures(settings.d3_inference_url, settings.d3_inference_timeout_s)
+    click.get_current_context().call_on_close(remote.stop)
+    try:
+        identity = remote.open()
+    except Exception as exc:  # unreachable, hung, or not serving d3_features: all end the command here
+        raise click.ClickException(f"cannot compute features on the inference tier: {exc}") from None
+    click.echo(f"features from the inference tier {settings.d3_inference_url}: "
+               + ", ".join(f"{k} {v}" for k, v in identity.items()), err=True)
+    return remote, identity
+
+
+def _features_of(source: Path, options: dict[str, Any], *, augment: bool, copies: int, seed: int,
+                 progress: bool, out: Path | None = None, backbone: tuple[Any, dict | None] | None = None) -> Any:
+    """A FeatureSet from a features file, or from a real/ + fake/ folder through the frozen backbone."""
+    from api.detector.errors import DetectorError
+    from api.detector.training import Augmentation, FeatureSet, TrainingError, extract_features
+    from api.exceptions import Unavailable
+
+    model = None
     try:
         if source.is_file():
             return FeatureSet.load(source)
         items = list_labelled_images(source)
         if not items:
             raise click.UsageError(f"no images found under {source}/real or {source}/fake")
-        config = _config(options)
-        model = model or _load_model(config)
+        model, identity = backbone or _backbone(options)
         with _progress_bar(len(items) * copies, source.name, progress) as bar:
             return extract_features(model, items, augmentation=Augmentation(enabled=augment), copies=copies,
-                                    seed=seed, batch_size=config.max_batch_size, out=out, progress=bar.update)
+                                    seed=seed, batch_size=_config(options).max_batch_size, out=out,
+                                    progress=bar.update, identity=identity)
     except TrainingError as exc:
         raise _fail(exc) from None
+    except (DetectorError, Unavailable) as exc:  # the tier failed mid-run: down, hung, overloaded
+        cause = getattr(model, "load_error", None) or ""
+        kept = f"; the rows computed so far are in {out}: run the command again to resume" if out else ""
+        raise click.ClickException(f"{exc}{f' ({cause})' if cause and cause not in str(exc) else ''}{kept}") \
+            from None
 
 
 @click.command("features")
@@ -54,6 +97,7 @@ def _features_of(source: Path, options: dict[str, Any], *, augment: bool, copies
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @model_options
+@tier_options
 def features_command(directory: Path, out: Path, augment: bool, copies: int, seed: int, progress: bool,
                      **options: Any) -> None:
     """Run the frozen backbone once over DIRECTORY/real and DIRECTORY/fake and store two-view features."""
@@ -101,6 +145,7 @@ def _fmt(value: float) -> str:
 @click.option("--copies", type=click.IntRange(1, 64), default=1, show_default=True, help="when DATA is a folder")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @model_options
+@tier_options
 def train_command(data: Path, out: Path, val: Path | None, epochs: int, patience: int, seed: int, start: str,
                   augment: bool, copies: int, progress: bool, **options: Any) -> None:
     """Train the D3 head on DATA (a features file or a real/ + fake/ folder) with the authors' recipe."""
@@ -117,12 +162,14 @@ def train_command(data: Path, out: Path, val: Path | None, epochs: int, patience
         write_card,
     )
 
-    model = None if data.is_file() and (val is None or val.is_file()) else _load_model(_config(options))
-    train = _features_of(data, options, augment=augment, copies=copies, seed=seed, progress=progress, model=model)
+    backbone = None if data.is_file() and (val is None or val.is_file()) else _backbone(options)
+    train = _features_of(data, options, augment=augment, copies=copies, seed=seed, progress=progress,
+                         backbone=backbone)
     if val is None:
         train, validation = split_validation(train, 0.2, seed)
     else:
-        validation = _features_of(val, options, augment=False, copies=1, seed=seed, progress=progress, model=model)
+        validation = _features_of(val, options, augment=False, copies=1, seed=seed, progress=progress,
+                                  backbone=backbone)
     if train.meta.get("backbone") != validation.meta.get("backbone"):
         raise click.ClickException("the training and validation features come from different backbones")
     start_state, start_name = _start_state(start, options)
@@ -166,6 +213,7 @@ def train_command(data: Path, out: Path, val: Path | None, epochs: int, patience
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @model_options
+@tier_options
 def calibrate_command(data: Path, target: str, max_fpr: float | None, card: Path | None, plot: Path | None,
                       as_json: bool, progress: bool, **options: Any) -> None:
     """Choose a threshold from reference DATA (a features file or a real/ + fake/ folder)."""
