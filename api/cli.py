@@ -105,6 +105,9 @@ def _register_command_groups() -> None:
     from api.services.store_commands import register as register_store_commands
 
     register_store_commands(cli)
+    from api.services.model_versions_commands import register as register_version_commands
+
+    register_version_commands(cli)
     from api.detector.commands import register as register_model_commands
 
     register_model_commands(cli)

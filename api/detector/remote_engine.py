@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 from api.detector.errors import EngineNotReady, EngineOverloaded, EngineTimeout, InferenceError
 from api.detector.timing import add_model_time
+from api.detector.versions import Head, Scores
 from api.exceptions import InferenceTierUnavailable
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ class RemoteEngine:
         self.ready = False
         self.load_error: str | None = "not connected to the inference tier yet"
         self.tier_model: TierModel | None = None
+        self.catalog: Any = None
 
         self._lock = threading.Lock()
         self._settled = threading.Event()  # set once the tier has been reached
@@ -133,6 +135,11 @@ class RemoteEngine:
         self._in_flight = 0
         self._listeners: list[BatchListener] = []
         self._stats = {"images_processed": 0, "requests_sent": 0, "request_seconds_total": 0.0}
+
+    def attach_versions(self, catalog: Any, poll_s: float = 2.0) -> None:
+        """Accepted for the common surface: the tier follows the active version itself
+        (api/detector/triton_server.py) and reports which head scored each request."""
+        self.catalog = catalog
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -268,6 +275,15 @@ class RemoteEngine:
             add_model_time(seconds)
             with self._lock:
                 self._in_flight -= len(tensors)
+
+    def head(self, version: str | None = None) -> Head:
+        """What the tier serves now, as far as this side knows (its published identity)."""
+        return Head(version, self.model_version, self.trained)
+
+    def score(self, tensors: Sequence[torch.Tensor], timeout: float | None = None,
+              head: Head | None = None) -> Scores:
+        probabilities = self.predict(tensors, timeout)
+        return Scores(probabilities, Head(None, self.model_version, self.trained))
 
     def _predict(self, tensors: Sequence[torch.Tensor], deadline: float, bound: float) -> list[float]:
         import numpy as np
