@@ -394,3 +394,74 @@ def test_reconcile_keeps_the_heads_and_cards_of_versions(tmp_path, engine, heads
     report = reconcile(svc.db, svc.store, svc.settings, grace_s=0)
     assert report.removed == [f"{svc.settings.bucket_models}/heads/stray.pth"]
     assert len(stored_keys(app)) == 2
+
+
+# -- the inference tier ---------------------------------------------------------------------------------
+def test_an_activation_reaches_the_tier_and_the_api_records_the_tiers_version(tmp_path, heads, reference_model):
+    import tritonclient.http as httpclient
+
+    from api.database import upgrade_schema
+    from tests.triton_tier import TritonTier
+
+    instance = tmp_path / "instance"
+    url = f"sqlite:///{instance / 'd3.sqlite'}"
+    upgrade_schema(url)
+    shared = {"INSTANCE_DIR": str(instance), "DATABASE_URL": url, "MODEL_VERSION_POLL_S": "0.2"}
+    tier = TritonTier(TINY_MODEL, **shared)  # the API's database and (local) store, as on one host
+    tier.start()
+    app = None
+    try:
+        assert "model versions off" not in tier.output()
+        app = make_app(tmp_path, None, D3_INFERENCE_URL=tier.grpc_url, **{**FAST, **shared})
+        svc = app.extensions["d3"]
+        assert svc.engine.wait_ready(30), svc.engine.load_error
+        client, admin = app.test_client(), admin_headers(app)
+        ids = {name: upload_head(client, admin, path, write_card(path, threshold=0.3)).get_json()["version"]
+               for name, path in heads.items()}
+        images = [image_bytes(seed=40 + i) for i in range(3)]
+        expected = {name: expected_scores(reference_model, path, images) for name, path in heads.items()}
+        expected["configured"] = expected_scores(reference_model, None, images)
+
+        assert activate(client, admin, version=ids["a"]).status_code == 200
+        body = post_form(client, "/predict", [("file", ("0.png", images[0]))]).get_json()
+        assert body["model_version"].split("/")[3] == f"head-{ids['a']}", body
+        assert body["fake_probability"] == pytest.approx(expected["a"][0], abs=1e-5)
+        assert body["threshold"] == 0.3  # the card's, through the remote engine too
+
+        # The tier itself follows the activation: a plain client that names no version gets b's head.
+        assert activate(client, admin, version=ids["b"]).status_code == 200
+        triton = httpclient.InferenceServerClient(tier.http_url.removeprefix("http://"))
+        x = torch.stack([preprocess_image(Image.open(io.BytesIO(images[1])))]).numpy()
+        request = httpclient.InferInput("images", list(x.shape), "FP32")
+        request.set_data_from_numpy(x)
+        started = time.monotonic()
+        while True:
+            response = triton.infer("d3", [request], outputs=[httpclient.InferRequestedOutput("fake_probability"),
+                                                              httpclient.InferRequestedOutput("model_version")])
+            version = response.as_numpy("model_version").reshape(-1)[0].decode()
+            if f"head-{ids['b']}" in version or time.monotonic() - started > 5:
+                break
+            time.sleep(0.1)
+        assert f"head-{ids['b']}" in version
+        assert float(response.as_numpy("fake_probability").reshape(-1)[0]) == pytest.approx(expected["b"][1],
+                                                                                              abs=1e-5)
+
+        batch = post_form(client, "/predict/batch?reuse=false",
+                          [("files", (f"{i}.png", data)) for i, data in enumerate(images)]).get_json()["results"]
+        assert {r["model_version"].split("/")[3] for r in batch} == {f"head-{ids['b']}"}
+        assert [r["fake_probability"] for r in batch] == pytest.approx(expected["b"], abs=1e-5)
+
+        # A pinned request gets its head even while another is active (a video's chunks rely on it).
+        pinned = svc.engine.score([preprocess_image(Image.open(io.BytesIO(images[2])))],
+                                  head=svc.engine.head(ids["a"]))
+        assert pinned.head.model_version.split("/")[3] == f"head-{ids['a']}"
+        assert pinned.probabilities == pytest.approx([expected["a"][2]], abs=1e-5)
+
+        assert activate(client, admin, default=True).status_code == 200
+        back = post_form(client, "/predict?reuse=false", [("file", ("2.png", images[2]))]).get_json()
+        assert back["model_version"] == svc.engine.model_version and back["threshold"] == 0.5
+        assert back["fake_probability"] == pytest.approx(expected["configured"][2], abs=1e-5)
+    finally:
+        if app is not None:
+            app.extensions["d3"].engine.stop()
+        tier.destroy()

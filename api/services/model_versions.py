@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -148,6 +149,10 @@ class ModelVersions:
         with self.db.session() as session:
             return session.scalar(select(ActiveModel.version_id).where(ActiveModel.slot == SLOT))
 
+    def version_threshold(self, version: str) -> float | None:
+        with self.db.session() as session:
+            return session.scalar(select(ModelVersion.threshold).where(ModelVersion.id == version))
+
     def head_files(self, version: str) -> tuple[bytes, float | None]:
         with self.db.session() as session:
             row = session.get(ModelVersion, version)
@@ -252,3 +257,25 @@ class ModelVersions:
 
             self._check_head = check
         self._check_head(data, f"the uploaded head ({vid})")
+
+
+def catalog_from_settings(settings: Settings) -> tuple[ModelVersions | None, str]:
+    """The catalog for a process beside the API (the inference tier): the API's database and store,
+    when that database exists and is migrated; else None and why (the process serves D3_HEAD_WEIGHTS).
+    Nothing is created here: a tier without a database of its own must not make an empty one."""
+    from sqlalchemy.engine import make_url
+
+    from api.database import SchemaNotMigrated
+    from api.exceptions import DatabaseUnavailable
+    from api.storage import make_object_store
+
+    url = make_url(settings.resolved_database_url)
+    if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).is_file()):
+        return None, f"no database at {url.database}"
+    db = Database(settings.resolved_database_url, settings.db_timeout_s)
+    try:
+        db.require_migrated()
+    except (DatabaseUnavailable, SchemaNotMigrated) as exc:
+        db.dispose()
+        return None, str(exc)
+    return ModelVersions(db, make_object_store(settings, b"unused: no links are signed here"), settings), ""
