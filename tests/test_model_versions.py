@@ -383,6 +383,20 @@ def test_a_video_is_scored_by_the_head_pinned_when_it_came_in(tmp_path, engine, 
     later_frames = svc.videos.detail(svc.queries.get(later["id"], None, True))["frames"]
     assert [f["fake_probability"] for f in later_frames] == pytest.approx(by_b, abs=1e-5)
 
+    # A job keeps the pinned version's id in its params and pins the same head when it runs, later,
+    # in whichever process takes it: a's id (or the configured head, id None) while b is active.
+    from api.services.videos import VideoParams
+
+    stored = svc.videos.parse_params(None, frames=6)
+    assert stored.as_dict()["model_version_id"] == ids["b"]
+    configured = engine.heads.base.model_version.split("/")[3]
+    for version, expected_head in ((ids["a"], f"head-{ids['a']}"), (None, configured)):
+        job = VideoParams(threshold=0.5, frames=6, version=version, pinned=True)
+        analysis = svc.videos.analyze_file(str(path), job)
+        assert analysis.model_version.split("/")[3] == expected_head
+    assert [f["fake_probability"] for f in sorted(analysis.frames, key=lambda f: f["index"])] == pytest.approx(
+        expected_scores(reference_model, None, pngs), abs=1e-5)
+
 
 def test_reconcile_keeps_the_heads_and_cards_of_versions(tmp_path, engine, heads):
     from api.services.reconcile import reconcile

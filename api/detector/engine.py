@@ -176,7 +176,8 @@ class InferenceEngine:
         self.model_version, self.trained = head.model_version, head.trained
 
     def head(self, version: str | None = None) -> Head:
-        """The head a request pins: the active one now, or a named version (loaded if needed)."""
+        """The head a request pins: the active one now, or a named version (loaded if needed;
+        CONFIGURED: the configured head)."""
         heads = self.heads
         if heads is None:  # not loaded: predict will say so
             return Head(None, self.model_version, self.trained)

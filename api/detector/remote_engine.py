@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from api.detector.errors import EngineNotReady, EngineOverloaded, EngineTimeout, InferenceError
 from api.detector.timing import add_model_time
-from api.detector.versions import Head, Scores
+from api.detector.versions import CONFIGURED, Head, Scores
 from api.detector.weights import backbone_is_random, with_head
 from api.exceptions import InferenceTierUnavailable
 
@@ -315,7 +315,7 @@ class RemoteEngine:
         threshold = None
         if version is None:
             version, threshold = self._active
-        if version is None:
+        if version is None or version == CONFIGURED:
             return Head(None, self.model_version, self.trained)
         return Head(version, with_head(self.model_version, version), not backbone_is_random(self.model_version),
                     threshold)
@@ -357,7 +357,7 @@ class RemoteEngine:
         if model.input_dtype == "FP16":
             batch = batch.astype(np.float16)
         # The head by id ("" = the tier's active one, "configured" = its D3_HEAD_WEIGHTS), when the tier takes one.
-        pin = "" if head is None else (head.version or "configured")
+        pin = "" if head is None else (head.version or CONFIGURED)
         results: list[float] = []
         versions: list[str] = []
         for start in range(0, len(batch), model.max_batch_size):

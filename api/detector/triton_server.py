@@ -40,7 +40,6 @@ OUTPUT_NAME = "fake_probability"
 # every image's answer names the model_version that scored it.
 VERSION_INPUT = "head_version"
 VERSION_OUTPUT = "model_version"
-CONFIGURED = "configured"
 # Keys of the model config `parameters` that carry the model's identity (strings, as Triton has them).
 IDENTITY_KEYS = ("d3_model_version", "d3_trained", "d3_backbone", "d3_precision", "d3_device")
 
@@ -133,7 +132,7 @@ def make_infer_function(model: Any, device: Any, heads: Any = None) -> Callable:
     import torch
     from pytriton.decorators import batch
 
-    from api.detector.versions import base_head, score_heads
+    from api.detector.versions import CONFIGURED, base_head, score_heads
 
     pin = getattr(device, "type", "cpu") == "cuda"
     configured = heads.base if heads is not None else base_head(model)

@@ -29,6 +29,7 @@ from api.detector.errors import DetectorError
 from api.detector.weights import backbone_is_random, head_identity, head_state_from_bytes, with_head
 
 log = logging.getLogger(__name__)
+CONFIGURED = "configured"  # the name that pins the configured head (D3_HEAD_WEIGHTS) explicitly
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,8 +97,8 @@ class HeadSwitcher:
         self._listeners.append(fn)
 
     def get(self, version: str | None) -> Head:
-        """The head of a version (None: the configured one), loading it from the catalog if needed."""
-        if version is None:
+        """The head of a version (None or CONFIGURED: the configured one), loading it if needed."""
+        if version is None or version == CONFIGURED:
             return self.base
         if self._active.version == version:
             return self._active

@@ -46,7 +46,7 @@ from api.database import Database
 from api.detector import preprocess_image
 from api.detector.config import IMAGE_SIZE
 from api.detector.interface import Engine
-from api.detector.versions import Head
+from api.detector.versions import CONFIGURED, Head
 from api.exceptions import (
     InvalidInput,
     NotFound,
@@ -386,7 +386,7 @@ class VideoService:
                                          self.settings.default_video_frames)
         head = params.head
         if head is None:  # a job: the head pinned at submission (by id), or the active one for older jobs
-            head = self.engine.head(params.version) if params.pinned else pin_head(self.engine)
+            head = self.engine.head(params.version or CONFIGURED) if params.pinned else pin_head(self.engine)
         total = len(indices)
         frames: list[dict] = []
         pending: list[tuple[int, int, Any]] = []  # position, index, tensor
