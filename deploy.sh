@@ -194,6 +194,17 @@ install_file() {
     return 0
 }
 
+# install_unit STAGED DEST BACKUP: keep the installed unit as BACKUP (for a rollback), then
+# install_file; returns 0 when the unit changed. Called as an `if` condition, where errexit and
+# the ERR trap are off: a failed copy calls on_error itself.
+install_unit() {
+    local staged=$1 dest=$2 backup=$3
+    if [ -f "$dest" ] && ! dry; then
+        cp "$dest" "$backup" || on_error
+    fi
+    install_file "$staged" "$dest" 0644
+}
+
 as_service_user() { # run a command as the service user with the service's HOME and caches
     local envs=(HOME="$APP_DIR" XDG_CACHE_HOME="$APP_DIR/.cache" D3_CODE_DIR="$(release_dir)")
     if prefixed || [ "$(id -u)" -ne 0 ]; then
@@ -648,19 +659,13 @@ do_activate() {
         ACTIVATED=1
         RESTART_NEEDED=1
     fi
-    if [ -f "$UNIT_PATH" ] && ! dry; then
-        cp "$UNIT_PATH" "$APP_DIR/.unit-previous"
-    fi
-    if install_file "$UNIT_STAGED" "$UNIT_PATH" 0644; then
+    if install_unit "$UNIT_STAGED" "$UNIT_PATH" "$APP_DIR/.unit-previous"; then
         unit_changed=1
         ACTIVATED=1
         RESTART_NEEDED=1
     fi
     if [ "$TIER_HERE" -eq 1 ]; then
-        if [ -f "$TIER_UNIT_PATH" ] && ! dry; then
-            cp "$TIER_UNIT_PATH" "$APP_DIR/.tier-unit-previous"
-        fi
-        if install_file "$TIER_UNIT_STAGED" "$TIER_UNIT_PATH" 0644; then
+        if install_unit "$TIER_UNIT_STAGED" "$TIER_UNIT_PATH" "$APP_DIR/.tier-unit-previous"; then
             unit_changed=1
             ACTIVATED=1
             RESTART_NEEDED=1
@@ -668,10 +673,7 @@ do_activate() {
     fi
     local worker_changed=0 worker_removed=0
     if [ -n "$WORKER_STAGED" ]; then
-        if [ -f "$WORKER_UNIT_PATH" ] && ! dry; then
-            cp "$WORKER_UNIT_PATH" "$APP_DIR/.worker-unit-previous"
-        fi
-        if install_file "$WORKER_STAGED" "$WORKER_UNIT_PATH" 0644; then
+        if install_unit "$WORKER_STAGED" "$WORKER_UNIT_PATH" "$APP_DIR/.worker-unit-previous"; then
             worker_changed=1
             unit_changed=1
             ACTIVATED=1

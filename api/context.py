@@ -20,7 +20,7 @@ from api.detector import DetectorConfig, InferenceEngine
 from api.detector.interface import Engine
 from api.detector.registry import DetectorRegistry
 from api.detector.remote_engine import RemoteConfig, RemoteEngine
-from api.health_probe import HealthProber, database_check, store_check
+from api.health_probe import HealthProber, database_check, inference_tier_check, redis_check, store_check
 from api.limits import build_limiter
 from api.services.audio import AudioService
 from api.services.callbacks import CallbackSender
@@ -78,7 +78,7 @@ def build_services(settings: Settings, engine: Engine | None = None,
         # by a test or benchmark keeps whatever it was given).
         engine.attach_versions(model_versions, settings.model_version_poll_s)
         engine.start()  # loads (or connects) in the background; /health says when it is ready
-    prober = build_prober(settings, db, store)
+    prober = build_prober(settings, db, store, engine)
     jobs = JobStore(db, store, settings.bucket_videos, settings.job_max_attempts, settings.job_stale_after_s)
     videos = VideoService(db, store, engine, settings, jobs)
     callbacks = CallbackSender(jobs, videos.final_body, settings.callback_allow_http, settings.callback_allow_private)
@@ -112,11 +112,17 @@ def build_engine(settings: Settings) -> Engine:
     return InferenceEngine(DetectorConfig.from_settings(settings))
 
 
-def build_prober(settings: Settings, db: Database, store: ObjectStore) -> HealthProber:
-    """Checks for the database and the store; Redis (build_limiter) and an inference tier add theirs."""
-    prober = HealthProber(settings.probe_interval_s, settings.probe_timeout_s)
-    prober.add("database", database_check(db, settings.probe_timeout_s), guard=db.guard)
+def build_prober(settings: Settings, db: Database, store: ObjectStore, engine: Engine | None = None) -> HealthProber:
+    """Checks for the database, the store, a remote inference tier and a Celery broker that is not
+    the limiter's Redis (build_limiter adds the check of REDIS_URL)."""
+    timeout = settings.probe_timeout_s
+    prober = HealthProber(settings.probe_interval_s, timeout)
+    prober.add("database", database_check(db, timeout), guard=db.guard)
     prober.add("object_store", store_check(store), guard=store.guard, on_ok=store.pending_deletes.retry)
+    if isinstance(engine, RemoteEngine):
+        prober.add("inference_tier", inference_tier_check(engine, timeout))
+    if settings.uses_celery and settings.broker_url != settings.redis_url and settings.broker_url.startswith("redis"):
+        prober.add("broker", redis_check(settings.broker_url, timeout))
     return prober
 
 

@@ -234,6 +234,14 @@ def store_check(store) -> Check:
     return check
 
 
+def inference_tier_check(engine, timeout_s: float) -> Check:
+    """The remote inference tier (api/detector/remote_engine.py): ready, and which model it serves."""
+    def check() -> dict[str, Any]:
+        return engine.probe(timeout_s)
+
+    return check
+
+
 def redis_check(url: str, timeout_s: float) -> Check:
     import redis
 

@@ -240,6 +240,22 @@ def test_frozen_redis_costs_one_short_wait_and_the_fallback_ends_with_the_freeze
     assert redis_keys(redis_proc) > 0  # back on Redis right after the thaw, not after a back-off
 
 
+def test_a_celery_broker_of_its_own_is_probed_and_named_when_frozen(tmp_path, tiny_engine, redis_proc):
+    # A broker that is not the limiter's REDIS_URL gets its own check: /health names it when it hangs.
+    app = make_app(tmp_path, tiny_engine, CELERY_BROKER_URL=redis_proc.url, PROBE_INTERVAL_S="0.1",
+                   PROBE_TIMEOUT_S="0.3")
+    client = app.test_client()
+    wait_until(lambda: client.get("/health").get_json()["systems"].get("broker", {}).get("ok"), 3, what="broker up")
+    assert "redis" not in client.get("/health").get_json()["systems"]  # no REDIS_URL: no limiter Redis
+    with redis_proc.frozen():
+        wait_until(lambda: "broker" in client.get("/health").get_json()["down"], 3, what="broker down")
+        started = time.monotonic()
+        health = client.get("/health")
+        assert time.monotonic() - started < 0.1  # read from the prober's verdicts, never a call to the broker
+        assert health.status_code == 503 and health.get_json()["systems"]["broker"]["ok"] is False
+    wait_until(lambda: client.get("/health").get_json()["systems"]["broker"]["ok"], 3, what="broker back")
+
+
 # -- the reconciler ------------------------------------------------------------------------------------------
 def test_reconcile_command_removes_old_orphans_and_reports_rows_without_object(tmp_path, tiny_engine):
     app = make_app(tmp_path, tiny_engine)

@@ -123,6 +123,8 @@ def test_the_settings_switch_the_api_to_the_tier(tmp_path, triton_tier, tiny_eng
         health = client.get("/health").get_json()
         assert health["ready"] and health["model"]["model_version"] == tiny_engine.model_version
         assert health["model"]["trained"] is False and health["model"]["inference_tier"]["ready"] is True
+        tier = health["systems"]["inference_tier"]  # the background prober's own check of the tier
+        assert tier["ok"] is True and tier["model_version"] == tiny_engine.model_version and tier["url"] == url
         assert "random" in health["warning"]
         data = image_bytes(seed=11)
         body = predict(client, data).get_json()
@@ -273,10 +275,12 @@ def test_a_frozen_tier_answers_503_within_the_bound_and_recovers(remote_client, 
         assert time.monotonic() - started < 1.0  # /health never waits on the tier
         # The timed-out call made the engine look at the tier now: unanswered, it is marked down.
         deadline = time.monotonic() + BOUND_S + SLACK_S
-        while (health := remote_client.get("/health")).status_code != 503:
+        while "inference_tier" not in (health := remote_client.get("/health")).get_json()["down"]:
             assert time.monotonic() < deadline, health.get_json()
             time.sleep(0.1)
-        assert health.get_json()["model"]["inference_tier"]["ready"] is False
+        assert health.status_code == 503
+        body = health.get_json()
+        assert body["systems"]["inference_tier"]["ok"] is False and body["systems"]["inference_tier"]["since"]
     finally:
         triton_tier.resume()
     deadline = time.monotonic() + 30
@@ -296,12 +300,21 @@ def test_a_killed_tier_is_503_and_the_api_recovers_when_it_is_back(remote_client
     assert elapsed <= BOUND_S + SLACK_S
     health = remote_client.get("/health")
     assert health.status_code == 503
+    deadline = time.monotonic() + BOUND_S + SLACK_S
+    while "inference_tier" not in (body := remote_client.get("/health").get_json())["down"]:
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+    assert "unavailable" in body["systems"]["inference_tier"]["error"]
     triton_tier.start()  # same ports; the API process is not touched
     deadline = time.monotonic() + 30
     while (response := predict(remote_client, image_bytes(seed=6))).status_code != 200:
         assert time.monotonic() < deadline, response.get_json()
         time.sleep(0.5)
-    assert remote_client.get("/health").status_code == 200
+    deadline = time.monotonic() + 10
+    while (health := remote_client.get("/health")).status_code != 200:
+        assert time.monotonic() < deadline, health.get_json()
+        time.sleep(0.2)
+    assert health.get_json()["systems"]["inference_tier"]["ok"] is True
 
 
 def test_a_tier_that_never_was_is_503_not_a_hang(tmp_path):

@@ -229,7 +229,7 @@ def test_timeline_png(vapp, vclient, tmp_path):
     # Redrawn from the per-frame results when the stored picture is gone.
     s = svc(vapp)
     row = s.queries.get(body["id"], None, True)
-    from api.services.videos import timeline_key
+    from api.services.series import timeline_key
 
     s.store.delete(s.settings.bucket_results, timeline_key(row))
     again = vclient.get(f"/predictions/{body['id']}/timeline.png")

@@ -35,10 +35,9 @@ from api.detector.errors import DetectorError, WeightsError
 from api.detector.interface import Detector, Score
 from api.detector.weights import (
     WeightsRef,
-    check_state,
     download_if_missing,
     file_sha256,
-    read_checkpoint,
+    load_checked,
     resolve_checkpoint_setting,
 )
 
@@ -380,13 +379,7 @@ def build_aasist(arch: AasistArch, ref: WeightsRef) -> AASIST:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ref.seed or 0)
         model = AASIST(arch)
-    if ref.kind != "random":
-        if not ref.present:
-            raise ref.missing_error()
-        assert ref.path is not None
-        state = checkpoint_state(read_checkpoint(ref.path, "AASIST"), ref.path)
-        check_state(model, state, ref.path, "AASIST")
-        model.load_state_dict(state, strict=True)
+    load_checked(model, ref, "AASIST", checkpoint_state)
     return model.eval().requires_grad_(False)
 
 

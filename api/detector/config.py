@@ -17,6 +17,11 @@ PATCH_SIZE = 14  # ViT-L/14's patch: a 16x16 grid of patches, what the patch shu
 UNTRAINED_WARNING = "model has random (untrained) weights: its verdicts mean nothing"
 
 
+def cache_dir_path(cache_dir: str) -> Path:
+    """D3_CACHE_DIR, or ~/.cache/d3 when it is empty: where every detector keeps downloaded weights."""
+    return Path(os.path.expanduser(cache_dir)) if cache_dir else Path.home() / ".cache" / "d3"
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     backbone: str = "ViT-L-14-quickgelu"
@@ -33,8 +38,7 @@ class DetectorConfig:
 
     @property
     def resolved_cache_dir(self) -> Path:
-        """D3_CACHE_DIR, or ~/.cache/d3 when it is empty."""
-        return Path(os.path.expanduser(self.cache_dir)) if self.cache_dir else Path.home() / ".cache" / "d3"
+        return cache_dir_path(self.cache_dir)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DetectorConfig:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from api.detector.config import cache_dir_path
 from api.detector.errors import DetectorError, WeightsError
 from api.detector.interface import Detector, InputTooLong, InputTooShort, Score
 from api.detector.weights import WeightsRef, find_in_hf_cache, hf_cache_dirs_under, offline_mode
@@ -107,7 +108,7 @@ class TextDetectorConfig:
 
     @property
     def resolved_cache_dir(self) -> Path:
-        return Path(os.path.expanduser(self.cache_dir)) if self.cache_dir else Path.home() / ".cache" / "d3"
+        return cache_dir_path(self.cache_dir)
 
     @classmethod
     def from_settings(cls, settings: Any) -> TextDetectorConfig:

@@ -229,6 +229,15 @@ class RemoteEngine:
             log.info("inference tier %s ready: %s (%s) on %s", self.config.url, model.model_version,
                      "trained" if model.trained else "RANDOM, UNTRAINED weights", model.device or "?")
 
+    def probe(self, timeout: float) -> dict[str, Any]:
+        """/health's prober check: reach the tier now, within `timeout`; raises when it cannot serve."""
+        try:
+            self.connect(min(timeout, self.config.timeout_s))
+        except Exception as exc:
+            self._mark_down(_describe(exc))
+            raise _TierUnreachable(self.load_error) from None
+        return {"url": self.config.url, "model": self.config.model_name, "model_version": self.model_version}
+
     def _mark_down(self, reason: str) -> None:
         with self._lock:
             was_ready = self.ready

@@ -474,16 +474,25 @@ def load_backbone(visual: nn.Module, ref: WeightsRef, backbone: str) -> None:
         materialize_visual(visual, _checked_visual_state(visual, ref, backbone))
 
 
-def load_head(head: nn.Module, ref: WeightsRef) -> None:
-    """Fill the head from its checkpoint (a random head keeps its seeded init)."""
+def load_checked(module: nn.Module, ref: WeightsRef, what: str,
+                 state_of: Callable[[Any, Path], dict[str, torch.Tensor]]) -> None:
+    """Fill `module` from its checkpoint, every key and shape checked first (random: keeps its seeded init).
+
+    `state_of` takes the loaded checkpoint to the module's state_dict (the layouts the authors publish).
+    """
     if ref.kind == "random":
         return
     if not ref.present:
         raise ref.missing_error()
     assert ref.path is not None
-    state = head_state(read_checkpoint(ref.path, "head"), ref.path)
-    check_state(head, state, ref.path, "head")
-    head.load_state_dict(state, strict=True)
+    state = state_of(read_checkpoint(ref.path, what), ref.path)
+    check_state(module, state, ref.path, what)
+    module.load_state_dict(state, strict=True)
+
+
+def load_head(head: nn.Module, ref: WeightsRef) -> None:
+    """Fill the head from its checkpoint (a random head keeps its seeded init)."""
+    load_checked(head, ref, "head", head_state)
 
 
 def head_dim(backbone: str) -> int:

@@ -2,40 +2,21 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request, url_for
+from flask import Blueprint, request
 
 from api.auth import current_caller
 from api.context import services
-from api.detector.config import UNTRAINED_WARNING
 from api.exceptions import InvalidInput
 from api.openapi import Response, api_spec
-from api.routes.common import absolute_links
+from api.routes.common import limit_body, media_response
 from api.schemas import AudioFile, AudioParams, AudioPrediction, ErrorBody
 
 bp = Blueprint("audio", __name__)
 
-MULTIPART_OVERHEAD = 64 * 1024
-
 
 @bp.before_request
 def _body_limit() -> None:
-    # Before the schema reads the form: the body limit must hold while it is parsed.
-    request.max_content_length = services().settings.max_audio_bytes + MULTIPART_OVERHEAD
-
-
-def shaped(status: int, body: dict, trained: bool):
-    """200 with the result, or 202 + Location for a job (as POST /predict/video answers)."""
-    absolute_links(body)
-    if not trained:
-        body["warning"] = UNTRAINED_WARNING
-    response = jsonify(body)
-    if status == 202:
-        status_url = url_for("predictions.get_prediction", prediction_id=body["id"], _external=True)
-        body["status_url"] = status_url
-        response = jsonify(body)
-        response.status_code = 202
-        response.headers["Location"] = status_url
-    return response
+    limit_body(services().settings.max_audio_bytes)
 
 
 @bp.post("/predict/audio")
@@ -65,4 +46,4 @@ def predict_audio(query: AudioParams, form: AudioFile):
         status, body = svc.audio.submit(upload, params, current_caller().owner, base_url=request.host_url)
     finally:
         upload.remove()  # a job keeps its own copy in the object store
-    return shaped(status, body, svc.detectors.get("audio").trained)
+    return media_response(status, body, svc.detectors.get("audio").trained)

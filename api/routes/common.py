@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from flask import request
+from flask import Response, jsonify, request, url_for
+
+from api.detector.config import UNTRAINED_WARNING
 
 LINK_FIELDS = ("result_url", "timeline_url")
+MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and part headers around the file itself
+
+
+def limit_body(max_file_bytes: int, files: int = 1) -> None:
+    """Before a schema reads the form: the body limit must hold while it is parsed."""
+    request.max_content_length = (max_file_bytes + MULTIPART_OVERHEAD) * files
 
 
 def absolute_url(url: str | None) -> str | None:
@@ -20,3 +28,17 @@ def absolute_links(body: dict) -> dict:
         if name in body:
             body[name] = absolute_url(body[name])
     return body
+
+
+def media_response(status: int, body: dict, trained: bool) -> Response:
+    """200 with the result, or 202 + Location (and status_url) for a queued job; links absolute."""
+    absolute_links(body)
+    if not trained:
+        body["warning"] = UNTRAINED_WARNING
+    if status != 202:
+        return jsonify(body)
+    body["status_url"] = url_for("predictions.get_prediction", prediction_id=body["id"], _external=True)
+    response = jsonify(body)
+    response.status_code = 202
+    response.headers["Location"] = body["status_url"]
+    return response

@@ -10,22 +10,19 @@ from api.detector.config import UNTRAINED_WARNING
 from api.errors import error_body, status_for
 from api.exceptions import InvalidInput, PayloadTooLarge, ServiceError
 from api.openapi import Response, api_spec
-from api.routes.common import absolute_links
+from api.routes.common import absolute_links, limit_body
 from api.schemas import BatchResult, ErrorBody, ImageFile, ImageFiles, ImageParams, Prediction
 from api.services.predictions import Upload, safe_filename
 
 bp = Blueprint("predict", __name__)
 
-MULTIPART_OVERHEAD = 64 * 1024
 UNAVAILABLE = (ErrorBody, "Model, database or object store unavailable, or overloaded; see Retry-After.")
 
 
 @bp.before_request
 def _body_limit() -> None:
-    # Before the schema reads the form: the body limit must hold while it is parsed.
     settings = services().settings
-    files = settings.max_batch_files if request.endpoint == "predict.predict_batch" else 1
-    request.max_content_length = (settings.max_image_bytes + MULTIPART_OVERHEAD) * files
+    limit_body(settings.max_image_bytes, settings.max_batch_files if request.endpoint == "predict.predict_batch" else 1)
 
 
 def _read_upload(storage, limit: int) -> Upload:

@@ -9,18 +9,16 @@ from api.context import services
 from api.detector.config import UNTRAINED_WARNING
 from api.exceptions import InvalidInput, PayloadTooLarge
 from api.openapi import Response, api_spec
-from api.routes.common import absolute_links
+from api.routes.common import absolute_links, limit_body
 from api.schemas import ErrorBody, TextBody, TextFile, TextParams, TextPrediction
 from api.services.texts import decode_text_file
 
 bp = Blueprint("text", __name__)
 
-MULTIPART_OVERHEAD = 64 * 1024
-
 
 @bp.before_request
 def _body_limit() -> None:
-    request.max_content_length = services().settings.max_text_bytes + MULTIPART_OVERHEAD
+    limit_body(services().settings.max_text_bytes)
 
 
 @bp.post("/predict/text")

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, request, url_for
 
 from api.auth import current_caller
 from api.context import services
-from api.detector.config import UNTRAINED_WARNING
 from api.errors import error_body, status_for
 from api.exceptions import InvalidInput, ServiceError
 from api.openapi import Response as Responses
 from api.openapi import api_spec, produces, response_header
-from api.routes.common import absolute_links
+from api.routes.common import absolute_links, limit_body, media_response
 from api.schemas import ErrorBody, VideoFile, VideoParams, VideoWithAudio
 
 bp = Blueprint("video", __name__)
 
-MULTIPART_OVERHEAD = 64 * 1024
-
 
 @bp.before_request
 def _body_limit() -> None:
-    # Before the schema reads the form: the body limit must hold while it is parsed.
-    request.max_content_length = services().settings.max_video_bytes + MULTIPART_OVERHEAD
+    limit_body(services().settings.max_video_bytes)
 
 
 @bp.post("/predict/video")
@@ -58,17 +54,7 @@ def predict_video(query: VideoParams, form: VideoFile):
             body["audio"] = _soundtrack(svc, upload, threshold, query.aggregation, status == 202)
     finally:
         upload.remove()  # every path, errors included: the job keeps its own copy in the object store
-    absolute_links(body)
-    if not svc.engine.trained:
-        body["warning"] = UNTRAINED_WARNING
-    if status == 202:
-        status_url = url_for("predictions.get_prediction", prediction_id=body["id"], _external=True)
-        body["status_url"] = status_url
-        response = jsonify(body)
-        response.status_code = 202
-        response.headers["Location"] = status_url
-        return response
-    return jsonify(body)
+    return media_response(status, body, svc.engine.trained)
 
 
 def _soundtrack(svc, upload, threshold: float, aggregation: str, queued: bool) -> dict:

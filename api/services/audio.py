@@ -36,6 +36,7 @@ from api.exceptions import (
     UnprocessableMedia,
 )
 from api.models import Prediction, VideoPrediction
+from api.services import series
 from api.services.jobs import JobStore
 from api.services.predictions import serialize_prediction, verdict
 from api.services.records import insert_with_objects
@@ -46,10 +47,9 @@ from api.services.videos import (
     aggregate,
     find_segments,
     spool_upload,
-    timeline_key,
     top_frames,
 )
-from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable, object_key
+from api.storage import ObjectStore, object_key
 from api.utils.audio_decode import AudioDecodeError, DecodedAudio, decode_audio, sniff_audio
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class AudioService:
         return [(self.settings.bucket_frames, row.video.frames_object, json.dumps(windows_doc).encode(),
                  "application/json"),
                 (self.settings.bucket_results, row.result_object, json.dumps(summary).encode(), "application/json"),
-                (self.settings.bucket_results, timeline_key(row), png, "image/png")]
+                (self.settings.bucket_results, series.timeline_key(row), png, "image/png")]
 
     def _new_row(self, upload: SpooledUpload, params: AudioParams, owner: str | None, container: str,
                  model_version: str, status: str) -> Prediction:
@@ -324,55 +324,30 @@ class AudioService:
         if detail is None:
             return {}
         params = detail.params or {}
-        done = row.status == "done"
-        body: dict[str, Any] = {
-            "aggregation": detail.aggregation,
-            "aggregates": {"mean": detail.mean_probability, "vote": detail.vote_share,
-                           "max": detail.max_probability} if done else None,
+        body = series.common_fields(row)
+        body.update({
             "windows_analyzed": detail.frames_analyzed,
-            "duration_s": detail.duration_s,
-            "container": detail.container,
-            "codec": detail.codec,
             "audio": params.get("audio"),
             "window": {"samples": WINDOW_SAMPLES, "seconds": WINDOW_SAMPLES / SAMPLE_RATE,
                        "hop_s": params.get("hop_s", self.settings.audio_hop_seconds), "sample_rate": SAMPLE_RATE},
             "score_meaning": "AASIST bona fide logit (higher = more bona fide); fake_probability = sigmoid(-score)",
-            "progress": {"done": detail.progress_done, "total": detail.progress_total},
             "top_windows": detail.top_frames,
-            "segments": detail.segments,
-        }
+        })
         if windows is not None:
             body["windows"] = public_windows(windows)
         if urls:
-            body["timeline_url"] = None
-            if done and row.result_object:
-                try:
-                    body["timeline_url"] = self.store.presigned_get_url(
-                        self.settings.bucket_results, timeline_key(row), self.settings.result_url_expiry_s)
-                except StoreUnavailable:
-                    log.warning("could not sign timeline URL for %s", row.id)
+            body["timeline_url"] = series.timeline_url(self.store, self.settings, row)
         return body
 
     def timeline_png(self, row: Prediction) -> bytes:
         """The stored timeline picture of a finished audio prediction."""
-        if row.status != "done":
-            raise NotFound(f"the timeline of prediction {row.id} is not ready: the job is {row.status}",
-                           job_status=row.status)
-        try:
-            return self.store.get_bytes(self.settings.bucket_results, timeline_key(row))
-        except ObjectNotFound:
-            raise NotFound(f"the timeline of prediction {row.id} is no longer stored") from None
+        png = series.stored_timeline(self.store, self.settings, row)
+        if png is None:
+            raise NotFound(f"the timeline of prediction {row.id} is no longer stored")
+        return png
 
     def detail(self, row: Prediction) -> dict[str, Any]:
         """GET /predictions/<id> for audio: progress while queued/running, every window once done."""
-        windows = None
-        if row.status == "done" and row.video is not None and row.video.frames_object:
-            try:
-                document = json.loads(self.store.get_bytes(self.settings.bucket_frames, row.video.frames_object))
-                windows = document.get("windows")
-            except (ObjectNotFound, StoreUnavailable, ValueError):
-                log.warning("per-window results of %s could not be read", row.id)
         body = self.audio_fields(row, None)
-        body["windows"] = windows
+        body["windows"] = series.read_items(self.store, self.settings, row, "windows")
         return body
-

@@ -267,10 +267,8 @@ class JobStore:
         written: list[tuple[str, str]] = []
         try:
             with self.db.session() as session:
-                if not self._lock(session, job_id, worker):
-                    return None
-                row = session.get(Prediction, job_id, populate_existing=True)
-                if row is None or row.status != "running":
+                row = self._held_running(session, job_id, worker)
+                if row is None:
                     return None
                 objects = fill(row)
                 row.status, row.error = "done", None
@@ -312,10 +310,8 @@ class JobStore:
         """An attempt ended without a verdict for a reason that may pass (decoder killed, store down):
         back to queued with the reason, or failed once the attempts are spent. None: not ours."""
         with self.db.session() as session:
-            if not self._lock(session, job_id, worker):
-                return None
-            row = session.get(Prediction, job_id, populate_existing=True)
-            if row is None or row.status != "running":
+            row = self._held_running(session, job_id, worker)
+            if row is None:
                 return None
             attempts = row.video.attempts
         if attempts >= self.max_attempts:
@@ -333,11 +329,15 @@ class JobStore:
             return session.get(Prediction, job_id, populate_existing=True)
 
     @staticmethod
-    def _lock(session, job_id: uuid.UUID, worker: str) -> bool:
-        """Hold the claim for the rest of this transaction (a row lock), if it is still `worker`'s."""
-        return session.execute(update(VideoPrediction).where(
-            VideoPrediction.prediction_id == job_id, VideoPrediction.worker == worker)
-            .values(heartbeat_at=utcnow())).rowcount == 1
+    def _held_running(session, job_id: uuid.UUID, worker: str) -> Prediction | None:
+        """The running job, its claim held for the rest of this transaction (a row lock), if the
+        claim is still `worker`'s; None otherwise."""
+        if session.execute(update(VideoPrediction).where(
+                VideoPrediction.prediction_id == job_id, VideoPrediction.worker == worker)
+                .values(heartbeat_at=utcnow())).rowcount != 1:
+            return None
+        row = session.get(Prediction, job_id, populate_existing=True)
+        return row if row is not None and row.status == "running" else None
 
     # ---------------------------------------------------------------- recovery
     def recover(self, own_token: str | None = None) -> Recovery:

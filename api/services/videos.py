@@ -56,6 +56,7 @@ from api.exceptions import (
     UnprocessableMedia,
 )
 from api.models import Prediction, VideoPrediction
+from api.services import series
 from api.services.callbacks import check_callback_url
 from api.services.jobs import JobStore, pid_alive
 from api.services.predictions import (
@@ -70,7 +71,7 @@ from api.services.predictions import (
 )
 from api.services.records import StoredObject, insert_with_objects
 from api.services.timeline import render_timeline
-from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable, object_key
+from api.storage import ObjectNotFound, ObjectStore, object_key
 from api.utils.provenance import read_provenance_of_file
 from api.utils.video_probe import ProbeInfo, VideoDecodeError, VideoReader, sample_indices, sniff
 
@@ -467,7 +468,7 @@ class VideoService:
                                     f"({video.aggregation} {row.fake_probability:.3f})")
         return [(self.settings.bucket_frames, video.frames_object, json.dumps(frames_doc).encode(), "application/json"),
                 (self.settings.bucket_results, row.result_object, json.dumps(summary).encode(), "application/json"),
-                (self.settings.bucket_results, timeline_key(row), png, "image/png")]
+                (self.settings.bucket_results, series.timeline_key(row), png, "image/png")]
 
     def _fill(self, row: Prediction, analysis: Analysis, params: VideoParams, elapsed_ms: float) -> None:
         fields = self._result_fields(analysis, params)
@@ -586,48 +587,28 @@ class VideoService:
         if video is None:
             return {}
         params = video.params or {}
-        done = row.status == "done"
-        body: dict[str, Any] = {
-            "aggregation": video.aggregation,
-            "aggregates": {"mean": video.mean_probability, "vote": video.vote_share, "max": video.max_probability}
-            if done else None,
+        body = series.common_fields(row)
+        body.update({
             "frames_analyzed": video.frames_analyzed,
-            "duration_s": video.duration_s,
             "fps": video.fps,
             "frame_count": video.frame_count,
-            "codec": video.codec,
-            "container": video.container,
             "sampling": params.get("sampling"),
             "decoding": params.get("decoding"),
-            "progress": {"done": video.progress_done, "total": video.progress_total},
             "top_frames": video.top_frames,
-            "segments": video.segments,
-        }
+        })
         if frames is not None:
             body["frames"] = _public_frames(frames)
         if video.callback_url:
             body["callback"] = {"url": video.callback_url, "status": video.callback_status}
         if urls:
-            body["timeline_url"] = None
-            if done and row.result_object:
-                try:
-                    body["timeline_url"] = self.store.presigned_get_url(
-                        self.settings.bucket_results, timeline_key(row), self.settings.result_url_expiry_s)
-                except StoreUnavailable:
-                    log.warning("could not sign timeline URL for %s", row.id)
+            body["timeline_url"] = series.timeline_url(self.store, self.settings, row)
         return body
 
     def detail(self, row: Prediction) -> dict[str, Any]:
         """GET /predictions/<id> for a video: progress while queued/running, everything once done."""
         if row.media_type != "video" or row.video is None:
             return {}
-        frames = None
-        if row.status == "done" and row.video.frames_object:
-            try:
-                document = json.loads(self.store.get_bytes(self.settings.bucket_frames, row.video.frames_object))
-                frames = document.get("frames")
-            except (ObjectNotFound, StoreUnavailable, ValueError):
-                log.warning("per-frame results of %s could not be read", row.id)
+        frames = series.read_items(self.store, self.settings, row, "frames")
         body = self.video_fields(row, frames)
         if row.status == "done" and frames is None:
             body["frames"] = None
@@ -637,25 +618,15 @@ class VideoService:
         """The stored timeline picture; re-drawn from the per-frame results if the object is gone."""
         if row.media_type != "video" or row.video is None:
             raise NotFound(f"prediction {row.id} is not a video: it has no timeline")
-        if row.status != "done":
-            raise NotFound(f"the timeline of prediction {row.id} is not ready: the job is {row.status}",
-                           job_status=row.status)
-        try:
-            return self.store.get_bytes(self.settings.bucket_results, timeline_key(row))
-        except ObjectNotFound:
-            pass
+        png = series.stored_timeline(self.store, self.settings, row)
+        if png is not None:
+            return png
         try:
             document = json.loads(self.store.get_bytes(self.settings.bucket_frames, row.video.frames_object))
         except (ObjectNotFound, ValueError):
             raise NotFound(f"the results of prediction {row.id} are no longer stored") from None
         return render_timeline(document["frames"], row.video.segments or [], row.video.duration_s or 0.0,
                                row.threshold)
-
-
-def timeline_key(row: Prediction) -> str:
-    """The timeline picture lives beside the summary: `<date>/<id>-timeline.png` in the results bucket."""
-    base = row.result_object or object_key(str(row.id), ".json", row.created_at)
-    return base.removesuffix(".json") + "-timeline.png"
 
 
 def _public_frames(frames: list[dict]) -> list[dict]:
