@@ -525,6 +525,8 @@ class ActiveModelInfo(BaseModel):
     source: Literal["configured", "model_versions"]
     database: dict[str, Any] | None = Field(None, description="The database's active row (serving processes follow "
                                                              "it within MODEL_VERSION_POLL_S).")
+    poll: dict[str, Any] | None = Field(None, description="This process's last read of the active version: poll_s, "
+                                                         "polled_at (Unix time), poll_error.")
 
 
 class ActivateModel(Params):

@@ -216,6 +216,8 @@ def test_http_lists_adds_and_activates_for_admins_only(request, tmp_path, engine
     assert active["model_version"].split("/")[3] == f"head-{version}" and active["trained"] is False
     assert (active["threshold"], active["threshold_source"]) == (0.25, "card")
     assert active["database"]["version"] == version and active["database"]["activated_by"] == "ops"
+    assert active["poll"]["poll_s"] == 0.2 and active["poll"]["poll_error"] is None
+    assert time.time() - active["poll"]["polled_at"] < 5
     listing = client.get("/models", headers=user).get_json()
     assert listing["active"] == version and listing["versions"][0]["active"] is True
     assert listing["versions"][0]["card"]["validation"]["ap"] == 0.91

@@ -44,7 +44,14 @@ def active_view(svc: Services) -> dict:
             "threshold": head.threshold if from_card else svc.settings.default_threshold,
             "threshold_source": "card" if from_card else "settings",
             "source": "configured" if head.version is None else "model_versions",
-            "database": svc.model_versions.active_record()}
+            "poll": _poll_state(svc), "database": svc.model_versions.active_record()}
+
+
+def _poll_state(svc: Services) -> dict | None:
+    # When this process last read the active version, and why it could not (a database it cannot reach).
+    versions = getattr(svc.engine, "versions", None)
+    state = versions() if versions is not None else None
+    return {k: state.get(k) for k in ("poll_s", "polled_at", "poll_error")} if state else None
 
 
 @bp.get("/models")

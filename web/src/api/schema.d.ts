@@ -369,6 +369,10 @@ export interface components {
             } | null;
             /** @description What predictions scored now record as model_version. */
             model_version: string;
+            /** @description This process's last read of the active version: poll_s, polled_at (Unix time), poll_error. */
+            poll?: {
+                [key: string]: unknown;
+            } | null;
             /** @enum {string} */
             source: "configured" | "model_versions";
             /** @description The default threshold of a request that sends none. */
