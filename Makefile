@@ -58,9 +58,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-# The real detector on the embedded defaults (SQLite + local-folder object store).
+# The real detector on the embedded defaults (SQLite + local-folder object store). The text LMs
+# (tens of GB) are fetched on request only: `d3 fetch-weights --modality text`.
 run: setup
-	$(BIN)/d3 fetch-weights --if-missing
+	$(BIN)/d3 fetch-weights --if-missing --modality image --modality audio
 	$(BIN)/d3 db upgrade
 	$(QUICKSTART_ENV) $(BIN)/gunicorn -c gunicorn_config.py api.app:app
 

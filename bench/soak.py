@@ -109,19 +109,24 @@ def start_service(workdir: Path, port: int, workers: int, threads: int) -> tuple
     env = {**os.environ, **TINY, "BIND": f"127.0.0.1:{port}", "AUTH_REQUIRED": "false",
            "INSTANCE_DIR": str(workdir / "instance"), "SECRET_KEY": uuid.uuid4().hex * 2,
            "GUNICORN_WORKERS": str(workers), "GUNICORN_THREADS": str(threads),
-           "GUNICORN_LOG_DIR": str(workdir / "logs"), "LOG_LEVEL": "WARNING",
+           "GUNICORN_LOG_DIR": str(workdir / "logs"), "LOG_LEVEL": "WARNING", "GUNICORN_LOG_LEVEL": "info",
            "RATE_LIMIT_DEFAULT": "100000000/minute", "RATE_LIMIT_VIDEO": "100000000/minute",
            "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-m", "api.cli", "db", "upgrade"], env=env, cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
     process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn_config.py", "api.app:app"],
                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # /health from one worker says nothing of the others: a worker accepts no connection before its
+    # model is ready (gunicorn_config.post_worker_init), and keep-alive clients that connect while one
+    # worker is still loading would all stay on the other. Wait for every worker's "accepting" line.
+    error_log = workdir / "logs" / "error.log"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
-            if all(requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200 for _ in range(6)):
+            accepting = error_log.read_text(errors="replace").count("; accepting requests")
+            if accepting >= workers and requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
                 return process, env
-        except requests.RequestException:
+        except (OSError, requests.RequestException):
             pass
         if process.poll() is not None:
             raise SystemExit(f"gunicorn exited; see {workdir / 'logs' / 'error.log'}")

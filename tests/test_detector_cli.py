@@ -195,7 +195,8 @@ def test_fetch_weights_offline_says_so_and_how_to_place_files(tmp_path, d3, runn
 def test_fetch_weights_if_missing_exits_at_once_when_present(tmp_path, d3, runner, monkeypatch):
     _, _, clip_file, head_file = save_tiny_checkpoints(tmp_path)
     monkeypatch.setattr(weights, "download_file", lambda *a: pytest.fail("must not download"))
-    result = runner.invoke(d3, ["fetch-weights", "--if-missing", *flags(tmp_path, clip_file, head_file)])
+    result = runner.invoke(d3, ["fetch-weights", "--if-missing", "--modality", "image",
+                                *flags(tmp_path, clip_file, head_file)])
     assert result.exit_code == 0, result.output
     assert "present" in result.output
 
@@ -211,7 +212,8 @@ def test_fetch_weights_downloads_the_authors_head_into_the_cache(tmp_path, d3, r
         return dest
 
     monkeypatch.setattr(weights, "download_file", fake_download)
-    result = runner.invoke(d3, ["fetch-weights", "--if-missing", *flags(tmp_path, clip_file, "")])
+    result = runner.invoke(d3, ["fetch-weights", "--if-missing", "--modality", "image",
+                                *flags(tmp_path, clip_file, "")])
     assert result.exit_code == 0, result.output
     assert fetched == [(weights.AUTHORS_HEAD_URL, tmp_path / "cache" / "classifier.pth")]
     assert str(tmp_path / "cache" / "classifier.pth") in result.output and "OK" in result.output
@@ -231,7 +233,7 @@ def test_fetch_weights_refuses_a_downloaded_file_that_does_not_load(tmp_path, d3
 
 
 def test_info_json(tmp_path, d3, runner):
-    result = runner.invoke(d3, ["info", "--json", *flags(tmp_path)])
+    result = runner.invoke(d3, ["info", "--json", "--modality", "image", *flags(tmp_path)])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["settings"]["D3_BACKBONE"] == "d3-tiny" and data["device"] == "cpu" and data["precision"] == "fp32"

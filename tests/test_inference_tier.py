@@ -230,19 +230,7 @@ def test_a_full_tier_queue_is_503_with_retry_after(tmp_path, triton_tier):
     assert engine.wait_ready(30), engine.load_error
     app = make_app(tmp_path, engine, RATE_LIMIT_DEFAULT="1000000/minute")
     data = [image_bytes(seed=200 + i) for i in range(4)]
-
-    def one(i: int):
-        started = time.monotonic()
-        response = predict(app.test_client(), data[i % 4])
-        return response.status_code, response.headers.get("Retry-After"), response.get_json(), \
-            time.monotonic() - started
-
-    triton_tier.pause_model()
-    try:
-        with ThreadPoolExecutor(16) as pool:
-            results = list(pool.map(one, range(16)))
-    finally:
-        triton_tier.resume_model()
+    results = triton_tier.burst(lambda i: predict(app.test_client(), data[i % 4]), 16)
     # Back to normal once Triton has dropped the requests whose deadline passed while they waited.
     deadline = time.monotonic() + 30
     while predict(app.test_client(), data[0]).status_code != 200:

@@ -16,7 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -125,6 +128,22 @@ class TritonTier:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
 
+    def burst(self, send: Callable[[int], Any], count: int) -> list[tuple[int, str | None, Any, float]]:
+        """send(0..count-1) all at once while the model is frozen (Triton keeps queueing): each
+        answer's (status, Retry-After, JSON body, seconds)."""
+        def one(number: int) -> tuple[int, str | None, Any, float]:
+            started = time.monotonic()
+            response = send(number)
+            return (response.status_code, response.headers.get("Retry-After"), response.get_json(),
+                    time.monotonic() - started)
+
+        self.pause_model()
+        try:
+            with ThreadPoolExecutor(count) as pool:
+                return list(pool.map(one, range(count)))
+        finally:
+            self.resume_model()
+
     def kill(self) -> None:
         """SIGKILL the whole tier (no clean-up by it: what a crash or an OOM kill leaves)."""
         if self.process is None:
@@ -189,12 +208,12 @@ class TritonTier:
                     os.unlink(os.path.join(SHM, name))
 
     # -- observation ------------------------------------------------------------------------
-    def metrics(self) -> dict[str, float]:
-        """Triton's Prometheus counters of the d3 model, e.g. nv_inference_count, summed over labels."""
+    def metrics(self, model: str = "d3") -> dict[str, float]:
+        """Triton's Prometheus counters of one model, e.g. nv_inference_count, summed over labels."""
         text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
         values: dict[str, float] = {}
         for line in text.splitlines():
-            if line.startswith("nv_inference_") and 'model="d3"' in line:
+            if line.startswith("nv_inference_") and f'model="{model}"' in line:
                 name = line.split("{", 1)[0]
                 values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
         return values

@@ -320,6 +320,13 @@ def fake_probability(bona_fide_logit: float) -> float:
     return 1.0 / (1.0 + math.exp(bona_fide_logit)) if bona_fide_logit > -700 else 1.0
 
 
+def scores_from_logits(logits: Sequence[Sequence[float]]) -> list[Score]:
+    """One Score per (spoof, bona fide) logit row, here or from the inference tier: the score is the
+    authors', the bona fide logit."""
+    return [Score(score=float(row[1]), fake_probability=fake_probability(float(row[1])),
+                  detail={"logits": {"spoof": float(row[0]), "bona_fide": float(row[1])}}) for row in logits]
+
+
 # ------------------------------------------------------------------------------- settings and weights
 @dataclass(frozen=True)
 class AasistConfig:
@@ -415,11 +422,7 @@ class AasistDetector(Detector):
     def predict(self, inputs: Sequence[np.ndarray]) -> list[Score]:
         if not inputs:
             return []
-        logits = self.logits(inputs)
-        scores = logits[:, 1].tolist()  # the authors' score: the bona fide logit
-        return [Score(score=s, fake_probability=fake_probability(s),
-                      detail={"logits": {"spoof": float(row[0]), "bona_fide": float(row[1])}})
-                for s, row in zip(scores, logits.tolist(), strict=True)]
+        return scores_from_logits(self.logits(inputs).tolist())
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "architecture": self.model.arch.name, "device": str(self.device),

@@ -1,6 +1,8 @@
 """`d3 predict`, `d3 eval`, `d3 fetch-weights`, `d3 info`: the model from the command line.
 
-Every model setting has a flag that overrides the environment / .env value.
+Every model setting has a flag that overrides the environment / .env value. `fetch-weights` and
+`info` cover every modality (`--modality`, default all): image (D³, also video), audio (AASIST)
+and text (Fast-DetectGPT's two LMs; modality_weights.py), the last two from their own settings.
 """
 
 from __future__ import annotations
@@ -270,7 +272,7 @@ def _manual_instructions(config: DetectorConfig) -> str:
         "     D3_CLIP_WEIGHTS=/path/to/ViT-L-14.pt\n"
         f"  2. head: download {AUTHORS_HEAD_URL}\n"
         f"     to {cache / HEAD_FILENAME}  (or anywhere, and set D3_HEAD_WEIGHTS=/path/to/classifier.pth)\n"
-        "Then run `d3 info` to check that they load (it exits 0 when both do)."
+        "Then run `d3 info --modality image` to check that they load (it exits 0 when both do)."
     )
 
 
@@ -278,20 +280,58 @@ def _all_loadable(report: dict[str, dict[str, Any]]) -> bool:
     return all(entry.get("loadable") for entry in report.values())
 
 
-@click.command("fetch-weights")
-@click.option("--if-missing", is_flag=True, help="exit 0 at once when both parts are already present and load")
-@model_options
-def fetch_weights(if_missing: bool, **options: Any) -> None:
-    """Download the OpenAI ViT-L/14 weights and the authors' head into the cache, and check they load."""
-    from api.detector import weights
+MODALITY_CHOICES = ("image", "audio", "text")
+modality_option = click.option(
+    "--modality", "modalities", multiple=True, type=click.Choice(MODALITY_CHOICES),
+    help="image (D3, also video), audio (AASIST: AASIST_* settings) or text (Fast-DetectGPT: TEXT_* settings); "
+         "repeat for several [default: all]")
 
-    config = _config(options)
+
+@click.command("fetch-weights")
+@click.option("--if-missing", is_flag=True, help="exit 0 at once when every part is already present and loads")
+@modality_option
+@model_options
+def fetch_weights(if_missing: bool, modalities: tuple[str, ...], **options: Any) -> None:
+    """Download every modality's weights into the cache and check they load: the OpenAI ViT-L/14
+    and the authors' D3 head, the authors' AASIST checkpoint, and the two text LMs (large: pick
+    modalities with --modality)."""
+    from api.detector import modality_weights, weights
+
+    selected = modalities or MODALITY_CHOICES
+    settings = _settings(options)
+    config = DetectorConfig.from_settings(settings)
+    others = [m for m in modality_weights.MODALITIES if m in selected]
     if if_missing:
-        report = weights.verify_weights(config)
-        if _all_loadable(report):
+        report = weights.verify_weights(config) if "image" in selected else {}
+        reports = [modality_weights.report(m, settings) for m in others]
+        if _all_loadable(report) and all(r["ok"] for r in reports):
             for part, entry in report.items():
                 click.echo(f"{part}: present ({entry['path'] or entry['value']})")
+            for r in reports:
+                for part in r["parts"]:
+                    click.echo(modality_weights.describe_part(r["modality"], part))
             return
+    failed = "image" in selected and not _fetch_image_weights(config)
+    for modality in others:
+        problems = modality_weights.fetch(modality, settings, click.echo)
+        r = modality_weights.report(modality, settings)
+        for part in r["parts"]:
+            click.echo(modality_weights.describe_part(modality, part) + ("" if part["state"] in ("present", "random")
+                                                                      else f"  NOT USABLE: {part['error']}"))
+        if r["error"]:
+            click.echo(f"{modality}: NOT USABLE: {r['error']}")
+        if not r["ok"]:
+            failed = True
+            for problem in problems:
+                click.echo(f"  - {problem}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def _fetch_image_weights(config: DetectorConfig) -> bool:
+    """D3's two parts: download what is missing, report each, True when both load."""
+    from api.detector import weights
+
     plan = weights.resolve_weights(config, download=False)
     problems: list[str] = []
     if plan.backbone.kind == "tag" and not plan.backbone.present:
@@ -322,29 +362,61 @@ def fetch_weights(if_missing: bool, **options: Any) -> None:
         status = "OK" if entry.get("loadable") else f"NOT USABLE: {error}"
         click.echo(f"{part}: {entry.get('path') or entry.get('value')}  {status}")
     if _all_loadable(report):
-        return
+        return True
     if problems:
         click.echo("Could not download the weights (this machine looks offline or the host is unreachable):",
                    err=True)
         for problem in problems:
             click.echo(f"  - {problem}", err=True)
     click.echo(_manual_instructions(config), err=True)
-    sys.exit(1)
+    return False
 
 
 # ---------------------------------------------------------------- d3 info
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
+@modality_option
 @model_options
-def info(as_json: bool, **options: Any) -> None:
-    """Resolved model settings, device, model version, and whether the weights are present and load."""
+def info(as_json: bool, modalities: tuple[str, ...], **options: Any) -> None:
+    """Resolved model settings, device, model version, and whether the weights are present and load,
+    for each modality; exits 1 when a selected modality's weights are missing or do not load."""
+    from api.detector import modality_weights
+
+    selected = modalities or MODALITY_CHOICES
+    settings = _settings(options)
+    data = _image_info(settings) if "image" in selected else {}
+    others = {m: modality_weights.report(m, settings) for m in modality_weights.MODALITIES if m in selected}
+    for modality, r in others.items():
+        prefix = modality_weights.SETTING_PREFIX[modality]
+        r["settings"] = {k: v for k, v in settings.public_view().items() if k.startswith(prefix)}
+    data["modalities"] = others
+    ok = data.get("weights_ok", True) and all(r["ok"] for r in others.values())
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        sys.exit(0 if ok else 1)
+    if "image" in selected:
+        _echo_image_info(data)
+    for modality, r in others.items():
+        trained = r["trained"] if r["ok"] else "no: weights missing or not loadable"
+        click.echo(f"{modality} ({r['detector']}): {' '.join(f'{k}={v}' for k, v in r['settings'].items())}")
+        click.echo(f"  model version: {r['model_version']}  trained: {trained}")
+        for part in r["parts"]:
+            click.echo(f"  {modality_weights.describe_part(modality, part)}")
+            if part["error"]:
+                click.echo(f"    {part['error']}")
+        if r["error"]:
+            click.echo(f"  {r['error']}")
+    if not ok:
+        sys.exit(1)
+
+
+def _image_info(settings: Any) -> dict[str, Any]:
     import torch
 
     from api.detector import weights
     from api.detector.errors import DetectorError
     from api.detector.factory import resolve_device, resolve_precision
 
-    settings = _settings(options)
     config = DetectorConfig.from_settings(settings)
     data: dict[str, Any] = {
         "settings": {k: v for k, v in settings.public_view().items() if k.startswith("D3_")},
@@ -366,9 +438,11 @@ def info(as_json: bool, **options: Any) -> None:
     # Trained only when both parts are real checkpoints that load: missing files are not a model.
     data["trained"] = data["weights_ok"] and all(entry.get("kind") != "random" for entry in report.values())
     data["missing"] = [part for part, entry in report.items() if not entry.get("present")]
-    if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
-        sys.exit(0 if data["weights_ok"] else 1)
+    return data
+
+
+def _echo_image_info(data: dict[str, Any]) -> None:
+    report = data["weights"]
     for key, value in data["settings"].items():
         click.echo(f"{key}={value}")
     click.echo(f"cache dir: {data['cache_dir']}")
@@ -384,8 +458,6 @@ def info(as_json: bool, **options: Any) -> None:
         click.echo(f"{part} weights: {state}  {entry.get('path') or entry.get('value') or ''}")
         if entry.get("error"):
             click.echo(f"  {entry['error']}")
-    if not data["weights_ok"]:
-        sys.exit(1)
 
 
 def register(cli: click.Group) -> None:

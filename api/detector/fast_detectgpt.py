@@ -346,6 +346,12 @@ def _identity(ref: WeightsRef) -> str:
     return ref.identity()
 
 
+def model_version(sampling_ref: WeightsRef, scoring_ref: WeightsRef, dtype: torch.dtype) -> str:
+    """e.g. fast-detectgpt/EleutherAI/gpt-j-6B@float16_EleutherAI/gpt-neo-2.7B/analytic/fp16"""
+    precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    return f"fast-detectgpt/{_identity(sampling_ref)}_{_identity(scoring_ref)}/analytic/{precision}"
+
+
 def load_detector(config: TextDetectorConfig) -> FastDetectGPTDetector:
     """Resolve both models (random pair, local folders or the Hugging Face cache) and load them."""
     from api.detector.factory import resolve_device
@@ -378,8 +384,7 @@ def load_detector(config: TextDetectorConfig) -> FastDetectGPTDetector:
     key = pick_calibration(config, random_pair)
     context = min(context_length(scoring), context_length(sampling) if sampling is not None else 10**9)
     chunk = min(context, config.chunk_tokens) if config.chunk_tokens else context
-    precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    version = f"fast-detectgpt/{_identity(sampling_ref)}_{_identity(scoring_ref)}/analytic/{precision}"
+    version = model_version(sampling_ref, scoring_ref, dtype)
     return FastDetectGPTDetector(
         scoring=scoring.to(device), sampling=sampling.to(device) if sampling is not None else None,
         tokenizer=tokenizer, calibration_key=key, model_version=version, trained=not random_pair,

@@ -5,7 +5,8 @@
   tier. The composition root (api/context.py) picks one; nothing else knows which it holds.
 - `Detector`: every other modality's detector (AASIST for speech, Fast-DetectGPT for text): its
   modality, name, model version, `trained` flag, weights and a batched predict.
-  api/detector/registry.py holds one per modality, built from the settings.
+  api/detector/registry.py holds one per modality, built from the settings: in this process
+  (aasist.py, fast_detectgpt.py) or in the inference tier (remote_detectors.py).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Detector(ABC):
     model_version: str
     trained: bool
     weights: tuple[WeightsRef, ...]
+    ready: bool = True  # a remote detector (remote_detectors.py): only while the tier serves its model
 
     @abstractmethod
     def predict(self, inputs: Sequence[Any]) -> list[Score]:
@@ -83,6 +85,10 @@ class Detector(ABC):
     def describe(self) -> dict[str, Any]:
         return {"modality": self.modality, "name": self.name, "model_version": self.model_version,
                 "trained": self.trained}
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Release what the detector runs in the background; an in-process one runs nothing."""
+        return None
 
 
 class DetectorUnavailable(Unavailable):

@@ -4,6 +4,10 @@ Each modality loads in its own background thread (a 6-billion-parameter LM takes
 service starts at once and /health tells which modality is ready. A modality whose weights are
 missing, or fail to load, stays unavailable with the reason (naming the missing file or model)
 while the others serve. Images and video keep their own engine (api/detector/engine.py).
+
+With D3_INFERENCE_URL set, every modality is the inference tier's (`d3 serve-inference`, one Triton
+model per detector): the slots then hold remote detectors (remote_detectors.py), which load nothing
+here and are ready while the tier serves their model. Services and routes cannot tell the two apart.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class DetectorSlot:
                 raise absent.missing_error()
             self.detector = self.load()
             log.info("%s detector ready: %s", self.modality, self.detector.model_version)
-            if not self.detector.trained:
+            if self.detector.ready and not self.detector.trained:
                 log.warning("THE %s DETECTOR HAS RANDOM (UNTRAINED) WEIGHTS: its verdicts mean nothing",
                             self.modality.upper())
         except Exception as exc:  # the other modalities keep serving; describe() says why
@@ -54,11 +58,11 @@ class DetectorSlot:
     @property
     def status(self) -> str:
         if self.detector is not None:
-            return "ready"
+            return "ready" if self.detector.ready else "unavailable"  # a remote one: while the tier serves it
         return "unavailable" if self.settled.is_set() else "loading"
 
     def describe(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"status": self.status, "ready": self.detector is not None}
+        body: dict[str, Any] = {"status": self.status, "ready": self.status == "ready"}
         if self.detector is not None:
             body.update(self.detector.describe())
         else:
@@ -73,7 +77,28 @@ class DetectorRegistry:
 
     @classmethod
     def from_settings(cls, settings: Any) -> DetectorRegistry:
-        """AASIST for audio, Fast-DetectGPT for text, configured by their settings."""
+        """AASIST for audio, Fast-DetectGPT for text: in the inference tier when D3_INFERENCE_URL is set,
+        else in this process, configured by their settings."""
+        return cls.remote(settings) if getattr(settings, "d3_inference_url", "") else cls.in_process(settings)
+
+    @classmethod
+    def remote(cls, settings: Any) -> DetectorRegistry:
+        """Each detector through the tier at D3_INFERENCE_URL, bounded by D3_INFERENCE_TIMEOUT_S."""
+        from api.detector.remote_detectors import REMOTE_DETECTORS
+
+        def connect(kind: type) -> Callable[[], Detector]:
+            def load() -> Detector:
+                detector = kind(settings.d3_inference_url, settings.d3_inference_timeout_s)
+                detector.start()
+                detector.wait_ready(settings.d3_inference_timeout_s)  # down: unavailable until it comes back
+                return detector
+            return load
+
+        return cls([DetectorSlot(modality, tuple, connect(kind)) for modality, kind in REMOTE_DETECTORS.items()])
+
+    @classmethod
+    def in_process(cls, settings: Any) -> DetectorRegistry:
+        """Each detector loaded here (the API without a tier, and the tier itself)."""
         from api.detector import aasist, fast_detectgpt
 
         audio = aasist.AasistConfig.from_settings(settings)
@@ -117,3 +142,9 @@ class DetectorRegistry:
 
     def describe(self) -> dict[str, dict[str, Any]]:
         return {modality: slot.describe() for modality, slot in self.slots.items()}
+
+    def stop(self) -> None:
+        """Stop what the detectors run in the background (a remote one's tier monitor)."""
+        for slot in self.slots.values():
+            if slot.detector is not None:
+                slot.detector.stop()

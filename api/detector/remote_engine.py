@@ -215,7 +215,7 @@ class RemoteEngine:
             config = client.get_model_config(self.config.model_name, as_json=True, **kw)["config"]
         else:
             config = client.get_model_config(self.config.model_name)
-        model = TierModel.from_config(config, self.config.model_name)
+        model = self._read_model(config)
         with self._lock:
             changed = self.tier_model is None or model.model_version != self.model_version
             self.tier_model = model
@@ -228,6 +228,10 @@ class RemoteEngine:
         if changed:
             log.info("inference tier %s ready: %s (%s) on %s", self.config.url, model.model_version,
                      "trained" if model.trained else "RANDOM, UNTRAINED weights", model.device or "?")
+
+    def _read_model(self, config: dict[str, Any]) -> Any:
+        """What the tier's config says of the model; a remote detector (remote_detectors.py) reads its own."""
+        return TierModel.from_config(config, self.config.model_name)
 
     def probe(self, timeout: float) -> dict[str, Any]:
         """/health's prober check: reach the tier now, within `timeout`; raises when it cannot serve."""
@@ -298,26 +302,6 @@ class RemoteEngine:
         metrics (nv_inference_count / nv_inference_exec_count) count them."""
         self._listeners.append(fn)
 
-    def _call(self, tensors: Sequence[torch.Tensor], timeout: float | None,
-              head: Head | None) -> tuple[list[float], list[str]]:
-        if not tensors:
-            return [], []
-        for tensor in tensors:
-            if tuple(tensor.shape) != INPUT_SHAPE:
-                raise ValueError(f"expected preprocessed images of shape {INPUT_SHAPE}, got {tuple(tensor.shape)}")
-        bound = self.config.timeout_s if timeout is None else min(timeout, self.config.timeout_s)
-        started = time.perf_counter()
-        deadline = time.monotonic() + bound
-        with self._lock:
-            self._in_flight += len(tensors)
-        try:
-            return self._predict(tensors, deadline, bound, head)
-        finally:
-            seconds = time.perf_counter() - started
-            add_model_time(seconds)
-            with self._lock:
-                self._in_flight -= len(tensors)
-
     def head(self, version: str | None = None) -> Head:
         """The head a request pins: the active version (as last polled), or a named one; the tier is
         asked for exactly that head."""
@@ -345,11 +329,33 @@ class RemoteEngine:
         (split only where the tier's max_batch_size is smaller than the call)."""
         return self._call(tensors, timeout, None)[0]
 
-    def _predict(self, tensors: Sequence[torch.Tensor], deadline: float, bound: float,
-                 head: Head | None) -> tuple[list[float], list[str]]:
-        import numpy as np
-        import torch
+    def _call(self, tensors: Sequence[torch.Tensor], timeout: float | None,
+              head: Head | None) -> tuple[list[float], list[str]]:
+        if not tensors:
+            return [], []
+        for tensor in tensors:
+            if tuple(tensor.shape) != INPUT_SHAPE:
+                raise ValueError(f"expected preprocessed images of shape {INPUT_SHAPE}, got {tuple(tensor.shape)}")
+        return self._bounded(len(tensors), timeout,
+                             lambda deadline, bound: self._predict(tensors, deadline, bound, head))
 
+    def _bounded(self, count: int, timeout: float | None, call: Callable[[float, float], Any]) -> Any:
+        """call(deadline, bound) under this call's bound, its `count` inputs in flight, timed as model time."""
+        bound = self.config.timeout_s if timeout is None else min(timeout, self.config.timeout_s)
+        started = time.perf_counter()
+        deadline = time.monotonic() + bound
+        with self._lock:
+            self._in_flight += count
+        try:
+            return call(deadline, bound)
+        finally:
+            seconds = time.perf_counter() - started
+            add_model_time(seconds)
+            with self._lock:
+                self._in_flight -= count
+
+    def _connected_model(self, deadline: float, bound: float) -> Any:
+        """The tier's model, connecting first when the tier is marked down."""
         if self._stopping.is_set():
             raise EngineNotReady("the inference engine stopped")
         if not self.ready or self.tier_model is None:
@@ -360,8 +366,15 @@ class RemoteEngine:
                 if _is_timeout(exc):
                     raise EngineTimeout(f"the inference tier did not answer within {bound:g} s") from None
                 raise InferenceTierUnavailable() from None  # the address and cause: the log and /health
-        model = self.tier_model
-        assert model is not None
+        assert self.tier_model is not None
+        return self.tier_model
+
+    def _predict(self, tensors: Sequence[torch.Tensor], deadline: float, bound: float,
+                 head: Head | None = None) -> tuple[list[float], list[str]]:
+        import numpy as np
+        import torch
+
+        model = self._connected_model(deadline, bound)
         batch = torch.stack(list(tensors)).numpy()
         if model.input_dtype == "FP16":
             batch = batch.astype(np.float16)
@@ -379,6 +392,25 @@ class RemoteEngine:
 
     def _infer(self, model: TierModel, batch: Any, deadline: float, bound: float,
                pin: str = "") -> tuple[list[float], list[str]]:
+        import numpy as np
+
+        inputs = [(model.input_name, batch, model.input_dtype)]
+        outputs = [model.output_name]
+        if model.version_input:
+            inputs.append((model.version_input, np.array([[pin.encode()]] * len(batch), dtype=np.object_), "BYTES"))
+        if model.version_output:
+            outputs.append(model.version_output)
+        response = self._send(inputs, outputs, deadline, bound)
+        scores = [float(p) for p in response.as_numpy(model.output_name).reshape(-1)]
+        names = []
+        if model.version_output:
+            names = [v.decode() if isinstance(v, bytes) else str(v)
+                     for v in response.as_numpy(model.version_output).reshape(-1)]
+        return scores, names
+
+    def _send(self, inputs: Sequence[tuple[str, Any, str]], outputs: Sequence[str], deadline: float,
+              bound: float) -> Any:
+        """One KServe v2 infer call of (name, array, datatype) inputs within the deadline; the response."""
         left = deadline - time.monotonic()
         if left <= 0:
             raise EngineTimeout(f"the inference tier did not answer within {bound:g} s")
@@ -387,18 +419,11 @@ class RemoteEngine:
             import tritonclient.grpc as tc
         else:
             import tritonclient.http as tc
-        import numpy as np
-
-        request = tc.InferInput(model.input_name, list(batch.shape), model.input_dtype)
-        request.set_data_from_numpy(batch)
-        inputs = [request]
-        if model.version_input:
-            pinned = tc.InferInput(model.version_input, [len(batch), 1], "BYTES")
-            pinned.set_data_from_numpy(np.array([[pin.encode()]] * len(batch), dtype=np.object_))
-            inputs.append(pinned)
-        outputs = [tc.InferRequestedOutput(model.output_name)]
-        if model.version_output:
-            outputs.append(tc.InferRequestedOutput(model.version_output))
+        requests = []
+        for name, array, datatype in inputs:
+            request = tc.InferInput(name, list(array.shape), datatype)
+            request.set_data_from_numpy(array)
+            requests.append(request)
         # `timeout` (microseconds) is Triton's per-request queue deadline: what waits longer than
         # this call will wait is dropped from the queue, not computed for nobody.
         kw: dict[str, Any] = {"timeout": max(1, int(left * 1e6))}
@@ -406,18 +431,14 @@ class RemoteEngine:
             kw["client_timeout"] = left
         started = time.perf_counter()
         try:
-            response = client.infer(self.config.model_name, inputs, outputs=outputs, **kw)
+            response = client.infer(self.config.model_name, requests,
+                                    outputs=[tc.InferRequestedOutput(name) for name in outputs], **kw)
         except Exception as exc:
             raise self._translate(exc, bound) from None
         with self._lock:
             self._stats["requests_sent"] += 1
             self._stats["request_seconds_total"] += time.perf_counter() - started
-        scores = [float(p) for p in response.as_numpy(model.output_name).reshape(-1)]
-        names = []
-        if model.version_output:
-            names = [v.decode() if isinstance(v, bytes) else str(v)
-                     for v in response.as_numpy(model.version_output).reshape(-1)]
-        return scores, names
+        return response
 
     def _translate(self, exc: Exception, bound: float) -> Exception:
         text = _describe(exc)

@@ -34,14 +34,16 @@ def register(cli: click.Group, catalog_factory: CatalogFactory | None = None) ->
               help="Prometheus metrics [D3_INFERENCE_METRICS_PORT]")
 def serve_inference(host: str | None, http_port: int | None, grpc_port: int | None, metrics_port: int | None,
                     **options: Any) -> None:
-    """Serve the D3 model with Triton Inference Server (one process per GPU).
+    """Serve the D3 model, and the AASIST and Fast-DetectGPT detectors, with Triton Inference Server.
 
     Same model settings as the API (D3_BACKBONE, D3_CLIP_WEIGHTS, D3_HEAD_WEIGHTS, D3_SHUFFLE_SEED,
     D3_DEVICE, D3_PRECISION); batching and queue from D3_TRITON_*. Point the API at it with
     D3_INFERENCE_URL=grpc://HOST:GRPC_PORT. Ready (and so /v2/health/ready) only after the model
-    is loaded and one warm-up forward has run.
+    is loaded and one warm-up forward has run. The speech and text detectors (AASIST_*, TEXT_*
+    settings) are served beside it as the models `aasist` and `fast_detectgpt`, each one whose
+    weights are here; a modality whose weights are missing is not served, and this says why.
     """
-    from api.detector import triton_server
+    from api.detector import tier_detectors, triton_server
     from api.detector.errors import DetectorError
 
     # Before anything heavy: the backend stub must find this interpreter's libpython (see there).
@@ -64,6 +66,8 @@ def serve_inference(host: str | None, http_port: int | None, grpc_port: int | No
         tier.load()
     except DetectorError as exc:
         raise click.ClickException(str(exc)) from exc
+    click.echo("d3 inference tier: loading the speech and text detectors (AASIST_*, TEXT_*) ...", err=True)
+    tier.extra_models, not_served = tier_detectors.load_bindings(settings)
     try:
         tier.start()
     except Exception as exc:  # a port in use, Triton failing to start: say so, exit non-zero
@@ -76,6 +80,12 @@ def serve_inference(host: str | None, http_port: int | None, grpc_port: int | No
     click.echo(f"  KServe v2 HTTP  {urls['http']}  (health: {urls['http']}/v2/health/ready)")
     click.echo(f"  KServe v2 gRPC  {urls['grpc']}  (API: D3_INFERENCE_URL={urls['grpc']})")
     click.echo(f"  metrics         {urls['metrics']}")
+    for extra in tier.extra_models:
+        detector = extra.detector
+        click.echo(f"  model {extra.model_name} ({extra.modality}) = {detector.model_version} "
+                   f"({'trained' if detector.trained else 'RANDOM, UNTRAINED weights'})")
+    for modality, reason in not_served.items():
+        click.echo(f"  {modality}: NOT SERVED: {reason}")
     sys.stdout.flush()
     triton_server.notify_systemd("READY=1")
     try:

@@ -9,6 +9,9 @@ gRPC) instead of holding a model of its own.
 The model's identity (version string, trained or random, backbone, precision, device) is
 published as `parameters` of the model's Triton config, the place where a stock Triton keeps
 static facts about a model too (`config.pbtxt`), so the API reads it the same way from both.
+
+The speech and text detectors whose weights the tier has are bound beside it, one Triton model
+each (`extra_models`, built by tier_detectors.py), with the same queue policy and batching window.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import signal
 import socket
 import sys
 import sysconfig
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -179,11 +182,12 @@ def warm_up(model: Any, device: Any, batch_size: int = 1) -> None:
 class InferenceTier:
     """Build, warm up and serve the model; `start()` returns once Triton reports the model ready."""
 
-    def __init__(self, detector: DetectorConfig, tier: TierConfig, model: Any = None, catalog: Any = None,
-                 poll_s: float = 2.0) -> None:
+    def __init__(self, detector: DetectorConfig, tier: TierConfig, model: Any = None,
+                 extra_models: Sequence[Any] = (), catalog: Any = None, poll_s: float = 2.0) -> None:
         self.detector = detector
         self.tier = tier
         self.model = model
+        self.extra_models = tuple(extra_models)  # tier_detectors.TierBinding: AASIST, Fast-DetectGPT
         self.device: Any = None
         self.triton: Any = None
         self.catalog = catalog  # a HeadCatalog (api/services/model_versions.py): follow the active version
@@ -229,7 +233,8 @@ class InferenceTier:
             max_queue_delay_microseconds=tier.max_queue_delay_microseconds,
             preferred_batch_size=list(tier.preferred_batch_sizes) or None,
             default_queue_policy=queue_policy)
-        self.triton = Triton(config=triton_config)
+        self.triton = Triton(config=triton_config,
+                             workspace=short_workspace([MODEL_NAME, *(m.model_name for m in self.extra_models)]))
         self.triton.bind(
             model_name=MODEL_NAME,
             infer_func=make_infer_function(self.model, self.device, self.heads),
@@ -241,6 +246,15 @@ class InferenceTier:
             strict=True,
         )
         _publish_parameters(self.triton, MODEL_NAME, identity_parameters(self.model, self.device))
+        # The same queue and window; no preferred sizes (D³'s image batch sizes mean nothing here).
+        extra_batcher = DynamicBatcher(max_queue_delay_microseconds=tier.max_queue_delay_microseconds,
+                                       default_queue_policy=queue_policy)
+        for extra in self.extra_models:
+            self.triton.bind(model_name=extra.model_name, infer_func=extra.infer_func, inputs=extra.inputs,
+                             outputs=extra.outputs,
+                             config=ModelConfig(max_batch_size=tier.max_batch_size, batcher=extra_batcher),
+                             strict=True)
+            _publish_parameters(self.triton, extra.model_name, extra.parameters)
         self.triton.run()  # returns when Triton says the model is ready
 
     def serve_forever(self) -> bool:
@@ -269,6 +283,24 @@ class InferenceTier:
         host = self.tier.host if self.tier.host not in ("0.0.0.0", "::") else socket.gethostname()  # noqa: S104
         return {"http": f"http://{host}:{self.tier.http_port}", "grpc": f"grpc://{host}:{self.tier.grpc_port}",
                 "metrics": f"http://{host}:{self.tier.metrics_port}/metrics"}
+
+
+def short_workspace(model_names: Sequence[str]) -> str | None:
+    """A workspace whose Unix socket paths fit, or None for PyTriton's default.
+
+    PyTriton makes sockets named after each model in its workspace (<PYTRITON_HOME>/workspace_XXXXXXXX/
+    <model>_0_0-server.sock); a deep PYTRITON_HOME (a HOME on a long volume path) plus a long model
+    name passes the 107 bytes a socket path may have, and the model fails to load. Then the
+    workspace goes under the temporary folder instead (PyTriton removes it when it stops)."""
+    import tempfile
+    import uuid
+
+    from pytriton.constants import PYTRITON_HOME
+
+    longest = max(len(f"{name}_0_0-server.sock") for name in model_names)
+    if len(str(PYTRITON_HOME)) + len("/workspace_XXXXXXXX/") + longest <= 107:
+        return None
+    return os.path.join(tempfile.gettempdir(), f"pytriton-{uuid.uuid4().hex[:8]}")
 
 
 def _publish_parameters(triton: Any, model_name: str, parameters: dict[str, str]) -> None:

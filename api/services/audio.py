@@ -38,7 +38,7 @@ from api.exceptions import (
 from api.models import Prediction, VideoPrediction
 from api.services import series
 from api.services.jobs import JobStore
-from api.services.predictions import serialize_prediction, verdict
+from api.services.predictions import model_failures, serialize_prediction, verdict
 from api.services.records import insert_with_objects
 from api.services.timeline import render_timeline
 from api.services.videos import (
@@ -54,7 +54,7 @@ from api.utils.audio_decode import AudioDecodeError, DecodedAudio, decode_audio,
 
 log = logging.getLogger(__name__)
 
-SCORING_CHUNK = 8  # windows per detector call (progress is reported between calls)
+SCORING_CHUNK = 8  # windows per detector call in a job (progress is reported between calls)
 SUFFIX = {"wav": ".wav", "flac": ".flac", "ogg": ".ogg", "mp3": ".mp3", "aac": ".aac", "m4a": ".m4a"}
 
 
@@ -175,10 +175,16 @@ class AudioService:
         spans = plan_windows(samples.shape[0], self.settings.audio_hop_seconds)
         windows: list[dict] = []
         started = time.perf_counter()
-        for first in range(0, len(spans), SCORING_CHUNK):
-            group = spans[first:first + SCORING_CHUNK]
+        # A request's windows go to the detector in one call (so one request to an inference tier); a
+        # job's in chunks, so that its progress moves between them.
+        chunk = SCORING_CHUNK if progress is not None else max(len(spans), 1)
+        for first in range(0, len(spans), chunk):
+            group = spans[first:first + chunk]
             try:
-                scores = detector.predict([samples[start:end] for start, end in group])
+                with model_failures():  # the inference tier's overload, timeout, outage: their own 503s
+                    scores = detector.predict([samples[start:end] for start, end in group])
+            except Unavailable:
+                raise
             except Exception as exc:  # the forward pass failed (out of memory, ...): the model, not the file
                 log.exception("AASIST failed on %d windows", len(group))
                 raise Unavailable("the audio detector failed on this request; retry shortly") from exc

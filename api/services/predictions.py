@@ -7,7 +7,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -94,8 +95,15 @@ def pin_head(engine: Engine) -> Head:
 
 def run_engine(engine: Engine, tensors: Sequence, head: Head | None = None) -> Scores:
     """Engine call (every image by `head`) with its failures turned into the service's 503."""
-    try:
+    with model_failures():
         return engine.score(list(tensors), head=head)
+
+
+@contextmanager
+def model_failures() -> Iterator[None]:
+    """A model's failures (in this process or the inference tier, any modality) as the service's 503."""
+    try:
+        yield
     except EngineOverloaded as exc:
         raise Unavailable("the detector is overloaded; retry shortly",
                           retry_after=max(1, int(getattr(exc, "retry_after", 1)))) from None

@@ -20,7 +20,7 @@ from api.detector.interface import InputTooLong, InputTooShort
 from api.detector.registry import DetectorRegistry
 from api.exceptions import InvalidInput, PayloadTooLarge, Unavailable, UnprocessableMedia
 from api.models import Prediction
-from api.services.predictions import safe_filename, serialize_prediction, verdict
+from api.services.predictions import model_failures, safe_filename, serialize_prediction, verdict
 from api.services.records import insert_with_objects
 from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable, object_key
 
@@ -59,12 +59,15 @@ class TextService:
             raise InvalidInput("text must be a non-empty string", parameter="text")
         detector = self.detectors.get("text")  # DetectorUnavailable: the API's 503, naming a missing model
         try:
-            score = detector.predict([text])[0]
+            with model_failures():  # the inference tier's overload, timeout, outage: their own 503s
+                score = detector.predict([text])[0]
         except InputTooShort as exc:
             raise UnprocessableMedia(exc.message, reason="too_short", minimum_tokens=exc.minimum,
                                      tokens=exc.got) from None
         except InputTooLong as exc:
             raise PayloadTooLarge(exc.message, reason=f"too_many_{exc.unit}", limit=exc.limit) from None
+        except Unavailable:
+            raise
         except Exception as exc:  # the models failed (out of memory, ...), not the text
             log.exception("Fast-DetectGPT failed")
             raise Unavailable("the text detector failed on this request; retry shortly") from exc
