@@ -13,5 +13,8 @@ def work():
     barrier.wait()
     del keep
 threads = [threading.Thread(target=work) for _ in range(8)]
-[t.start() for t in threads]; [t.join() for t in threads]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
 ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena N:" block per arena, on stderr

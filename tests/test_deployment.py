@@ -196,8 +196,8 @@ def test_gunicorn_config_caps_malloc_arenas_before_the_workers_fork():
     # at 2 (MALLOC_ARENA_MAX) with mallopt, which glibc would not read from the environment this late.
     def arenas(**env: str) -> tuple[str, int]:
         environ = {k: v for k, v in clean_env(**env).items() if not (k == "MALLOC_ARENA_MAX" and v == "")}
-        result = subprocess.run([sys.executable, str(REPO / "tests" / "arena_probe.py"), str(REPO / "gunicorn_config.py")],
-                                capture_output=True, text=True, env=environ, timeout=60, cwd=REPO)
+        probe = [sys.executable, str(REPO / "tests" / "arena_probe.py"), str(REPO / "gunicorn_config.py")]
+        result = subprocess.run(probe, capture_output=True, text=True, env=environ, timeout=60, cwd=REPO)
         assert result.returncode == 0, result.stderr
         return result.stdout.strip(), result.stderr.count("Arena ")
 
