@@ -11,6 +11,7 @@ read too, so a hand-started Gunicorn in the app directory behaves like the servi
     GUNICORN_GRACEFUL_TIMEOUT  seconds in-flight requests get to finish on stop/restart (default 120)
     GUNICORN_KEEPALIVE         seconds an idle keep-alive connection from nginx is kept (default 75)
     GUNICORN_MAX_REQUESTS      recycle a worker after this many requests; 0 = never (default 0)
+    MALLOC_ARENA_MAX           glibc malloc arenas per process (default 2; 0 = glibc's own): keeps RSS level
     GUNICORN_LOG_DIR           folder of access.log and error.log (default logs/ beside this file)
     GUNICORN_ACCESS_LOG        access log file, or "-" for stdout (overrides the two rules above)
     GUNICORN_ERROR_LOG         error log file, or "-" for stderr
@@ -97,6 +98,32 @@ def under_systemd() -> bool:
     """True when started by systemd (it sets INVOCATION_ID; JOURNAL_STREAM when stdout is the journal)."""
     return bool(os.environ.get("INVOCATION_ID") or os.environ.get("JOURNAL_STREAM"))
 
+
+def limit_malloc_arenas(default: int = 2) -> int | None:
+    """Cap glibc's malloc arenas (MALLOC_ARENA_MAX, default 2) in the master, before any worker forks.
+
+    glibc gives each request thread its own arena (up to 8 per core); with gthread workers the
+    arenas fragment and a worker's RSS creeps up for as long as it serves (bench/soak.py; figures
+    in docs/PERFORMANCE.md). glibc reads MALLOC_ARENA_MAX only at process start, so the cap is set
+    here with mallopt(M_ARENA_MAX), which forked workers inherit. 0 leaves glibc's default; not
+    glibc (musl, macOS): nothing to do. Returns the cap that was set.
+    """
+    arenas = _int("MALLOC_ARENA_MAX", default, 0)
+    if arenas == 0 or not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    m_arena_max = -8  # glibc's malloc.h
+    return arenas if mallopt(m_arena_max, arenas) == 1 else None
+
+
+MALLOC_ARENAS = limit_malloc_arenas()
 
 # --- socket ---------------------------------------------------------------------------------
 bind = [_env("BIND", "127.0.0.1:6000")]

@@ -22,7 +22,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None, det
     from api import auth, errors, limits, metrics, request_log, tasks
     from api.context import build_services
     from api.detector.config import UNTRAINED_WARNING
-    from api.routes import audio, docs, health, objects, predict, predictions, text, video, web
+    from api.routes import audio, docs, health, model_versions, objects, predict, predictions, text, video, web
 
     settings = load_settings(test_config)
     logging.basicConfig(level=settings.log_level)
@@ -40,7 +40,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None, det
     app.extensions["d3"] = build_services(settings, engine, detectors)
 
     errors.init_app(app)
-    for module in (health, predict, predictions, video, audio, text, objects, docs, web):
+    for module in (health, predict, predictions, video, audio, text, model_versions, objects, docs, web):
         app.register_blueprint(module.bp)
     # Cross-cutting concerns, in order: the request id and timing cover every later hook, and a
     # verified key decides the rate-limit bucket.

@@ -105,6 +105,9 @@ def _register_command_groups() -> None:
     from api.services.store_commands import register as register_store_commands
 
     register_store_commands(cli)
+    from api.services.model_versions_commands import register as register_version_commands
+
+    register_version_commands(cli)
     from api.detector.commands import register as register_model_commands
 
     register_model_commands(cli)
@@ -112,8 +115,9 @@ def _register_command_groups() -> None:
 
     register_training_commands(cli)
     from api.detector.tier_commands import register as register_tier_commands
+    from api.services.model_versions import catalog_from_settings
 
-    register_tier_commands(cli)
+    register_tier_commands(cli, catalog_from_settings)  # the tier follows the active model version
 
 
 _register_command_groups()

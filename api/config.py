@@ -178,6 +178,7 @@ class Settings(BaseSettings):
     bucket_videos: str = "d3-videos"
     bucket_frames: str = "d3-frames"
     bucket_media: str = Field("d3-media", description="kept audio and text inputs (KEEP_AUDIO, KEEP_TEXTS)")
+    bucket_models: str = Field("d3-models", description="heads and model cards of the model versions")
 
     # --- video ---
     max_video_bytes: int = Field(500 * 1024 * 1024, ge=1)
@@ -227,6 +228,8 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(0.5, ge=0.05, le=60, description="rate-limit Redis socket deadline")
     callback_timeout_s: float = Field(5.0, ge=0.1, le=120, description="webhook deadline per attempt")
     probe_interval_s: float = Field(1.0, ge=0.05, le=300, description="how often /health's prober checks")
+    model_version_poll_s: float = Field(2.0, ge=0.05, le=300,
+                                        description="how often a model-serving process reads the active version")
     probe_timeout_s: float = Field(2.0, ge=0.05, le=60, description="deadline of each probe")
     breaker_fail_max: int = Field(3, ge=1, description="failures in a row that open a system's breaker")
     max_in_flight_per_system: int = Field(

@@ -26,6 +26,7 @@ from api.services.audio import AudioService
 from api.services.callbacks import CallbackSender
 from api.services.jobs import JobStore
 from api.services.keys import KeyService
+from api.services.model_versions import ModelVersions
 from api.services.predictions import PredictionService
 from api.services.queries import QueryService
 from api.services.reconcile import BackgroundReconciler
@@ -58,6 +59,7 @@ class Services:
     texts: TextService
     prober: HealthProber  # /health's verdicts; opens and closes each outside system's breaker
     reconciler: BackgroundReconciler  # objects no row references (api/services/reconcile.py)
+    model_versions: ModelVersions  # the heads the engine can switch between, and which one is active
 
 
 def build_services(settings: Settings, engine: Engine | None = None,
@@ -69,8 +71,12 @@ def build_services(settings: Settings, engine: Engine | None = None,
     signing_key = (settings.secret_key.get_secret_value() or secrets.token_hex(32)).encode()
     store = make_object_store(settings, signing_key)
     store.ensure_buckets()
+    model_versions = ModelVersions(db, store, settings)
     if engine is None:
         engine = build_engine(settings)
+        # Every process serving the model follows the active version (a shared engine passed in
+        # by a test or benchmark keeps whatever it was given).
+        engine.attach_versions(model_versions, settings.model_version_poll_s)
         engine.start()  # loads (or connects) in the background; /health says when it is ready
     prober = build_prober(settings, db, store, engine)
     jobs = JobStore(db, store, settings.bucket_videos, settings.job_max_attempts, settings.job_stale_after_s)
@@ -96,7 +102,7 @@ def build_services(settings: Settings, engine: Engine | None = None,
                     keys=KeyService(db), jobs=jobs, videos=videos, callbacks=callbacks, job_runner=runner,
                     video_jobs=video_jobs, limiter=build_limiter(settings, prober), detectors=detectors, audio=audio,
                     texts=TextService(db, store, detectors, settings), prober=prober,
-                    reconciler=BackgroundReconciler(db, store, settings))
+                    reconciler=BackgroundReconciler(db, store, settings), model_versions=model_versions)
 
 
 def build_engine(settings: Settings) -> Engine:

@@ -112,3 +112,32 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ModelVersion(Base):
+    """A head the service can serve (api/services/model_versions.py): its checkpoint and model card live
+    in the models bucket; `id` is the head's identity in every model_version string (sha256:<12 hex>)."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(128), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    size_bytes: Mapped[int] = mapped_column(Integer, nullable=False)
+    head_object: Mapped[str] = mapped_column(String(255), nullable=False)
+    card_object: Mapped[str | None] = mapped_column(String(255))
+    card: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # a copy, so listings need no object reads
+    threshold: Mapped[float | None] = mapped_column(Float)  # the card's default threshold
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+
+class ActiveModel(Base):
+    """Which version answers now: one row per detector (`slot` "d3"); version_id null = the configured
+    head (D3_HEAD_WEIGHTS). Every model-serving process polls this row."""
+
+    __tablename__ = "active_model"
+
+    slot: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version_id: Mapped[str | None] = mapped_column(String(64), ForeignKey("model_versions.id"))
+    activated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    activated_by: Mapped[str | None] = mapped_column(String(128))

@@ -484,3 +484,61 @@ class TextPrediction(Prediction):
 class VideoWithAudio(VideoPrediction):
     audio: AudioPrediction | dict[str, Any] | None = Field(
         None, description="With audio=true: the soundtrack's own prediction, or {status_code, error}.")
+
+
+# -- model versions: GET /models, GET /models/active, PUT /models/active, POST /models ----------------
+class ModelCardSummary(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    created_at: str | None = Field(None, description="When `d3 train` wrote the card.")
+    threshold: float | None = Field(None, description="The default threshold (chosen by `d3 calibrate`).")
+    validation: dict[str, Any] | None = Field(None, description="Validation AP and accuracy of the trained head.")
+    validation_start: dict[str, Any] | None = Field(None, description="The same for the head training started from.")
+    calibration: dict[str, Any] | None = None
+
+
+class ModelVersionInfo(BaseModel):
+    version: str = Field(description="The version's id: its head's sha256:<12 hex>, as in every model_version.")
+    name: str | None = None
+    sha256: str
+    size_bytes: int
+    created_at: str | None
+    active: bool = Field(description="The version the database says answers now.")
+    threshold: float | None = Field(None, description="Default threshold from its card (null: DEFAULT_THRESHOLD).")
+    card: ModelCardSummary | None = None
+
+
+class ModelVersionList(BaseModel):
+    active: str | None = Field(description="The active version's id; null: the configured head (D3_HEAD_WEIGHTS).")
+    versions: list[ModelVersionInfo]
+
+
+class ActiveModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    version: str | None = Field(description="The id of the version answering in this process (null: the "
+                                            "configured head).")
+    model_version: str = Field(description="What predictions scored now record as model_version.")
+    trained: bool
+    threshold: float = Field(description="The default threshold of a request that sends none.")
+    threshold_source: Literal["card", "settings"]
+    source: Literal["configured", "model_versions"]
+    database: dict[str, Any] | None = Field(None, description="The database's active row (serving processes follow "
+                                                             "it within MODEL_VERSION_POLL_S).")
+    poll: dict[str, Any] | None = Field(None, description="This process's last read of the active version: poll_s, "
+                                                         "polled_at (Unix time), poll_error.")
+
+
+class ActivateModel(Params):
+    version: str | None = Field(None, examples=["sha256:0123456789ab"], description=(
+        "The version to activate: its id, name or a unique sha256 prefix (or send default: true instead)."))
+    default: bool = Field(False, description="true: activate the configured head (D3_HEAD_WEIGHTS).")
+
+
+class ModelUploadParams(Params):
+    name: str | None = Field(None, description="A unique name for the version (letters, digits, . _ -).")
+
+
+class ModelUpload(Params):
+    head: UploadedFile = Field(description="The head checkpoint: the authors' plain state_dict (.pth).")
+    card: UploadedFile | None = Field(None, description="Its model card (d3-model-card/1 JSON), optional.")

@@ -341,7 +341,8 @@ class MinioObjectStore:
 
 def make_object_store(settings, signing_key: bytes) -> ObjectStore:
     """The store the settings ask for: MinIO when MINIO_ENDPOINT is set, else the local folder."""
-    buckets = (settings.bucket_results, settings.bucket_videos, settings.bucket_frames, settings.bucket_media)
+    buckets = (settings.bucket_results, settings.bucket_videos, settings.bucket_frames, settings.bucket_media,
+               settings.bucket_models)
     if settings.uses_minio:
         return MinioObjectStore(settings.minio_endpoint, settings.minio_access_key.get_secret_value(),
                                 settings.minio_secret_key.get_secret_value(),

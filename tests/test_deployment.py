@@ -190,6 +190,22 @@ def test_gunicorn_config_rejects_a_bad_number():
     assert "GUNICORN_WORKERS must be an integer" in result.stdout + result.stderr
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc arenas")
+def test_gunicorn_config_caps_malloc_arenas_before_the_workers_fork():
+    # Eight threads allocating at once get eight arenas from glibc by default; the config caps them
+    # at 2 (MALLOC_ARENA_MAX) with mallopt, which glibc would not read from the environment this late.
+    def arenas(**env: str) -> tuple[str, int]:
+        environ = {k: v for k, v in clean_env(**env).items() if not (k == "MALLOC_ARENA_MAX" and v == "")}
+        probe = [sys.executable, str(REPO / "tests" / "arena_probe.py"), str(REPO / "gunicorn_config.py")]
+        result = subprocess.run(probe, capture_output=True, text=True, env=environ, timeout=60, cwd=REPO)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip(), result.stderr.count("Arena ")
+
+    assert arenas(MALLOC_ARENA_MAX="") == ("cap 2", 2)  # not in the environment: glibc uncapped, ours 2
+    cap, count = arenas(MALLOC_ARENA_MAX="0")  # 0: glibc's own default
+    assert cap == "cap None" and count > 2
+
+
 # ================================================================== systemd unit
 def unit_directives(path: Path = UNIT_FILE) -> dict[str, list[str]]:
     directives: dict[str, list[str]] = {}

@@ -272,7 +272,8 @@ def test_migration_moves_old_bookkeeping_into_columns(tmp_path, db_url):
         db_url = f"sqlite:///{tmp_path / 'old.sqlite'}"
     else:
         with Database(db_url).engine.begin() as conn:  # the fixture migrated it: start again from 0001
-            conn.execute(text("DROP TABLE video_predictions, predictions, api_keys, alembic_version"))
+            conn.execute(text("DROP TABLE active_model, model_versions, video_predictions, predictions, api_keys, "
+                              "alembic_version"))
     upgrade_schema(db_url, "0001")
     db = Database(db_url)
     running, finished = uuid.uuid4(), uuid.uuid4()

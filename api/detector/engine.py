@@ -30,6 +30,7 @@ from api.detector.errors import (
     InferenceError,
 )
 from api.detector.timing import add_model_time
+from api.detector.versions import Head, HeadCatalog, HeadSwitcher, Scores, base_head, score_heads
 
 log = logging.getLogger(__name__)
 INPUT_SHAPE = (3, IMAGE_SIZE, IMAGE_SIZE)
@@ -56,6 +57,7 @@ class _Item:
     request: _Request
     index: int
     tensor: torch.Tensor
+    head: Head  # the head its request pinned when it was submitted
 
 
 class InferenceEngine:
@@ -81,6 +83,18 @@ class InferenceEngine:
         self._thread: threading.Thread | None = None
         self._listeners: list[BatchListener] = []
         self._stats = {"images_processed": 0, "batches_run": 0, "forward_seconds_total": 0.0, "last_batch_size": 0}
+        self.heads: HeadSwitcher | None = None  # built once the model is loaded
+        self._catalog: tuple[HeadCatalog, float] | None = None
+
+    def attach_versions(self, catalog: HeadCatalog, poll_s: float = 2.0) -> None:
+        """Serve the active model version of `catalog` (polled every poll_s) instead of only the
+        configured head. Before start(): the first read happens before the engine says ready."""
+        self._catalog = (catalog, poll_s)
+        heads = self.heads
+        if heads is not None:  # already loaded: watch this catalog from now on
+            heads.catalog, heads.poll_s = catalog, poll_s
+            heads.sync()
+            heads.start()
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -105,6 +119,8 @@ class InferenceEngine:
             self._cond.notify_all()
         for item in pending:
             self._fail(item.request, EngineNotReady("the inference engine stopped"))
+        if self.heads is not None:
+            self.heads.stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -116,6 +132,11 @@ class InferenceEngine:
             log.error("model failed to load: %s", self.load_error)
             self._settled.set()
             return
+        heads = self.heads
+        assert heads is not None
+        if heads.catalog is not None:
+            heads.sync()  # serve the active version from the first request on (if it can be read now)
+            heads.start()
         self.load_seconds = time.monotonic() - (self._started_at or time.monotonic())
         with self._cond:
             self.ready = not self._stopping
@@ -140,12 +161,35 @@ class InferenceEngine:
         self.precision = getattr(model, "precision", self.config.precision)
         self.model_version = getattr(model, "model_version", "") or f"custom/{type(model).__name__}"
         self.trained = bool(getattr(model, "trained", False))
+        head = getattr(model, "head", None)
+        catalog, poll_s = self._catalog or (None, 2.0)
+        self.heads = HeadSwitcher(base_head(model), int(getattr(head, "dim", 0)), self.device, catalog, poll_s)
+        self.heads.on_switch(self._switched)
         self.loaded = True
         with torch.inference_mode():  # warm-up: first forward allocates kernels/workspaces
             model(torch.zeros((1, *INPUT_SHAPE), device=self.device))
         self.warmed = True
 
     # ------------------------------------------------------------ public API
+    def _switched(self, head: Head) -> None:
+        # What answers now, for /health and describe(); each request still carries its own pinned head.
+        self.model_version, self.trained = head.model_version, head.trained
+
+    def head(self, version: str | None = None) -> Head:
+        """The head a request pins: the active one now, or a named version (loaded if needed;
+        CONFIGURED: the configured head)."""
+        heads = self.heads
+        if heads is None:  # not loaded: predict will say so
+            return Head(None, self.model_version, self.trained)
+        return heads.active if version is None else heads.get(version)
+
+    def sync_versions(self) -> bool:
+        """Read the active version now instead of at the next poll; True when the head changed."""
+        return self.heads.sync() if self.heads is not None else False
+
+    def versions(self) -> dict[str, Any] | None:
+        return self.heads.describe() if self.heads is not None else None
+
     def describe(self) -> dict[str, Any]:
         return {
             "loaded": self.loaded,
@@ -169,12 +213,19 @@ class InferenceEngine:
         self._listeners.append(fn)
 
     def predict(self, tensors: Sequence[torch.Tensor], timeout: float | None = None) -> list[float]:
-        """Fake probabilities for preprocessed 3x224x224 images, in order.
+        """Fake probabilities for preprocessed 3x224x224 images, in order, from the active head.
 
         Raises EngineNotReady, EngineOverloaded (queue full, at once), EngineTimeout, InferenceError.
         """
+        return self.score(tensors, timeout).probabilities
+
+    def score(self, tensors: Sequence[torch.Tensor], timeout: float | None = None,
+              head: Head | None = None) -> Scores:
+        """predict(), with every image scored by one head: `head` (pinned earlier by the caller, so a
+        video's chunks share it) or the one active now; the result names it."""
+        head = self.head() if head is None else head
         if not tensors:
-            return []
+            return Scores([], head)
         for tensor in tensors:
             if tuple(tensor.shape) != INPUT_SHAPE:
                 raise ValueError(f"expected preprocessed images of shape {INPUT_SHAPE}, got {tuple(tensor.shape)}")
@@ -182,13 +233,13 @@ class InferenceEngine:
             raise ValueError(f"{len(tensors)} images exceed the queue size ({self.config.queue_size})")
         started = time.perf_counter()
         try:
-            return self._submit_and_wait(tensors, timeout)
+            return Scores(self._submit_and_wait(tensors, timeout, head), head)
         finally:
             add_model_time(time.perf_counter() - started)
 
-    def _submit_and_wait(self, tensors: Sequence[torch.Tensor], timeout: float | None) -> list[float]:
+    def _submit_and_wait(self, tensors: Sequence[torch.Tensor], timeout: float | None, head: Head) -> list[float]:
         request = _Request(len(tensors))
-        items = [_Item(request, i, t) for i, t in enumerate(tensors)]
+        items = [_Item(request, i, t, head) for i, t in enumerate(tensors)]
         with self._cond:
             if not self.ready:
                 raise EngineNotReady(self._not_ready_reason())
@@ -275,7 +326,7 @@ class InferenceEngine:
         """Forward a batch; on CUDA out-of-memory retry in halves. An image that still does not
         fit fails only its own caller (None in the result)."""
         try:
-            return self._forward([item.tensor for item in batch])
+            return self._forward(batch)
         except torch.cuda.OutOfMemoryError:
             if torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
@@ -287,11 +338,11 @@ class InferenceEngine:
             half = len(batch) // 2
             return self._forward_splitting(batch[:half]) + self._forward_splitting(batch[half:])
 
-    def _forward(self, tensors: list[torch.Tensor]) -> list[float]:
+    def _forward(self, batch: list[_Item]) -> list[float]:
         assert self.model is not None
-        x = torch.stack(tensors).to(self.device, non_blocking=True)
+        x = torch.stack([item.tensor for item in batch]).to(self.device, non_blocking=True)
         with torch.inference_mode():
-            return self.model(x).float().cpu().tolist()
+            return score_heads(self.model, x, [item.head for item in batch])
 
     def _fail(self, request: _Request, error: Exception) -> None:
         with self._cond:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from api.detector.errors import DetectorError
+from api.detector.versions import Head, Scores
 from api.detector.weights import WeightsRef
 from api.exceptions import Unavailable
 
@@ -45,6 +46,15 @@ class Engine(Protocol):
     def predict(self, tensors: Sequence[Any], timeout: float | None = None) -> list[float]:
         """Fake probabilities in order; raises EngineNotReady, EngineOverloaded, EngineTimeout,
         InferenceError, or (remote) InferenceTierUnavailable: each one ends as a 503."""
+        ...
+
+    def head(self, version: str | None = None) -> Head:
+        """The head a request pins (api/detector/versions.py): the active model version now, or a named one."""
+        ...
+
+    def score(self, tensors: Sequence[Any], timeout: float | None = None, head: Head | None = None) -> Scores:
+        """predict() with every image scored by one head (the pinned one, else the active one), named
+        in the result: what the services store as the prediction's model_version."""
         ...
 
 

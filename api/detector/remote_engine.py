@@ -32,6 +32,8 @@ from urllib.parse import urlsplit
 
 from api.detector.errors import EngineNotReady, EngineOverloaded, EngineTimeout, InferenceError
 from api.detector.timing import add_model_time
+from api.detector.versions import CONFIGURED, Head, Scores
+from api.detector.weights import backbone_is_random, with_head
 from api.exceptions import InferenceTierUnavailable
 
 if TYPE_CHECKING:
@@ -85,6 +87,8 @@ class TierModel:
     backbone: str
     precision: str
     device: str
+    version_input: str | None = None  # the tier takes a pinned model version per request
+    version_output: str | None = None  # ... and names the model_version that scored each image
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model_name: str) -> TierModel:
@@ -95,13 +99,17 @@ class TierModel:
         if not version:  # a stock Triton whose config.pbtxt does not say: never call it trained
             log.warning("the tier's model %r publishes no d3_model_version parameter; treating it as untrained",
                         model_name)
+        input_names = {i.get("name") for i in inputs}
+        output_names = {o.get("name") for o in outputs}
         return cls(input_name=inputs[0].get("name", "images"),
                    input_dtype=dtype if dtype in ("FP32", "FP16") else "FP32",
                    output_name=outputs[0].get("name", "fake_probability"),
                    max_batch_size=int(config.get("max_batch_size") or 1),
                    model_version=version or f"triton/{model_name}/unknown", trained=params.get("d3_trained") == "true",
                    backbone=params.get("d3_backbone", ""), precision=params.get("d3_precision", ""),
-                   device=params.get("d3_device", ""))
+                   device=params.get("d3_device", ""),
+                   version_input="head_version" if "head_version" in input_names else None,
+                   version_output="model_version" if "model_version" in output_names else None)
 
 
 class _TierUnreachable(Exception):
@@ -122,6 +130,10 @@ class RemoteEngine:
         self.ready = False
         self.load_error: str | None = "not connected to the inference tier yet"
         self.tier_model: TierModel | None = None
+        self.catalog: Any = None
+        self._active: tuple[str | None, float | None] = (None, None)  # the active version id and its threshold
+        self._poll_s = 2.0
+        self._versions_thread: threading.Thread | None = None
 
         self._lock = threading.Lock()
         self._settled = threading.Event()  # set once the tier has been reached
@@ -133,6 +145,35 @@ class RemoteEngine:
         self._in_flight = 0
         self._listeners: list[BatchListener] = []
         self._stats = {"images_processed": 0, "requests_sent": 0, "request_seconds_total": 0.0}
+
+    def attach_versions(self, catalog: Any, poll_s: float = 2.0) -> None:
+        """Pin requests to the catalog's active version. This side holds no heads: it polls which
+        version is active (cheap, a row) and asks the tier for that head by id; the tier loads it from
+        the store and reports the model_version that scored each image, which is what is stored."""
+        self.catalog, self._poll_s = catalog, poll_s
+        self._poll_versions()
+        if self._versions_thread is None:
+            self._versions_thread = threading.Thread(target=self._versions_loop, name="d3-model-versions",
+                                                     daemon=True)
+            self._versions_thread.start()
+
+    def sync_versions(self) -> None:
+        """Read the active version now instead of at the next poll."""
+        if self.catalog is not None:
+            self._poll_versions()
+
+    def _poll_versions(self) -> None:
+        try:
+            version = self.catalog.active_version()
+            threshold = self.catalog.version_threshold(version) if version else None
+        except Exception as exc:  # noqa: BLE001 - database down: keep the last known version
+            log.warning("model version poll failed (keeping %s): %s", self._active[0] or "the configured head", exc)
+            return
+        self._active = (version, threshold)
+
+    def _versions_loop(self) -> None:
+        while not self._stopping.wait(self._poll_s):
+            self._poll_versions()
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -261,15 +302,42 @@ class RemoteEngine:
         metrics (nv_inference_count / nv_inference_exec_count) count them."""
         self._listeners.append(fn)
 
+    def head(self, version: str | None = None) -> Head:
+        """The head a request pins: the active version (as last polled), or a named one; the tier is
+        asked for exactly that head."""
+        threshold = None
+        if version is None:
+            version, threshold = self._active
+        if version is None or version == CONFIGURED:
+            return Head(None, self.model_version, self.trained)
+        return Head(version, with_head(self.model_version, version), not backbone_is_random(self.model_version),
+                    threshold)
+
+    def score(self, tensors: Sequence[torch.Tensor], timeout: float | None = None,
+              head: Head | None = None) -> Scores:
+        head = self.head() if head is None else head
+        probabilities, versions = self._call(tensors, timeout, head)
+        if versions and set(versions) != {head.model_version}:
+            # The tier reports what scored the images: that is what is stored, never a guess.
+            if len(set(versions)) > 1:
+                raise InferenceError(f"the tier scored one request with several heads: {sorted(set(versions))}")
+            head = Head(head.version, versions[0], head.trained, head.threshold)
+        return Scores(probabilities, head)
+
     def predict(self, tensors: Sequence[torch.Tensor], timeout: float | None = None) -> list[float]:
         """Fake probabilities for preprocessed 3x224x224 images, in order; one request to the tier
         (split only where the tier's max_batch_size is smaller than the call)."""
+        return self._call(tensors, timeout, None)[0]
+
+    def _call(self, tensors: Sequence[torch.Tensor], timeout: float | None,
+              head: Head | None) -> tuple[list[float], list[str]]:
         if not tensors:
-            return []
+            return [], []
         for tensor in tensors:
             if tuple(tensor.shape) != INPUT_SHAPE:
                 raise ValueError(f"expected preprocessed images of shape {INPUT_SHAPE}, got {tuple(tensor.shape)}")
-        return self._bounded(len(tensors), timeout, lambda deadline, bound: self._predict(tensors, deadline, bound))
+        return self._bounded(len(tensors), timeout,
+                             lambda deadline, bound: self._predict(tensors, deadline, bound, head))
 
     def _bounded(self, count: int, timeout: float | None, call: Callable[[float, float], Any]) -> Any:
         """call(deadline, bound) under this call's bound, its `count` inputs in flight, timed as model time."""
@@ -301,7 +369,8 @@ class RemoteEngine:
         assert self.tier_model is not None
         return self.tier_model
 
-    def _predict(self, tensors: Sequence[torch.Tensor], deadline: float, bound: float) -> list[float]:
+    def _predict(self, tensors: Sequence[torch.Tensor], deadline: float, bound: float,
+                 head: Head | None = None) -> tuple[list[float], list[str]]:
         import numpy as np
         import torch
 
@@ -309,16 +378,35 @@ class RemoteEngine:
         batch = torch.stack(list(tensors)).numpy()
         if model.input_dtype == "FP16":
             batch = batch.astype(np.float16)
+        # The head by id ("" = the tier's active one, "configured" = its D3_HEAD_WEIGHTS), when the tier takes one.
+        pin = "" if head is None else (head.version or CONFIGURED)
         results: list[float] = []
+        versions: list[str] = []
         for start in range(0, len(batch), model.max_batch_size):
-            results.extend(self._infer(model, batch[start:start + model.max_batch_size], deadline, bound))
+            scores, names = self._infer(model, batch[start:start + model.max_batch_size], deadline, bound, pin)
+            results.extend(scores)
+            versions.extend(names)
         with self._lock:
             self._stats["images_processed"] += len(results)
-        return results
+        return results, versions
 
-    def _infer(self, model: TierModel, batch: Any, deadline: float, bound: float) -> list[float]:
-        response = self._send([(model.input_name, batch, model.input_dtype)], [model.output_name], deadline, bound)
-        return [float(p) for p in response.as_numpy(model.output_name).reshape(-1)]
+    def _infer(self, model: TierModel, batch: Any, deadline: float, bound: float,
+               pin: str = "") -> tuple[list[float], list[str]]:
+        import numpy as np
+
+        inputs = [(model.input_name, batch, model.input_dtype)]
+        outputs = [model.output_name]
+        if model.version_input:
+            inputs.append((model.version_input, np.array([[pin.encode()]] * len(batch), dtype=np.object_), "BYTES"))
+        if model.version_output:
+            outputs.append(model.version_output)
+        response = self._send(inputs, outputs, deadline, bound)
+        scores = [float(p) for p in response.as_numpy(model.output_name).reshape(-1)]
+        names = []
+        if model.version_output:
+            names = [v.decode() if isinstance(v, bytes) else str(v)
+                     for v in response.as_numpy(model.version_output).reshape(-1)]
+        return scores, names
 
     def _send(self, inputs: Sequence[tuple[str, Any, str]], outputs: Sequence[str], deadline: float,
               bound: float) -> Any:

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from api.detector.commands import _config, _settings, model_options
 
+# settings -> (a HeadCatalog or None, why not): how the tier reaches the API's model versions. Set by
+# api/cli.py (the wiring) so this package never imports the services; None: versions off.
+CatalogFactory = Callable[[Any], tuple[Any, str]]
+_catalog_factory: CatalogFactory | None = None
 
-def register(cli: click.Group) -> None:
+
+def register(cli: click.Group, catalog_factory: CatalogFactory | None = None) -> None:
+    global _catalog_factory
+    _catalog_factory = catalog_factory
     cli.add_command(serve_inference)
 
 
@@ -48,7 +56,12 @@ def serve_inference(host: str | None, http_port: int | None, grpc_port: int | No
     ports = {tier_config.http_port, tier_config.grpc_port, tier_config.metrics_port}
     if len(ports) != 3:
         raise click.UsageError("the HTTP, gRPC and metrics ports must differ")
-    tier = triton_server.InferenceTier(_config(options), tier_config)
+    # The tier follows the API's active model version when it can reach the API's database.
+    catalog, why_not = _catalog_factory(settings) if _catalog_factory else (None, "not wired")
+    if catalog is None:
+        click.echo(f"d3 inference tier: model versions off ({why_not}); serving D3_HEAD_WEIGHTS", err=True)
+    tier = triton_server.InferenceTier(_config(options), tier_config, catalog=catalog,
+                                       poll_s=settings.model_version_poll_s)
     click.echo(f"d3 inference tier: loading {settings.d3_backbone} ...", err=True)
     try:
         tier.load()

@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "d3"
 INPUT_NAME = "images"
 OUTPUT_NAME = "fake_probability"
+# Model versions (api/detector/versions.py): a request may pin a head by its version id (one BYTES
+# element per image, all the same; "" = the tier's active head, "configured" = D3_HEAD_WEIGHTS), and
+# every image's answer names the model_version that scored it.
+VERSION_INPUT = "head_version"
+VERSION_OUTPUT = "model_version"
 # Keys of the model config `parameters` that carry the model's identity (strings, as Triton has them).
 IDENTITY_KEYS = ("d3_model_version", "d3_trained", "d3_backbone", "d3_precision", "d3_device")
 
@@ -119,24 +124,51 @@ def identity_parameters(model: Any, device: Any) -> dict[str, str]:
     }
 
 
-def make_infer_function(model: Any, device: Any) -> Callable:
-    """Triton's batched callable: images (N x 3 x 224 x 224 float32) -> fake_probability (N x 1)."""
+def make_infer_function(model: Any, device: Any, heads: Any = None) -> Callable:
+    """Triton's batched callable: images (N x 3 x 224 x 224 float32) [+ head_version (N x 1 bytes)]
+    -> fake_probability (N x 1) and model_version (N x 1 bytes).
+
+    `heads` (a HeadSwitcher): each request's rows are scored by the head it names, or by the one
+    active when its batch runs; Triton never splits a request across batches, so one request gets
+    one head. A version that cannot be loaded fails the batch (the API answers 503)."""
     import numpy as np
     import torch
     from pytriton.decorators import batch
 
+    from api.detector.versions import CONFIGURED, base_head, score_heads
+
     pin = getattr(device, "type", "cpu") == "cuda"
+    configured = heads.base if heads is not None else base_head(model)
+
+    def head_of(name: str, active: Any) -> Any:
+        if not name:
+            return active
+        if name == CONFIGURED:
+            return configured
+        if heads is None:
+            raise ValueError(f"model version {name!r} requested but this tier does not follow model versions")
+        return heads.get(name)
 
     @batch
-    def infer(images: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(images: np.ndarray, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         x = torch.from_numpy(images)
         if pin:  # page-locked host memory: the copy to the GPU runs asynchronously
             x = x.pin_memory()
+        active = heads.active if heads is not None else configured  # read once for the whole batch
+        names = inputs.get(VERSION_INPUT)
+        wanted = [_text(row[0]) for row in names] if names is not None else [""] * len(images)
+        loaded: dict[str, Any] = {}
+        row_heads = [loaded.setdefault(name, head_of(name, active)) for name in wanted]
         with torch.inference_mode():
-            p = model(x.to(device, non_blocking=True)).float().cpu().numpy()
-        return {OUTPUT_NAME: p.reshape(-1, 1).astype(np.float32)}
+            p = np.asarray(score_heads(model, x.to(device, non_blocking=True), row_heads), dtype=np.float32)
+        versions = np.array([[h.model_version.encode()] for h in row_heads], dtype=np.object_)
+        return {OUTPUT_NAME: p.reshape(-1, 1), VERSION_OUTPUT: versions}
 
     return infer
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def warm_up(model: Any, device: Any, batch_size: int = 1) -> None:
@@ -151,13 +183,16 @@ class InferenceTier:
     """Build, warm up and serve the model; `start()` returns once Triton reports the model ready."""
 
     def __init__(self, detector: DetectorConfig, tier: TierConfig, model: Any = None,
-                 extra_models: Sequence[Any] = ()) -> None:
+                 extra_models: Sequence[Any] = (), catalog: Any = None, poll_s: float = 2.0) -> None:
         self.detector = detector
         self.tier = tier
         self.model = model
         self.extra_models = tuple(extra_models)  # tier_detectors.TierBinding: AASIST, Fast-DetectGPT
         self.device: Any = None
         self.triton: Any = None
+        self.catalog = catalog  # a HeadCatalog (api/services/model_versions.py): follow the active version
+        self.poll_s = poll_s
+        self.heads: Any = None
 
     def load(self) -> None:
         if self.model is None:
@@ -167,6 +202,13 @@ class InferenceTier:
         first = next(iter(self.model.parameters()))
         self.device = first.device
         warm_up(self.model, self.device)
+        if self.catalog is not None:
+            from api.detector.versions import HeadSwitcher, base_head
+
+            self.heads = HeadSwitcher(base_head(self.model), int(self.model.head.dim), self.device, self.catalog,
+                                      self.poll_s)
+            self.heads.sync()  # the active version from the first request on
+            self.heads.start()
 
     def start(self) -> None:
         import numpy as np
@@ -195,9 +237,11 @@ class InferenceTier:
                              workspace=short_workspace([MODEL_NAME, *(m.model_name for m in self.extra_models)]))
         self.triton.bind(
             model_name=MODEL_NAME,
-            infer_func=make_infer_function(self.model, self.device),
-            inputs=[Tensor(name=INPUT_NAME, dtype=np.float32, shape=(3, 224, 224))],
-            outputs=[Tensor(name=OUTPUT_NAME, dtype=np.float32, shape=(1,))],
+            infer_func=make_infer_function(self.model, self.device, self.heads),
+            inputs=[Tensor(name=INPUT_NAME, dtype=np.float32, shape=(3, 224, 224)),
+                    Tensor(name=VERSION_INPUT, dtype=bytes, shape=(1,), optional=True)],
+            outputs=[Tensor(name=OUTPUT_NAME, dtype=np.float32, shape=(1,)),
+                     Tensor(name=VERSION_OUTPUT, dtype=bytes, shape=(1,))],
             config=ModelConfig(max_batch_size=tier.max_batch_size, batcher=batcher),
             strict=True,
         )
@@ -229,6 +273,8 @@ class InferenceTier:
         return stopped
 
     def stop(self) -> None:
+        if self.heads is not None:
+            self.heads.stop()
         if self.triton is not None:
             self.triton.stop()
             self.triton = None

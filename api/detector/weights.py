@@ -104,6 +104,26 @@ def version_string(backbone: str, backbone_id: str, head_id: str, shuffle_seed: 
     return f"d3/{backbone}/{backbone_id}/head-{head_id}/seed{shuffle_seed}/{precision}"
 
 
+def head_identity(sha256: str) -> str:
+    """A head file's name in a model version (and a model version's id): sha256:<12 hex>."""
+    return f"sha256:{sha256[:12]}"
+
+
+def with_head(model_version: str, head_id: str) -> str:
+    """The model version of the same backbone, seed and precision with another head."""
+    parts = model_version.split("/")
+    if len(parts) == 6 and parts[0] == "d3" and parts[3].startswith("head-"):
+        parts[3] = f"head-{head_id}"
+        return "/".join(parts)
+    return f"{model_version}+head-{head_id}"  # a model built outside the factory (tests, custom)
+
+
+def backbone_is_random(model_version: str) -> bool:
+    """True when the version names a random backbone: no head on it makes a meaningful detector."""
+    parts = model_version.split("/")
+    return len(parts) < 3 or parts[0] != "d3" or parts[2].startswith("random:")
+
+
 # ---------------------------------------------------------------- resolving settings to files
 def _random_seed(spec: str) -> int | None:
     match = _RANDOM.match(spec.strip())
@@ -473,6 +493,25 @@ def load_checked(module: nn.Module, ref: WeightsRef, what: str,
 def load_head(head: nn.Module, ref: WeightsRef) -> None:
     """Fill the head from its checkpoint (a random head keeps its seeded init)."""
     load_checked(head, ref, "head", head_state)
+
+
+def head_dim(backbone: str) -> int:
+    """The feature width the head of this backbone takes (built on the meta device: no memory, no init)."""
+    return feature_dim(build_visual(backbone, "fp32", init_seed=None))
+
+
+def head_state_from_bytes(data: bytes, dim: int, label: str) -> dict[str, torch.Tensor]:
+    """A head checkpoint's tensors, read as safely as a file (weights_only) and checked against the
+    spec's keys and shapes for a `dim`-wide head; WeightsError naming `label` otherwise."""
+    with tempfile.TemporaryDirectory(prefix="d3-head-") as folder:
+        path = Path(folder) / "head.pth"
+        path.write_bytes(data)
+        try:
+            state = head_state(read_checkpoint(path, "head"), path)
+            check_state(build_head(dim), state, path, "head")
+        except WeightsError as exc:
+            raise WeightsError(str(exc).replace(str(path), label)) from None
+    return state
 
 
 def verify_weights(config: DetectorConfig) -> dict[str, dict[str, Any]]:

@@ -57,7 +57,7 @@ def predict(query: ImageParams, form: ImageFile):
     """Predict one image"""
     form = _required(form, "file")
     svc = services()
-    threshold = svc.settings.default_threshold if query.threshold is None else query.threshold
+    threshold = query.threshold  # None: the active model version's default (its card, else DEFAULT_THRESHOLD)
     upload = _read_upload(form.file, svc.settings.max_image_bytes)
     [result] = svc.predictions.predict_images([upload], threshold, current_caller().owner, query.reuse)
     if isinstance(result, ServiceError):
@@ -75,7 +75,7 @@ def predict_batch(query: ImageParams, form: ImageFiles):
     form = _required(form, "files")
     svc = services()
     limit = svc.settings.max_batch_files
-    threshold = svc.settings.default_threshold if query.threshold is None else query.threshold
+    threshold = query.threshold
     files = form.files
     if len(files) > limit:
         raise InvalidInput(f"at most {limit} files per batch, got {len(files)}", parameter="files")

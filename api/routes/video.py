@@ -44,8 +44,8 @@ def predict_video(query: VideoParams, form: VideoFile):
     if form is None:
         raise InvalidInput("send multipart/form-data with a 'file' part", parameter="file")
     svc = services()
-    threshold = svc.settings.default_threshold if query.threshold is None else query.threshold
-    params = svc.videos.parse_params(threshold, query.frames, query.fps, query.aggregation, query.run_async,
+    threshold = svc.settings.default_threshold if query.threshold is None else query.threshold  # the soundtrack's
+    params = svc.videos.parse_params(query.threshold, query.frames, query.fps, query.aggregation, query.run_async,
                                      query.callback_url)
     upload = svc.videos.spool(form.file.stream, form.file.filename)
     try:

@@ -18,14 +18,9 @@ from sqlalchemy import select
 
 from api.config import Settings
 from api.database import Database
-from api.detector import (
-    EngineNotReady,
-    EngineOverloaded,
-    EngineTimeout,
-    InferenceEngine,
-    InferenceError,
-    preprocess_image,
-)
+from api.detector import EngineNotReady, EngineOverloaded, EngineTimeout, InferenceError, preprocess_image
+from api.detector.interface import Engine
+from api.detector.versions import Head, Scores
 from api.exceptions import PayloadTooLarge, ServiceError, Unavailable
 from api.models import Prediction
 from api.services.records import insert_with_objects
@@ -86,10 +81,22 @@ def iso(dt: datetime | None) -> str | None:
     return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def run_engine(engine: InferenceEngine, tensors: Sequence) -> list[float]:
-    """Engine call with its failures turned into the service's 503."""
+def resolve_threshold(threshold: float | None, head: Head, settings: Settings) -> float:
+    """The request's threshold, else the default of the version's model card, else DEFAULT_THRESHOLD."""
+    if threshold is not None:
+        return threshold
+    return head.threshold if head.threshold is not None else settings.default_threshold
+
+
+def pin_head(engine: Engine) -> Head:
+    """The head this request is scored by, chosen once at its start (api/detector/versions.py)."""
+    return engine.head()
+
+
+def run_engine(engine: Engine, tensors: Sequence, head: Head | None = None) -> Scores:
+    """Engine call (every image by `head`) with its failures turned into the service's 503."""
     with model_failures():
-        return engine.predict(list(tensors))
+        return engine.score(list(tensors), head=head)
 
 
 @contextmanager
@@ -110,7 +117,7 @@ def model_failures() -> Iterator[None]:
 
 
 class PredictionService:
-    def __init__(self, db: Database, store: ObjectStore, engine: InferenceEngine, settings: Settings) -> None:
+    def __init__(self, db: Database, store: ObjectStore, engine: Engine, settings: Settings) -> None:
         self.db = db
         self.store = store
         self.engine = engine
@@ -118,13 +125,17 @@ class PredictionService:
         self.provenance_limits = provenance_limits(settings)
 
     # -- public -----------------------------------------------------------
-    def predict_images(self, uploads: Sequence[Upload], threshold: float, owner: str | None,
+    def predict_images(self, uploads: Sequence[Upload], threshold: float | None, owner: str | None,
                        reuse: bool = True) -> list[dict[str, Any] | ServiceError]:
         """One result per upload, in order: a stored prediction, or the error for that file.
 
-        Input errors stay per file; a model/database/store failure raises and fails the request.
+        Every upload of the call is scored by the one head active when it starts, and the threshold
+        not given is that head's default. Input errors stay per file; a model/database/store failure
+        raises and fails the request.
         """
         started = time.perf_counter()
+        head = pin_head(self.engine)
+        threshold = resolve_threshold(threshold, head, self.settings)
         results: list[dict[str, Any] | ServiceError | None] = [None] * len(uploads)
         pending: list[tuple[int, Upload, str, Any]] = []  # index, upload, sha256, decoded
         for index, upload in enumerate(uploads):
@@ -134,7 +145,7 @@ class PredictionService:
                     raise PayloadTooLarge(
                         f"file is {len(upload.data)} bytes, over the limit of {self.settings.max_image_bytes}")
                 if reuse:
-                    stored = self._find_reusable(digest, threshold, owner)
+                    stored = self._find_reusable(digest, threshold, owner, head.model_version)
                     if stored is not None:
                         results[index] = stored
                         continue
@@ -147,22 +158,23 @@ class PredictionService:
         if pending:
             # Preprocess here (request thread); the engine batches the forward passes.
             tensors = [preprocess_image(decoded.image) for _, _, _, decoded in pending]
-            probabilities = run_engine(self.engine, tensors)
+            scored = run_engine(self.engine, tensors, head)
             elapsed_ms = (time.perf_counter() - started) * 1000.0
-            for (index, upload, digest, decoded), probability in zip(pending, probabilities, strict=True):
+            for (index, upload, digest, decoded), probability in zip(pending, scored.probabilities, strict=True):
                 # Metadata is read beside the verdict and never feeds it (docs/PROVENANCE.md).
                 provenance = read_provenance(upload.data, IMAGE_MIME.get(decoded.format, "image/*"),
                                              self.provenance_limits)
                 results[index] = self._store(upload, digest, decoded, float(probability), threshold, owner,
-                                             elapsed_ms, provenance)
+                                             elapsed_ms, provenance, scored.head)
         return results  # type: ignore[return-value]
 
     # -- internals --------------------------------------------------------
-    def _find_reusable(self, digest: str, threshold: float, owner: str | None) -> dict[str, Any] | None:
+    def _find_reusable(self, digest: str, threshold: float, owner: str | None,
+                       model_version: str) -> dict[str, Any] | None:
         query = (select(Prediction)
                  .where(Prediction.sha256 == digest, Prediction.media_type == "image",
                         Prediction.status == "done", Prediction.threshold == threshold,
-                        Prediction.model_version == self.engine.model_version, Prediction.owner == owner)
+                        Prediction.model_version == model_version, Prediction.owner == owner)
                  .order_by(Prediction.created_at.desc()).limit(1))
         with self.db.session() as session:
             row = session.scalars(query).first()
@@ -176,7 +188,7 @@ class PredictionService:
         return body
 
     def _store(self, upload: Upload, digest: str, decoded, probability: float, threshold: float,
-               owner: str | None, elapsed_ms: float, provenance: dict[str, Any]) -> dict[str, Any]:
+               owner: str | None, elapsed_ms: float, provenance: dict[str, Any], head: Head) -> dict[str, Any]:
         label, confidence = verdict(probability, threshold)
         prediction_id = uuid.uuid4()
         now = datetime.now(timezone.utc)
@@ -184,13 +196,13 @@ class PredictionService:
             id=prediction_id, created_at=now, media_type="image", filename=safe_filename(upload.filename),
             sha256=digest, size_bytes=len(upload.data), width=decoded.width, height=decoded.height,
             prediction=label, fake_probability=probability, confidence=confidence, threshold=threshold,
-            model_version=self.engine.model_version, processing_ms=round(elapsed_ms, 3),
+            model_version=head.model_version, processing_ms=round(elapsed_ms, 3),
             result_object=object_key(str(prediction_id), ".json", now), status="done", owner=owner)
         record_provenance(row, provenance)
         document = serialize_prediction(row, None, self.settings)
         notes = list(decoded.notes)
         document["input"] = {"format": decoded.format, "mode": decoded.image.mode, "size_bytes": len(upload.data),
-                             "trained_model": self.engine.trained, "notes": notes}
+                             "trained_model": head.trained, "notes": notes}
         self.save(row, document)
         body = serialize_prediction(row, self.store, self.settings)
         body.update(reused=False, notes=notes)

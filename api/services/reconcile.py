@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import select
 
 from api.database import Database
-from api.models import Prediction, VideoPrediction
+from api.models import ModelVersion, Prediction, VideoPrediction
 from api.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,12 @@ def referenced_objects(db: Database, settings) -> dict[tuple[str, str], str]:
                 refs[(settings.bucket_frames, frames_object)] = str(prediction_id)
             if upload_object:
                 refs[(settings.bucket_videos, upload_object)] = str(prediction_id)
+        # Model versions' heads and cards (api/services/model_versions.py) are referenced by their rows.
+        versions = session.execute(select(ModelVersion.id, ModelVersion.head_object, ModelVersion.card_object))
+        for version_id, head_object, card_object in versions:
+            for key in (head_object, card_object):
+                if key:
+                    refs[(settings.bucket_models, key)] = version_id
     return refs
 
 

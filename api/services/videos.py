@@ -43,8 +43,10 @@ from PIL import Image
 
 from api.config import Settings
 from api.database import Database
-from api.detector import InferenceEngine, preprocess_image
+from api.detector import preprocess_image
 from api.detector.config import IMAGE_SIZE
+from api.detector.interface import Engine
+from api.detector.versions import CONFIGURED, Head
 from api.exceptions import (
     InvalidInput,
     NotFound,
@@ -58,8 +60,10 @@ from api.services import series
 from api.services.callbacks import check_callback_url
 from api.services.jobs import JobStore, pid_alive
 from api.services.predictions import (
+    pin_head,
     provenance_limits,
     record_provenance,
+    resolve_threshold,
     run_engine,
     safe_filename,
     serialize_prediction,
@@ -92,17 +96,26 @@ class VideoParams:
     aggregation: str = "mean"
     run_async: bool = False
     callback_url: str | None = None
+    # The head every frame is scored by, pinned when the request came in (a job keeps the version's
+    # id in its params and pins the same head when it runs). None: the one active at analysis.
+    head: Head | None = field(default=None, compare=False)
+    version: str | None = None
+    pinned: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"frames": self.frames, "fps": self.fps, "aggregation": self.aggregation,
-                "async": self.run_async}
+        body: dict[str, Any] = {"frames": self.frames, "fps": self.fps, "aggregation": self.aggregation,
+                                "async": self.run_async}
+        if self.head is not None or self.pinned:
+            body["model_version_id"] = self.head.version if self.head is not None else self.version
+        return body
 
     @classmethod
     def from_row(cls, row: Prediction) -> VideoParams:
         stored = row.video.params or {}
         return cls(threshold=row.threshold, frames=stored.get("frames"), fps=stored.get("fps"),
                    aggregation=stored.get("aggregation", row.video.aggregation),
-                   run_async=bool(stored.get("async", True)), callback_url=row.video.callback_url)
+                   run_async=bool(stored.get("async", True)), callback_url=row.video.callback_url,
+                   version=stored.get("model_version_id"), pinned="model_version_id" in stored)
 
 
 # -- the upload on disk ---------------------------------------------------------------------------
@@ -254,6 +267,8 @@ class Analysis:
     decoding: dict
     timings_ms: dict = field(default_factory=dict)
     provenance: dict | None = None
+    model_version: str = ""  # of the head that scored every frame
+    trained: bool = False
 
 
 class JobQueue(Protocol):
@@ -265,7 +280,7 @@ class JobQueue(Protocol):
 
 # -- the service ------------------------------------------------------------------------------------
 class VideoService:
-    def __init__(self, db: Database, store: ObjectStore, engine: InferenceEngine, settings: Settings,
+    def __init__(self, db: Database, store: ObjectStore, engine: Engine, settings: Settings,
                  jobs: JobStore, queue: JobQueue | None = None) -> None:
         self.db = db
         self.store = store
@@ -279,7 +294,7 @@ class VideoService:
         self._submit_lock = threading.Lock()
 
     # ---------------------------------------------------------------- parameters and upload
-    def parse_params(self, threshold: float, frames: int | None = None, fps: float | None = None,
+    def parse_params(self, threshold: float | None, frames: int | None = None, fps: float | None = None,
                      aggregation: str = "mean", run_async: bool = False,
                      callback_url: str | None = None) -> VideoParams:
         """Typed request values (api/schemas.py checked their types and fixed ranges) -> VideoParams.
@@ -301,8 +316,9 @@ class VideoService:
         if callback_url is not None:
             check_callback_url(callback_url, self.settings.callback_allow_http, self.settings.callback_allow_private)
             run_async = True  # a callback only makes sense for a job
-        return VideoParams(threshold=threshold, frames=frames, fps=fps, aggregation=aggregation,
-                           run_async=run_async, callback_url=callback_url)
+        head = pin_head(self.engine)  # every frame by this head; its card's threshold unless one is given
+        return VideoParams(threshold=resolve_threshold(threshold, head, self.settings), frames=frames, fps=fps,
+                           aggregation=aggregation, run_async=run_async, callback_url=callback_url, head=head)
 
     def spool(self, stream: IO[bytes], filename: str | None) -> SpooledUpload:
         return spool_upload(stream, filename, self.settings.max_video_bytes)
@@ -369,17 +385,22 @@ class VideoService:
                  progress: Callable[[int, int], None] | None = None) -> Analysis:
         indices, sampling = plan_indices(info, params, self.settings.max_video_frames,
                                          self.settings.default_video_frames)
+        head = params.head
+        if head is None:  # a job: the head pinned at submission (by id), or the active one for older jobs
+            head = self.engine.head(params.version or CONFIGURED) if params.pinned else pin_head(self.engine)
         total = len(indices)
         frames: list[dict] = []
         pending: list[tuple[int, int, Any]] = []  # position, index, tensor
         counters = {"done": 0, "skipped": 0, "inference_s": 0.0, "preprocess_s": 0.0}
+        scorers: set[str] = set()  # model versions that scored the chunks: exactly the pinned head's
 
         def flush() -> None:
             if pending:
                 started = time.perf_counter()
-                probabilities = run_engine(self.engine, [tensor for _, _, tensor in pending])
+                scored = run_engine(self.engine, [tensor for _, _, tensor in pending], head)
+                scorers.add(scored.head.model_version)
                 counters["inference_s"] += time.perf_counter() - started
-                for (position, index, _), probability in zip(pending, probabilities, strict=True):
+                for (position, index, _), probability in zip(pending, scored.probabilities, strict=True):
                     frames.append({"index": index, "timestamp_s": round(index / info.fps, 6),
                                    "fake_probability": float(probability), "position": position})
                 counters["done"] += len(pending)
@@ -415,8 +436,12 @@ class VideoService:
                    "inference_ms": round(counters["inference_s"] * 1000, 3)}
         # The container's metadata, read beside the verdict and never feeding it (docs/PROVENANCE.md).
         provenance = read_provenance_of_file(reader.path, self.provenance_limits)
+        if len(scorers) > 1:  # a tier that could not keep the pin: never store a mix under one version
+            raise Unavailable(f"the frames were scored by different model versions ({', '.join(sorted(scorers))}); "
+                              "retry", retry_after=2)
         return Analysis(info=info, frames=frames, sampling=sampling, decoding=decoding, timings_ms=timings,
-                        provenance=provenance)
+                        provenance=provenance, model_version=scorers.pop() if scorers else head.model_version,
+                        trained=head.trained)
 
     # ---------------------------------------------------------------- results
     def _result_fields(self, analysis: Analysis, params: VideoParams) -> dict[str, Any]:
@@ -437,7 +462,7 @@ class VideoService:
                       "sampling": analysis.sampling, "frames": _public_frames(analysis.frames)}
         summary = serialize_prediction(row, None, self.settings)
         summary.update(self.video_fields(row, None, urls=False))
-        summary["trained_model"] = self.engine.trained
+        summary["trained_model"] = analysis.trained
         png = render_timeline(analysis.frames, video.segments or [], analysis.info.duration_s, row.threshold,
                               title=f"{(row.filename or str(row.id))[:60]}: {row.prediction} "
                                     f"({video.aggregation} {row.fake_probability:.3f})")
@@ -450,7 +475,7 @@ class VideoService:
         video = row.video
         row.prediction, row.confidence = fields["prediction"], fields["confidence"]
         row.fake_probability = fields["fake_probability"]
-        row.model_version = self.engine.model_version
+        row.model_version = analysis.model_version
         row.processing_ms = round(elapsed_ms, 3)
         row.width, row.height = analysis.info.width, analysis.info.height
         if analysis.provenance is not None:
@@ -476,7 +501,7 @@ class VideoService:
         now = datetime.now(timezone.utc)
         row = Prediction(id=prediction_id, created_at=now, media_type="video", filename=upload.filename,
                          sha256=upload.sha256, size_bytes=upload.size, threshold=params.threshold,
-                         model_version=self.engine.model_version, owner=owner, status="done")
+                         model_version=analysis.model_version, owner=owner, status="done")
         row.video = VideoPrediction(container=container, aggregation=params.aggregation, params=params.as_dict(),
                                     progress_done=0, progress_total=0)
         self._fill(row, analysis, params, elapsed_ms)
@@ -508,7 +533,8 @@ class VideoService:
             upload_key = object_key(str(prediction_id), CONTAINER_SUFFIX.get(container, ".bin"), now)
             row = Prediction(id=prediction_id, created_at=now, media_type="video", filename=upload.filename,
                              sha256=upload.sha256, size_bytes=upload.size, width=info.width, height=info.height,
-                             threshold=params.threshold, model_version=self.engine.model_version or "pending",
+                             threshold=params.threshold,
+                             model_version=(params.head.model_version if params.head else "") or "pending",
                              owner=owner, status="queued")
             row.video = VideoPrediction(
                 container=container, codec=info.codec[:32], duration_s=info.duration_s, fps=info.fps,

@@ -55,6 +55,45 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/models": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** List the model versions (heads) the service can switch between */
+        get: operations["listModelVersions"];
+        put?: never;
+        /** Add a head (and its model card) as a model version (admin) */
+        post: operations["addModelVersion"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/models/active": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** What answers now: version, model_version, trained, default threshold */
+        get: operations["getActiveModel"];
+        /**
+         * Activate a model version, or go back to the configured head (admin)
+         * @description Requests already running keep the head they started with; every later one gets the new one.
+         */
+        put: operations["activateModelVersion"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/objects/{bucket}/{key}": {
         parameters: {
             query?: never;
@@ -309,6 +348,43 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** ActivateModel */
+        ActivateModel: {
+            /**
+             * @description true: activate the configured head (D3_HEAD_WEIGHTS).
+             * @default false
+             */
+            default: boolean;
+            /**
+             * @description The version to activate: its id, name or a unique sha256 prefix (or send default: true instead).
+             * @example sha256:0123456789ab
+             */
+            version?: string | null;
+        };
+        /** ActiveModelInfo */
+        ActiveModelInfo: {
+            /** @description The database's active row (serving processes follow it within MODEL_VERSION_POLL_S). */
+            database?: {
+                [key: string]: unknown;
+            } | null;
+            /** @description What predictions scored now record as model_version. */
+            model_version: string;
+            /** @description This process's last read of the active version: poll_s, polled_at (Unix time), poll_error. */
+            poll?: {
+                [key: string]: unknown;
+            } | null;
+            /** @enum {string} */
+            source: "configured" | "model_versions";
+            /** @description The default threshold of a request that sends none. */
+            threshold: number;
+            /** @enum {string} */
+            threshold_source: "card" | "settings";
+            trained: boolean;
+            /** @description The id of the version answering in this process (null: the configured head). */
+            version: string | null;
+        } & {
+            [key: string]: unknown;
+        };
         /** Aggregates */
         Aggregates: {
             max: number;
@@ -588,6 +664,64 @@ export interface components {
              * @default 0.5
              */
             threshold: number | null;
+        };
+        /** ModelCardSummary */
+        ModelCardSummary: {
+            calibration?: {
+                [key: string]: unknown;
+            } | null;
+            /** @description When `d3 train` wrote the card. */
+            created_at?: string | null;
+            /** @description The default threshold (chosen by `d3 calibrate`). */
+            threshold?: number | null;
+            /** @description Validation AP and accuracy of the trained head. */
+            validation?: {
+                [key: string]: unknown;
+            } | null;
+            /** @description The same for the head training started from. */
+            validation_start?: {
+                [key: string]: unknown;
+            } | null;
+        } & {
+            [key: string]: unknown;
+        };
+        /** ModelUpload */
+        ModelUpload: {
+            /**
+             * Format: binary
+             * @description Its model card (d3-model-card/1 JSON), optional.
+             */
+            card?: string | null;
+            /**
+             * Format: binary
+             * @description The head checkpoint: the authors' plain state_dict (.pth).
+             */
+            head: string;
+        };
+        /** ModelUploadParams */
+        ModelUploadParams: {
+            /** @description A unique name for the version (letters, digits, . _ -). */
+            name?: string | null;
+        };
+        /** ModelVersionInfo */
+        ModelVersionInfo: {
+            /** @description The version the database says answers now. */
+            active: boolean;
+            card?: components["schemas"]["ModelCardSummary"];
+            created_at: string | null;
+            name?: string | null;
+            sha256: string;
+            size_bytes: number;
+            /** @description Default threshold from its card (null: DEFAULT_THRESHOLD). */
+            threshold?: number | null;
+            /** @description The version's id: its head's sha256:<12 hex>, as in every model_version. */
+            version: string;
+        };
+        /** ModelVersionList */
+        ModelVersionList: {
+            /** @description The active version's id; null: the configured head (D3_HEAD_WEIGHTS). */
+            active: string | null;
+            versions: components["schemas"]["ModelVersionInfo"][];
         };
         /**
          * ObjectLink
@@ -1169,6 +1303,284 @@ export interface operations {
             /** @description A valid key that is not an admin key, from a network not allow-listed */
             403: {
                 headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    listModelVersions: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Every stored version, newest first, with its card's summary */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ModelVersionList"];
+                };
+            };
+            /** @description Missing, malformed, unknown or revoked API key */
+            401: {
+                headers: {
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database or object store is unavailable; see Retry-After */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    addModelVersion: {
+        parameters: {
+            query?: {
+                /** @description A unique name for the version (letters, digits, . _ -). */
+                name?: string | null;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "multipart/form-data": components["schemas"]["ModelUpload"];
+            };
+        };
+        responses: {
+            /** @description This head was stored already; its card or name was updated */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ModelVersionInfo"];
+                };
+            };
+            /** @description Stored as a new version (not activated) */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ModelVersionInfo"];
+                };
+            };
+            /** @description Not a head of the configured backbone (keys, shapes), a bad card or name; nothing stored */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Missing, malformed, unknown or revoked API key */
+            401: {
+                headers: {
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A key that is not an admin key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Request body too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database or object store is unavailable; see Retry-After */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    getActiveModel: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The head that scores a request sent now, and its default threshold */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ActiveModelInfo"];
+                };
+            };
+            /** @description Missing, malformed, unknown or revoked API key */
+            401: {
+                headers: {
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database or object store is unavailable; see Retry-After */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    activateModelVersion: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ActivateModel"];
+            };
+        };
+        responses: {
+            /** @description Activated; every serving process follows within MODEL_VERSION_POLL_S */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ActiveModelInfo"];
+                };
+            };
+            /** @description No version named, or an ambiguous sha256 prefix */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Missing, malformed, unknown or revoked API key */
+            401: {
+                headers: {
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A key that is not an admin key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such version */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Rate limit exceeded (per key, or per client address without one); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database or object store is unavailable; see Retry-After */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
