@@ -81,7 +81,8 @@ def _features_of(source: Path, options: dict[str, Any], *, augment: bool, copies
         raise _fail(exc) from None
     except (DetectorError, Unavailable) as exc:  # the tier failed mid-run: down, hung, overloaded
         cause = getattr(model, "load_error", None) or ""
-        kept = f"; the rows computed so far are in {out}: run the command again to resume" if out else ""
+        kept = f"; the rows computed so far are in {out}: run the command again to resume" \
+            if out is not None and out.exists() else ""
         raise click.ClickException(f"{exc}{f' ({cause})' if cause and cause not in str(exc) else ''}{kept}") \
             from None
 
