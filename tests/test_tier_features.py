@@ -169,3 +169,23 @@ def test_a_tier_that_stops_answering_mid_run_ends_the_command_in_bounded_time(d3
         triton_tier.resume_model()
     assert result.exit_code == 1 and elapsed < BOUND_S + SLACK_S, result.output
     assert f"did not answer within {BOUND_S:g} s" in result.output and "Traceback" not in result.output
+
+
+def test_a_run_that_fails_midway_keeps_its_finished_batches(data, model, tmp_path):
+    from api.detector.training import TrainingError
+
+    folder = tmp_path / "data"
+    for label in ("real", "fake"):
+        (folder / label).mkdir(parents=True)
+        for path in sorted((data["val"] / label).iterdir())[:4]:
+            (folder / label / path.name).write_bytes(path.read_bytes())
+    (folder / "fake" / "zz-broken.png").write_bytes(b"not an image")  # listed last
+    out, kwargs = tmp_path / "f.pt", {"augmentation": Augmentation(enabled=False), "copies": 1, "seed": 0,
+                                      "batch_size": 3}
+    with pytest.raises(TrainingError, match="zz-broken"):
+        extract_features(model, list_labelled_images(folder), out=out, **kwargs)
+    assert len(FeatureSet.load(out)) == 6  # two full batches of three; the seventh and eighth were pending
+    (folder / "fake" / "zz-broken.png").unlink()
+    computed: list[int] = []
+    resumed = extract_features(model, list_labelled_images(folder), out=out, progress=computed.append, **kwargs)
+    assert computed == [6, 2] and len(resumed) == 8
