@@ -135,6 +135,15 @@ def test_tier_features_train_the_same_head(d3, local, remote, tmp_path):
     assert heads["local"].read_bytes() == heads["tier"].read_bytes()
 
 
+def test_train_from_folders_through_the_tier_trains_the_in_process_head(d3, data, triton_tier, tmp_path):
+    heads = {}
+    for name, url in (("local", ""), ("tier", triton_tier.grpc_url)):
+        heads[name] = tmp_path / name / "head.pth"
+        run(d3, "train", data["train"], "--out", heads[name], "--val", data["val"], "--epochs", "30",
+            "--start", "scratch", "--no-progress", *TRAIN_FLAGS, *MODEL, "--inference-url", url)
+    assert heads["local"].read_bytes() == heads["tier"].read_bytes()
+
+
 def test_a_file_begun_in_process_resumes_through_the_tier(d3, data, local, model, triton_tier, tmp_path):
     out = tmp_path / "resumed.pt"
     items = list_labelled_images(data["train"])
