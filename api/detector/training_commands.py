@@ -10,15 +10,12 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from api.detector.commands import _config, _load_model, _settings, list_labelled_images, model_options
-
-F = TypeVar("F", bound=Callable[..., Any])
+from api.detector.commands import F, _config, _load_model, _settings, list_labelled_images, model_options
 
 
 def tier_options(fn: F) -> F:
