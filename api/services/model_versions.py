@@ -28,6 +28,7 @@ from api.config import Settings
 from api.database import Database
 from api.exceptions import InvalidInput, NotFound
 from api.models import ActiveModel, ModelVersion
+from api.services.predictions import iso
 from api.services.records import insert_with_objects, put_objects
 from api.storage import ObjectNotFound, ObjectStore
 
@@ -53,13 +54,6 @@ def card_summary(card: dict[str, Any] | None) -> dict[str, Any] | None:
             "calibration": {k: calibration.get(k) for k in ("target", "max_fpr", "ap")} if calibration else None,
             "belongs_to": card.get("belongs_to"), "epochs_run": card.get("epochs_run"), "seed": card.get("seed")}
 
-
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:  # SQLite hands back naive UTC
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def check_card(card: Any, sha256: str) -> float | None:
@@ -110,7 +104,7 @@ class ModelVersions:
 
     def public(self, row: ModelVersion, active: bool) -> dict[str, Any]:
         return {"version": row.id, "name": row.name, "sha256": row.sha256, "size_bytes": row.size_bytes,
-                "created_at": _iso(row.created_at), "active": active, "threshold": row.threshold,
+                "created_at": iso(row.created_at), "active": active, "threshold": row.threshold,
                 "card": card_summary(row.card)}
 
     def resolve(self, ref: str) -> ModelVersion:
@@ -141,7 +135,7 @@ class ModelVersions:
             row = session.get(ModelVersion, active.version_id) if active and active.version_id else None
             return {"version": row.id if row else None, "name": row.name if row else None,
                     "threshold": row.threshold if row else None,
-                    "activated_at": _iso(active.activated_at) if active else None,
+                    "activated_at": iso(active.activated_at) if active else None,
                     "activated_by": active.activated_by if active else None}
 
     # ------------------------------------------------------------ HeadCatalog (polled by the engines)
