@@ -412,8 +412,9 @@ def _fourcc(value: float) -> str:
 class _Decoder:
     """Runs in the child: holds the capture, the current position and the cost estimates."""
 
-    def __init__(self, cv2, capture, first_frame) -> None:
+    def __init__(self, cv2, capture, first_frame, clock=time.perf_counter) -> None:
         self.cv2 = cv2
+        self.clock = clock  # the tests pass a scripted clock: the cost model's choices are then exact
         self.capture = capture
         self.position = 1  # next frame a grab() returns; frame 0 was read by the probe
         self.first_frame = first_frame
@@ -433,11 +434,11 @@ class _Decoder:
         gap = index - self.position
         if strategy == "auto" and self.grab_s is None and gap > 0:
             # Measure one sequential grab first: the cost model needs its price.
-            started = time.perf_counter()
+            started = self.clock()
             if not self.capture.grab():
                 self.position = index + 1
                 return None
-            self.grab_s = time.perf_counter() - started
+            self.grab_s = self.clock() - started
             self.grabs += 1
             self.position += 1
             gap -= 1
@@ -450,21 +451,21 @@ class _Decoder:
         else:
             use_seek = strategy == "seek" or gap < 0
         if use_seek:
-            started = time.perf_counter()
+            started = self.clock()
             self.capture.set(self.cv2.CAP_PROP_POS_FRAMES, index)
             ok, frame = self.capture.read()
             self.seeks += 1
-            self.seek_s = self._estimate(self.seek_s, time.perf_counter() - started)
+            self.seek_s = self._estimate(self.seek_s, self.clock() - started)
             self.position = index + 1
             return frame if ok else None
-        started = time.perf_counter()
+        started = self.clock()
         for _ in range(gap):
             if not self.capture.grab():
                 self.position = index + 1
                 return None
         self.grabs += gap
         if gap:
-            self.grab_s = self._estimate(self.grab_s, (time.perf_counter() - started) / gap)
+            self.grab_s = self._estimate(self.grab_s, (self.clock() - started) / gap)
         ok, frame = self.capture.read()
         self.grabs += 1
         self.position = index + 1
