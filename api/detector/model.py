@@ -8,19 +8,23 @@ CUDA at import time: Gunicorn forks after import, and a CUDA context does not su
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
 from api.detector.config import IMAGE_SIZE, PATCH_SIZE
 from api.detector.errors import DetectorError
+
+if TYPE_CHECKING:
+    from open_clip.transformer import VisionTransformer
 
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 256: the 16x16 grid of ViT-L/14's tokens
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -28,12 +32,18 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
 
-def register_model_configs() -> None:
-    """Make the project's open_clip configs (d3-tiny) known to open_clip by name; idempotent."""
+def open_clip_module() -> ModuleType:
+    """open_clip, imported on first use with the project's configs registered.
+
+    Importing it (and the torchvision it pulls in) takes seconds; the command-line tools, the
+    checks and the API processes that never build a backbone should not pay that at start.
+    """
     global _registered
+    module = importlib.import_module("open_clip")
     if not _registered:
-        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        module.add_model_config(MODEL_CONFIG_DIR)
         _registered = True
+    return module
 
 
 def shuffle_permutation(seed: int) -> torch.Tensor:
@@ -113,7 +123,7 @@ def _quiet_open_clip() -> Iterator[None]:
 
 def backbone_config(backbone: str) -> dict:
     """The open_clip model config for a backbone name, or a DetectorError naming the known ones."""
-    register_model_configs()
+    open_clip = open_clip_module()
     cfg = open_clip.get_model_config(backbone)
     if cfg is None:
         known = ", ".join(m for m in open_clip.list_models() if m.startswith(("ViT-L-14", "d3-")))
@@ -128,6 +138,9 @@ def build_visual(backbone: str, precision: str = "fp32", *, init_seed: int | Non
     with `materialize_visual`. Otherwise it is randomly initialised from that seed, on the CPU.
     """
     cfg = backbone_config(backbone)
+    open_clip = open_clip_module()
+    from open_clip.transformer import VisionTransformer
+
     device = "meta" if init_seed is None else "cpu"
     # open_clip's fp16/bf16 keep LayerNorm and embeddings in fp32, as OpenAI's CLIP does.
     with _quiet_open_clip(), torch.random.fork_rng(devices=[]), torch.device(device):
@@ -148,12 +161,16 @@ def build_visual(backbone: str, precision: str = "fp32", *, init_seed: int | Non
 
 def _check_activation(visual: nn.Module, backbone: str, *, quick_gelu: bool) -> None:
     # OpenAI weights need QuickGELU; exact GELU shifts features by ~5 % and open_clip only warns.
+    from open_clip.transformer import QuickGELU
+
     acts = {type(block.mlp.gelu) for block in visual.transformer.resblocks}
     if quick_gelu and acts != {QuickGELU}:
         raise DetectorError(f"backbone {backbone!r} asks for QuickGELU but open_clip built {acts}")
 
 
 def uses_quick_gelu(visual: nn.Module) -> bool:
+    from open_clip.transformer import QuickGELU
+
     return all(isinstance(block.mlp.gelu, QuickGELU) for block in visual.transformer.resblocks)
 
 

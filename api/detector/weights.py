@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 from torch import nn
 
@@ -35,6 +34,7 @@ from api.detector.model import (
     build_visual,
     feature_dim,
     materialize_visual,
+    open_clip_module,
     uses_quick_gelu,
 )
 
@@ -151,6 +151,7 @@ def hf_cache_dirs_under(cache_root: Path) -> list[Path]:
 def pretrained_source(backbone: str, tag: str) -> tuple[str, tuple[str, ...], str]:
     """(HF repo id, candidate file names, OpenAI URL) of an open_clip pretrained tag."""
     backbone_config(backbone)  # registers our configs; unknown backbones fail with a clear message
+    open_clip = open_clip_module()
     cfg = open_clip.get_pretrained_cfg(backbone, tag)
     if not cfg or not cfg.get("hf_hub"):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(backbone)) or "none"
@@ -458,7 +459,7 @@ def _checked_visual_state(visual: nn.Module, ref: WeightsRef, backbone: str) -> 
     if not ref.present:
         raise ref.missing_error()
     assert ref.path is not None
-    tag_cfg = open_clip.get_pretrained_cfg(backbone, ref.spec) if ref.kind == "tag" else {}
+    tag_cfg = open_clip_module().get_pretrained_cfg(backbone, ref.spec) if ref.kind == "tag" else {}
     if (tag_cfg.get("quick_gelu") or is_torchscript_archive(ref.path)) and not uses_quick_gelu(visual):
         # OpenAI's weights were trained with QuickGELU; exact GELU silently shifts features ~5 %.
         raise WeightsError(f"backbone {backbone!r} uses exact GELU but {ref.path} holds OpenAI weights trained "
