@@ -27,8 +27,7 @@ from sqlalchemy import select
 from api.config import Settings
 from api.database import Database
 from api.exceptions import InvalidInput, NotFound
-from api.models import ActiveModel, ModelVersion
-from api.services.predictions import iso
+from api.models import ActiveModel, ModelVersion, iso
 from api.services.records import insert_with_objects, put_objects
 from api.storage import ObjectNotFound, ObjectStore
 

@@ -22,7 +22,7 @@ from api.detector import EngineNotReady, EngineOverloaded, EngineTimeout, Infere
 from api.detector.interface import Engine
 from api.detector.versions import Head, Scores
 from api.exceptions import PayloadTooLarge, ServiceError, Unavailable
-from api.models import Prediction
+from api.models import Prediction, iso
 from api.services.records import insert_with_objects
 from api.storage import ObjectStore, StoreUnavailable, object_key
 from api.utils.images import decode_image
@@ -71,14 +71,6 @@ def safe_filename(name: str | None) -> str | None:
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(ch for ch in name if ch.isprintable())
     return name[:255] or None
-
-
-def iso(dt: datetime | None) -> str | None:
-    if dt is None:
-        return None
-    if dt.tzinfo is None:  # SQLite hands back naive UTC
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def resolve_threshold(threshold: float | None, head: Head, settings: Settings) -> float:
