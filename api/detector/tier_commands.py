@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
-from api.detector.commands import _config, _settings, model_options
+from api.detector.commands import _config, _load_model, _settings, model_options
 
 # settings -> (a HeadCatalog or None, why not): how the tier reaches the API's model versions. Set by
 # api/cli.py (the wiring) so this package never imports the services; None: versions off.
@@ -21,6 +22,7 @@ def register(cli: click.Group, catalog_factory: CatalogFactory | None = None) ->
     global _catalog_factory
     _catalog_factory = catalog_factory
     cli.add_command(serve_inference)
+    cli.add_command(export_onnx)
 
 
 @click.command("serve-inference")
@@ -98,3 +100,46 @@ def serve_inference(host: str | None, http_port: int | None, grpc_port: int | No
         tier.stop()
     if not stopped:  # Triton or the model backend died: exit non-zero so systemd restarts the tier
         raise click.ClickException("Triton Inference Server stopped unexpectedly")
+
+
+@click.command("export-onnx")
+@model_options
+@click.option("--out", "repository", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Triton model repository to write <model-name>/config.pbtxt and <model-name>/1/model.onnx into")
+@click.option("--model-name", default="d3", show_default=True, help="the model's name in the repository "
+              "(the API's D3_INFERENCE_MODEL)")
+@click.option("--max-batch-size", type=click.IntRange(1, 4096), default=None,
+              help="Triton's max_batch_size [D3_TRITON_MAX_BATCH_SIZE]")
+@click.option("--check-images", type=click.IntRange(0, 256), default=4, show_default=True,
+              help="seeded random images ONNX Runtime scores against PyTorch before the export is kept (0: skip)")
+def export_onnx(repository: Path, model_name: str, max_batch_size: int | None, check_images: int,
+                **options: Any) -> None:
+    """Export the D3 model (one head, fixed) as ONNX for a stock Triton or a TensorRT build.
+
+    Same model settings as the API; exports in fp32 on the CPU. Writes a model repository a stock
+    Triton serves with its ONNX Runtime backend (`tritonserver --model-repository OUT`), publishing
+    the model's identity as the PyTriton tier does; `trtexec --onnx=.../model.onnx --fp16` makes the
+    TensorRT engine (DEPLOYMENT.md). Refuses an export whose scores differ from PyTorch.
+    """
+    from api.detector.errors import DetectorError
+    from api.detector.onnx_export import export_model_repository
+
+    settings = _settings({**options, "d3_device": "cpu", "d3_precision": "fp32"})
+    config = _config({**options, "d3_device": "cpu", "d3_precision": "fp32"})
+    model = _load_model(config)
+    try:
+        report = export_model_repository(
+            model, repository, model_name=model_name,
+            max_batch_size=max_batch_size or settings.d3_triton_max_batch_size,
+            preferred_batch_sizes=tuple(settings.d3_triton_preferred_batch_size or ()),
+            check_images=check_images)
+    except DetectorError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"exported {report.parameters['d3_model_version']} to {report.model_dir}")
+    if report.max_abs_difference is not None:
+        click.echo(f"ONNX Runtime vs PyTorch on {check_images} images: "
+                   f"max |difference| {report.max_abs_difference:.2e}")
+    if report.parameters["d3_trained"] != "true":
+        click.echo("warning: this model is untrained (random weights): its scores mean nothing", err=True)
+    click.echo(f"serve it: tritonserver --model-repository {repository}; then D3_INFERENCE_URL=grpc://HOST:8001"
+               f" D3_INFERENCE_MODEL={model_name}")
