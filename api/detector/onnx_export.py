@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -47,10 +46,6 @@ class ExportReport:
     config_path: Path
     parameters: dict[str, str]
     max_abs_difference: float | None  # ONNX Runtime against PyTorch on sample images; None: not checked
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"model_dir": str(self.model_dir), "onnx": str(self.onnx_path), "config": str(self.config_path),
-                "parameters": self.parameters, "max_abs_difference": self.max_abs_difference}
 
 
 def model_config_text(parameters: dict[str, str], *, model_name: str = MODEL_NAME, max_batch_size: int = 64,

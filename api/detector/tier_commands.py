@@ -121,12 +121,12 @@ def export_onnx(repository: Path, model_name: str, max_batch_size: int | None, c
     the model's identity as the PyTriton tier does; `trtexec --onnx=.../model.onnx --fp16` makes the
     TensorRT engine (DEPLOYMENT.md). Refuses an export whose scores differ from PyTorch.
     """
+    from api.detector.config import DetectorConfig
     from api.detector.errors import DetectorError
     from api.detector.onnx_export import export_model_repository
 
     settings = _settings({**options, "d3_device": "cpu", "d3_precision": "fp32"})
-    config = _config({**options, "d3_device": "cpu", "d3_precision": "fp32"})
-    model = _load_model(config)
+    model = _load_model(DetectorConfig.from_settings(settings))
     try:
         report = export_model_repository(
             model, repository, model_name=model_name,
