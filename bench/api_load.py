@@ -63,12 +63,17 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def start_service(env: dict[str, str], workdir: Path, port: int) -> subprocess.Popen:
+def on_cpus(cpus: list[int] | None):
+    """A Popen preexec_fn that keeps the child (and all it starts) on these CPUs; None: anywhere."""
+    return None if not cpus else (lambda: os.sched_setaffinity(0, cpus))
+
+
+def start_service(env: dict[str, str], workdir: Path, port: int, cpus: list[int] | None = None) -> subprocess.Popen:
     subprocess.run([sys.executable, "-m", "api.cli", "db", "upgrade"], env=env, cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
     process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn_config.py", "api.app:app"],
                                env=env, cwd=ROOT, stdout=open(workdir / "gunicorn.log", "w"),  # noqa: SIM115 - lives with the process
-                               stderr=subprocess.STDOUT)
+                               stderr=subprocess.STDOUT, preexec_fn=on_cpus(cpus))
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
@@ -163,7 +168,8 @@ def engine_latency(env: dict[str, str], images: list[bytes], repeats: int) -> tu
 
 
 # ---------------------------------------------------------------- the inference tier
-def start_tier(model_env: dict[str, str], workdir: Path, max_batch: int, queue_delay_us: int) -> dict:
+def start_tier(model_env: dict[str, str], workdir: Path, max_batch: int, queue_delay_us: int,
+               cpus: list[int] | None = None) -> dict:
     """`d3 serve-inference` on free loopback ports; returns its process and addresses once ready."""
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("D3_")}, **model_env,
@@ -172,7 +178,8 @@ def start_tier(model_env: dict[str, str], workdir: Path, max_batch: int, queue_d
     argv = [sys.executable, "-m", "api.cli", "serve-inference", "--host", "127.0.0.1", "--http-port",
             str(ports["http"]), "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"])]
     log = open(workdir / "tier.log", "w")  # noqa: SIM115 - lives with the process
-    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=on_cpus(cpus))
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -259,54 +266,98 @@ def tier_metrics(metrics_port: int) -> dict[str, float]:
     return values
 
 
+def run_api(env: dict[str, str], workdir: Path, mode: str, workers: int, tier: dict | None = None,
+            cpus: list[int] | None = None):
+    """Gunicorn in `mode` ("tier": D3_INFERENCE_URL at the tier; "in-process": a model per worker),
+    every worker ready and the connections warm; returns (process, url)."""
+    port = free_port()
+    mode_env = {**env, "BIND": f"127.0.0.1:{port}", "INSTANCE_DIR": str(workdir / f"instance-{mode}"),
+                "GUNICORN_LOG_DIR": str(workdir / f"logs-{mode}")}
+    if tier is not None:
+        mode_env.update({"D3_INFERENCE_URL": f"grpc://{tier['grpc']}", "D3_INFERENCE_TIMEOUT_S": "3600"})
+    process = start_service(mode_env, workdir, port, cpus)
+    url = f"http://127.0.0.1:{port}"
+    wait_all_workers(url, make_images(1)[0], workers)
+    return process, url
+
+
 def run_tier_comparison(args: argparse.Namespace, env: dict[str, str], workdir: Path, images: list[bytes]) -> None:
-    """API through the tier vs the tier's best batch, and the API with its in-process engine beside it."""
+    """API through the tier vs the tier's best batch, and the API with its in-process engine beside it.
+
+    This CPU's speed drifts by up to 2x within minutes, so the share is measured in paired rounds:
+    the tier alone at its best batch, then the API through it, right after each other.
+
+    With --tier-cpus/--api-cpus the tier runs on its own CPUs and the API, its workers and this load
+    generator on others, as on a GPU host, where the model does not compete with the API's work."""
     model_env = {k: v for k, v in env.items() if k.startswith("D3_")}
-    tier = start_tier(model_env, workdir, args.tier_max_batch, args.tier_queue_delay_us)
-    results: list[tuple[str, int, dict]] = []
+    if args.api_cpus:
+        os.sched_setaffinity(0, args.api_cpus)  # this process: the load generator and the tier-alone client
+    tier = start_tier(model_env, workdir, args.tier_max_batch, args.tier_queue_delay_us, args.tier_cpus)
+    rounds: list[tuple[float, dict]] = []
+    in_process: list[tuple[int, dict]] = []
+    concurrency = max(args.concurrency)
+    total = max(concurrency * 2, args.requests)
     try:
         best_rows = tier_best_batch(tier["grpc"], args.tier_batch_sizes, args.tier_seconds, args.tier_clients)
-        best_batch, best_ips = max(best_rows, key=lambda r: r[1])
-        for mode in ("tier", "in-process") if not args.no_in_process else ("tier",):
-            port = free_port()
-            mode_env = {**env, "BIND": f"127.0.0.1:{port}", "INSTANCE_DIR": str(workdir / f"instance-{mode}"),
-                        "GUNICORN_LOG_DIR": str(workdir / f"logs-{mode}")}
-            if mode == "tier":
-                mode_env.update({"D3_INFERENCE_URL": f"grpc://{tier['grpc']}", "D3_INFERENCE_TIMEOUT_S": "3600"})
-            process = start_service(mode_env, workdir, port)
-            try:
-                url = f"http://127.0.0.1:{port}"
-                wait_all_workers(url, images[0], int(args.workers))
-                drive(url, images, 4, 2, "/predict", 1)  # warm the connections (and the in-process models)
+        best_batch = max(best_rows, key=lambda r: r[1])[0]
+        process, url = run_api(env, workdir, "tier", int(args.workers), tier, args.api_cpus)
+        try:
+            drive(url, images, 4, 2, "/predict", 1)
+            for _ in range(args.rounds):
+                [(_, alone)] = tier_best_batch(tier["grpc"], [best_batch], args.tier_seconds, args.tier_clients)
                 before = tier_metrics(tier["metrics"])
-                for concurrency in args.concurrency:
-                    total = max(concurrency * 2, args.requests)
-                    result = drive(url, images, total, concurrency, "/predict", 1)
-                    after = tier_metrics(tier["metrics"])
-                    images_in = after["nv_inference_count"] - before["nv_inference_count"]
-                    batches = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
-                    result["tier_batch"] = images_in / max(1.0, batches)
-                    before = after
-                    results.append((mode, concurrency, result))
+                result = drive(url, images, total, concurrency, "/predict", 1)
+                after = tier_metrics(tier["metrics"])
+                images_in = after["nv_inference_count"] - before["nv_inference_count"]
+                batches = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
+                result["tier_batch"] = images_in / max(1.0, batches)
+                rounds.append((alone, result))
+                print(f"round {len(rounds)}: tier alone {alone:.2f}, API {result['images_s']:.2f} images/s",
+                      file=sys.stderr, flush=True)
+        finally:
+            process.terminate()
+            process.wait(60)
+        if not args.no_in_process:
+            process, url = run_api(env, workdir, "in-process", int(args.workers), cpus=args.tier_cpus)
+            try:
+                drive(url, images, 4, 2, "/predict", 1)
+                in_process.append((concurrency, drive(url, images, total, concurrency, "/predict", 1)))
             finally:
                 process.terminate()
                 process.wait(60)
     finally:
         stop_tier(tier)
 
-    print(f"\nInference tier: {env['D3_BACKBONE']} (random weights), device {args.device}; API gunicorn "
-          f"{args.workers} worker(s) x {args.threads} threads; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs\n")
+    print(f"\nInference tier: {env['D3_BACKBONE']} (random weights), device {args.device}; Triton max batch "
+          f"{args.tier_max_batch}, {env.get('D3_TRITON_INSTANCES', 'default')} instance(s); API gunicorn "
+          f"{args.workers} worker(s) x {args.threads} threads, {concurrency} clients, {total} requests a round; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"{cpu_layout(args)}\n")
     print("| tier alone: batch | images/s |\n| --- | --- |")
     for batch, ips in best_rows:
         print(f"| {batch} | {num(ips)} |")
-    print(f"\nbest batch: {best_batch} at {num(best_ips)} images/s\n")
-    print("| API engine | clients | images/s | share of the tier's best | p50 ms | p95 ms | mean tier batch |")
+    print(f"\nPaired rounds at the best batch ({best_batch}):\n")
+    print("| round | tier alone, images/s | API via the tier, images/s | share | p50 ms | p95 ms | mean tier batch |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for mode, concurrency, r in results:
-        batch = f"{r['tier_batch']:.1f}" if mode == "tier" else "-"
-        print(f"| {mode} | {concurrency} | {num(r['images_s'])} | {r['images_s'] / best_ips:.2f} | "
-              f"{num(r['p50'])} | {num(r['p95'])} | {batch} |")
+    shares = []
+    for index, (alone, r) in enumerate(rounds, 1):
+        shares.append(r["images_s"] / alone)
+        print(f"| {index} | {num(alone)} | {num(r['images_s'])} | {shares[-1]:.2f} | {num(r['p50'])} | "
+              f"{num(r['p95'])} | {r['tier_batch']:.1f} |")
+    median_alone = statistics.median(alone for alone, _ in rounds)
+    print(f"\nshare of the tier's best through the API: median {statistics.median(shares):.2f} "
+          f"(min {min(shares):.2f}, max {max(shares):.2f}; target >= 0.8)")
+    for clients, r in in_process:
+        print(f"in-process API (a model per worker), {clients} clients: {num(r['images_s'])} images/s = "
+              f"{r['images_s'] / median_alone:.2f} of the tier alone's median ({num(median_alone)}); "
+              f"p50 {num(r['p50'])} ms, p95 {num(r['p95'])} ms")
+
+
+def cpu_layout(args: argparse.Namespace) -> str:
+    if not args.tier_cpus and not args.api_cpus:
+        return "the tier, the API and the load generator share every CPU"
+    return (f"the tier on CPUs {args.tier_cpus or 'any'}, the API and the load generator on CPUs "
+            f"{args.api_cpus or 'any'} (the in-process API: on the tier's CPUs)")
 
 
 def main() -> None:
@@ -333,6 +384,10 @@ def main() -> None:
     tier.add_argument("--tier-max-batch", type=int, default=32, help="D3_TRITON_MAX_BATCH_SIZE of the tier")
     tier.add_argument("--tier-queue-delay-us", type=int, default=2000,
                       help="D3_TRITON_MAX_QUEUE_DELAY_MICROSECONDS of the tier")
+    tier.add_argument("--rounds", type=int, default=3, help="paired rounds: the tier alone, then the API through it")
+    tier.add_argument("--tier-instances", type=int, help="D3_TRITON_INSTANCES of the tier (default: the setting's)")
+    tier.add_argument("--tier-cpus", type=int, nargs="+", help="CPUs of the tier (default: all)")
+    tier.add_argument("--api-cpus", type=int, nargs="+", help="CPUs of the API and this load generator (default: all)")
     tier.add_argument("--no-in-process", action="store_true", help="skip the in-process API run")
     args = parser.parse_args()
 
@@ -351,6 +406,8 @@ def main() -> None:
         env["D3_MAX_BATCH_SIZE"] = args.max_batch_size
     if not args.tiny:  # ViT-L/14 on a CPU takes minutes per batch: never let the engine time out here
         env["D3_INFER_TIMEOUT_S"] = "86400"
+    if args.tier_instances is not None:
+        env["D3_TRITON_INSTANCES"] = str(args.tier_instances)
     images = make_images(64)
     if args.inference_tier:
         run_tier_comparison(args, env, workdir, images)

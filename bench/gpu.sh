@@ -34,7 +34,7 @@ if [ "$CPU" -eq 1 ]; then
     MODEL=(--tiny --device cpu)
     THROUGHPUT=(--max-batch 2 --iters 1 --min-seconds 0 --engine-seconds 0 --callers 1 --compare-images 2)
     TIER=(--tier-batch-sizes 1 2 --tier-seconds 0.5 --tier-max-batch 8 --requests 4 --concurrency 2
-          --workers "${API_WORKERS:-1}" --threads 2)
+          --rounds 1 --workers "${API_WORKERS:-1}" --threads 2)
     PRECISIONS=(fp32 bf16)
     COMPARE=bf16
 else
@@ -44,7 +44,7 @@ else
     THROUGHPUT=(--max-batch 256 --iters 5 --min-seconds 1 --engine-seconds 5 --callers 64 --engine-batch 64
                 --compare-images 64)
     TIER=(--tier-batch-sizes 16 32 64 128 --tier-seconds 3 --tier-max-batch 128 --tier-clients 3
-          --requests 3000 --concurrency 64 --workers "${API_WORKERS:-8}" --threads 16)
+          --requests 3000 --concurrency 64 --rounds 3 --workers "${API_WORKERS:-8}" --threads 16)
     PRECISIONS=(fp16 bf16)
     COMPARE=fp16,bf16
 fi

@@ -318,6 +318,21 @@ def test_preprocess_is_bilinear_squash_not_open_clip_crop():
     assert (preprocess_image(img) - bicubic(img)).abs().max().item() > 0.1
 
 
+def test_pixels_of_gives_back_exactly_the_pixels_the_images_came_from():
+    from api.detector.preprocess import normalize_pixels, pixels_of
+
+    # Every 8-bit value in every channel, at several places.
+    values = np.arange(224 * 224, dtype=np.int64).reshape(224, 224) % 256
+    pixels = np.stack([np.stack([(values + shift) % 256 for shift in (0, 85, 170)])]).astype(np.uint8)
+    images = normalize_pixels(pixels)
+    assert np.array_equal(pixels_of(images), pixels)
+    one = preprocess_image(Image.fromarray(np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8)))
+    assert np.array_equal(normalize_pixels(pixels_of(one.numpy()[None])), one.numpy()[None])
+    # Floats that no 8-bit pixels give: None, never pixels that are only close.
+    assert pixels_of(images + np.float32(1e-3)) is None
+    assert pixels_of(np.full((1, 3, 224, 224), 40.0, dtype=np.float32)) is None
+
+
 def test_rgba_alpha_is_dropped_not_composited():
     img = Image.new("RGBA", (30, 30), (200, 10, 10, 0))  # fully transparent red stays red
     x = preprocess_image(img)

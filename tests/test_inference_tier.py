@@ -75,6 +75,47 @@ def test_the_tier_serves_the_models_identity_health_and_metrics(triton_tier, tin
     assert config["max_batch_size"] == 64 and batching["max_queue_delay_microseconds"] == 10000
     assert batching["default_queue_policy"]["max_queue_size"] == 8
     assert "nv_inference_count" in triton_tier.metrics()
+    # Two instances of the one model (D3_TRITON_INSTANCES' default); the float32 images or their
+    # uint8 pixels, either optional.
+    assert [group["count"] for group in config["instance_group"]] == [2]
+    inputs = {i["name"]: i for i in config["input"]}
+    assert inputs["images"]["data_type"] == "TYPE_FP32" and inputs["pixels"]["data_type"] == "TYPE_UINT8"
+    assert inputs["images"]["optional"] and inputs["pixels"]["optional"]
+
+
+def test_the_tier_scores_pixels_and_images_alike_even_in_one_batch(triton_tier, tiny_engine):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from api.detector.preprocess import pixels_of
+
+    images = np.stack([preprocess_image(Image.open(io.BytesIO(image_bytes(seed=s)))).numpy() for s in range(3)])
+    pixels = pixels_of(images)
+    assert pixels is not None and pixels.dtype == np.uint8
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{triton_tier.grpc_port}")
+
+    def request(name: str, array, datatype: str, head: bool) -> list:
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs = [tensor]
+        if head:  # what the API adds; a stock client does not
+            version = grpcclient.InferInput("head_version", [len(array), 1], "BYTES")
+            version.set_data_from_numpy(np.array([[b""]] * len(array), dtype=np.object_))
+            inputs.append(version)
+        return inputs
+
+    try:
+        # Sent together, inside the tier's 10 ms window: requests with other inputs meet in one
+        # batch and must each be answered, not fail the batch.
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(client.infer, "d3", request(*args)) for args in (
+                ("images", images, "FP32", False), ("pixels", pixels, "UINT8", True),
+                ("images", images, "FP32", True), ("pixels", pixels, "UINT8", False))]
+            answers = [f.result().as_numpy("fake_probability").reshape(-1).tolist() for f in futures]
+    finally:
+        client.close()
+    assert answers[0] == answers[1] == answers[2] == answers[3]  # bit for bit
+    assert answers[0] == pytest.approx(in_process(tiny_engine, [image_bytes(seed=s) for s in range(3)]), abs=1e-6)
 
 
 def test_the_command_re_executes_with_its_own_libpython():
@@ -153,6 +194,25 @@ def test_predict_and_batch_match_the_in_process_engine(remote_client, local_clie
     # The batch's items went to the tier as one request of six images.
     assert after["nv_inference_request_success"] - before["nv_inference_request_success"] == 1
     assert after["nv_inference_count"] - before["nv_inference_count"] == 6
+
+
+def test_the_api_sends_pixels_and_falls_back_to_floats(remote_engine, tiny_engine):
+    import torch
+
+    sent: list[str] = []
+    send = remote_engine._send
+
+    def spy(inputs, *args):
+        sent.append(inputs[0][2])
+        return send(inputs, *args)
+
+    remote_engine._send = spy
+    images = [preprocess_image(Image.open(io.BytesIO(image_bytes(seed=s)))) for s in range(2)]
+    assert remote_engine.predict(images) == pytest.approx(tiny_engine.predict(images), abs=1e-6)
+    # Tensors that are not normalised 8-bit pixels go as they are, and still score as in-process.
+    noise = [torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    assert remote_engine.predict(noise) == pytest.approx(tiny_engine.predict(noise), abs=1e-6)
+    assert sent == ["UINT8", "FP32"]
 
 
 def test_video_frames_match_the_in_process_engine(remote_client, local_client, tmp_path):
@@ -401,7 +461,8 @@ def test_gpu_bench_script_runs_on_the_cpu():
     # fp32, the tier alone, and the API through the tier.
     assert out.count("| batch | latency per forward (ms) | images/s |") == 2
     assert "max |p_bf16 - p_fp32|" in out and "| tier alone: batch | images/s |" in out
-    assert "| tier | 2 |" in out and "gpu.sh: done in" in out
+    assert "| 1 |" in out.split("Paired rounds at the best batch", 1)[1]
+    assert "share of the tier's best through the API: median" in out and "gpu.sh: done in" in out
 
 
 def test_deploy_installs_the_tier_unit_when_the_url_is_on_this_host(tmp_path):

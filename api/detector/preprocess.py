@@ -30,12 +30,31 @@ def preprocess_image(img: Image.Image) -> torch.Tensor:
     # image skips it (it would only copy) since resize makes a new image anyway.
     rgb = img if img.mode == "RGB" else img.convert("RGB")
     rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-    # CHW float32 copy, then ToTensor's /255 and Normalize's -mean, /std, in place.
-    array = np.asarray(rgb).transpose(2, 0, 1).astype(np.float32, order="C")
+    return torch.from_numpy(normalize_pixels(np.asarray(rgb).transpose(2, 0, 1)))
+
+
+def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels, 3x224x224 or Nx3x224x224 -> a C-ordered float32 copy with ToTensor's /255 and
+    Normalize's -mean, /std applied in place. The one normalisation: the inference tier applies it
+    to the pixels the API sends, so both give the same floats bit for bit."""
+    array = pixels.astype(np.float32, order="C")
     np.divide(array, np.float32(255), out=array)
     np.subtract(array, _MEAN, out=array)
     np.divide(array, _STD, out=array)
-    return torch.from_numpy(array)
+    return array
+
+
+def pixels_of(images: np.ndarray) -> np.ndarray | None:
+    """The uint8 pixels that normalize_pixels turns into exactly these float32 images, or None when
+    there are none (images that did not come from 8-bit pixels).
+
+    The inverse is rounded to the nearest integer and then checked by normalising it again, so a
+    caller that sends the pixels instead of the floats changes no score, not even in the last bit."""
+    restored = np.rint((images * _STD + _MEAN) * np.float32(255))
+    if restored.min(initial=0) < 0 or restored.max(initial=0) > 255:
+        return None
+    pixels = restored.astype(np.uint8)
+    return pixels if np.array_equal(normalize_pixels(pixels), images) else None
 
 
 # Spec §6 robustness perturbations, applied by `d3 eval` to the RGB image before preprocess_image,

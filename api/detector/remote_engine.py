@@ -88,6 +88,7 @@ class TierModel:
     precision: str
     device: str
     version_input: str | None = None  # the tier takes a pinned model version per request
+    pixel_input: str | None = None  # ... and the uint8 pixels instead of the float32 images
     version_output: str | None = None  # ... and names the model_version that scored each image
 
     @classmethod
@@ -109,6 +110,7 @@ class TierModel:
                    backbone=params.get("d3_backbone", ""), precision=params.get("d3_precision", ""),
                    device=params.get("d3_device", ""),
                    version_input="head_version" if "head_version" in input_names else None,
+                   pixel_input="pixels" if "pixels" in input_names else None,
                    version_output="model_version" if "model_version" in output_names else None)
 
 
@@ -374,30 +376,42 @@ class RemoteEngine:
         import numpy as np
         import torch
 
+        from api.detector.preprocess import pixels_of
+
         model = self._connected_model(deadline, bound)
         batch = torch.stack(list(tensors)).numpy()
-        if model.input_dtype == "FP16":
-            batch = batch.astype(np.float16)
+        # A quarter of the bytes to encode, send and decode, and the same floats on the tier: the
+        # pixels the images were normalised from, when the tier takes them and they exist.
+        pixels = pixels_of(batch) if model.pixel_input else None
+        if pixels is not None:
+            name, batch, datatype = model.pixel_input, pixels, "UINT8"
+        else:
+            name, datatype = model.input_name, model.input_dtype
+            if datatype == "FP16":
+                batch = batch.astype(np.float16)
         # The head by id ("" = the tier's active one, "configured" = its D3_HEAD_WEIGHTS), when the tier takes one.
         pin = "" if head is None else (head.version or CONFIGURED)
         results: list[float] = []
         versions: list[str] = []
         for start in range(0, len(batch), model.max_batch_size):
-            scores, names = self._infer(model, batch[start:start + model.max_batch_size], deadline, bound, pin)
+            images = (name, batch[start:start + model.max_batch_size], datatype)
+            scores, names = self._infer(model, images, deadline, bound, pin)
             results.extend(scores)
             versions.extend(names)
         with self._lock:
             self._stats["images_processed"] += len(results)
         return results, versions
 
-    def _infer(self, model: TierModel, batch: Any, deadline: float, bound: float,
+    def _infer(self, model: TierModel, images: tuple[str, Any, str], deadline: float, bound: float,
                pin: str = "") -> tuple[list[float], list[str]]:
+        """One call of (input name, batch, datatype) images; their scores and the versions that scored them."""
         import numpy as np
 
-        inputs = [(model.input_name, batch, model.input_dtype)]
+        inputs = [images]
+        count = len(images[1])
         outputs = [model.output_name]
         if model.version_input:
-            inputs.append((model.version_input, np.array([[pin.encode()]] * len(batch), dtype=np.object_), "BYTES"))
+            inputs.append((model.version_input, np.array([[pin.encode()]] * count, dtype=np.object_), "BYTES"))
         if model.version_output:
             outputs.append(model.version_output)
         response = self._send(inputs, outputs, deadline, bound)

@@ -42,6 +42,9 @@ OUTPUT_NAME = "fake_probability"
 # element per image, all the same; "" = the tier's active head, "configured" = D3_HEAD_WEIGHTS), and
 # every image's answer names the model_version that scored it.
 VERSION_INPUT = "head_version"
+# The API sends the uint8 pixels its images were normalised from (a quarter of the bytes); the
+# tier normalises them with the same function. A stock client sends the float32 `images`.
+PIXEL_INPUT = "pixels"
 VERSION_OUTPUT = "model_version"
 # Keys of the model config `parameters` that carry the model's identity (strings, as Triton has them).
 IDENTITY_KEYS = ("d3_model_version", "d3_trained", "d3_backbone", "d3_precision", "d3_device")
@@ -60,6 +63,7 @@ class TierConfig:
     max_queue_delay_microseconds: int = 2000
     max_queue_size: int = 256
     queue_timeout_microseconds: int = 0
+    instances: int = 2
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> TierConfig:
@@ -73,6 +77,7 @@ class TierConfig:
             max_queue_delay_microseconds=settings.d3_triton_max_queue_delay_microseconds,
             max_queue_size=settings.d3_triton_max_queue_size,
             queue_timeout_microseconds=settings.d3_triton_queue_timeout_microseconds,
+            instances=settings.d3_triton_instances,
         )
         return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -125,7 +130,8 @@ def identity_parameters(model: Any, device: Any) -> dict[str, str]:
 
 
 def make_infer_function(model: Any, device: Any, heads: Any = None) -> Callable:
-    """Triton's batched callable: images (N x 3 x 224 x 224 float32) [+ head_version (N x 1 bytes)]
+    """Triton's batched callable: images (N x 3 x 224 x 224 float32) or pixels (the same, uint8)
+    [+ head_version (N x 1 bytes)]
     -> fake_probability (N x 1) and model_version (N x 1 bytes).
 
     `heads` (a HeadSwitcher): each request's rows are scored by the head it names, or by the one
@@ -133,8 +139,9 @@ def make_infer_function(model: Any, device: Any, heads: Any = None) -> Callable:
     one head. A version that cannot be loaded fails the batch (the API answers 503)."""
     import numpy as np
     import torch
-    from pytriton.decorators import batch
+    from pytriton.decorators import batch, group_by_keys
 
+    from api.detector.preprocess import normalize_pixels
     from api.detector.versions import CONFIGURED, base_head, score_heads
 
     pin = getattr(device, "type", "cpu") == "cuda"
@@ -149,8 +156,15 @@ def make_infer_function(model: Any, device: Any, heads: Any = None) -> Callable:
             raise ValueError(f"model version {name!r} requested but this tier does not follow model versions")
         return heads.get(name)
 
+    # Requests with different inputs (pixels or images, with or without a head) are batched apart:
+    # @batch stacks only requests of the same inputs.
+    @group_by_keys
     @batch
-    def infer(images: np.ndarray, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
+        pixels = inputs.get(PIXEL_INPUT)
+        images = normalize_pixels(pixels) if pixels is not None else inputs.get(INPUT_NAME)
+        if images is None:
+            raise ValueError(f"send {INPUT_NAME!r} (float32) or {PIXEL_INPUT!r} (uint8)")
         x = torch.from_numpy(images)
         if pin:  # page-locked host memory: the copy to the GPU runs asynchronously
             x = x.pin_memory()
@@ -237,9 +251,12 @@ class InferenceTier:
                              workspace=short_workspace([MODEL_NAME, *(m.model_name for m in self.extra_models)]))
         self.triton.bind(
             model_name=MODEL_NAME,
-            infer_func=make_infer_function(self.model, self.device, self.heads),
-            inputs=[Tensor(name=INPUT_NAME, dtype=np.float32, shape=(3, 224, 224)),
-                    Tensor(name=VERSION_INPUT, dtype=bytes, shape=(1,), optional=True)],
+            # Several instances share the one model (its forward keeps no state): while one batch is
+            # handed between Triton and this process, another computes (docs/PERFORMANCE.md).
+            infer_func=[make_infer_function(self.model, self.device, self.heads) for _ in range(tier.instances)],
+            inputs=[Tensor(name=INPUT_NAME, dtype=np.float32, shape=(3, 224, 224), optional=True),
+                    Tensor(name=VERSION_INPUT, dtype=bytes, shape=(1,), optional=True),
+                    Tensor(name=PIXEL_INPUT, dtype=np.uint8, shape=(3, 224, 224), optional=True)],
             outputs=[Tensor(name=OUTPUT_NAME, dtype=np.float32, shape=(1,)),
                      Tensor(name=VERSION_OUTPUT, dtype=bytes, shape=(1,))],
             config=ModelConfig(max_batch_size=tier.max_batch_size, batcher=batcher),
