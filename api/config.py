@@ -120,8 +120,8 @@ class Settings(BaseSettings):
     d3_triton_max_batch_size: int = Field(64, ge=1, le=4096, description="images per forward on the tier")
     d3_triton_preferred_batch_size: IntList = Field((), description="batch sizes Triton prefers; empty = largest")
     d3_triton_max_queue_delay_microseconds: int = Field(2000, ge=0, description="how long a batch waits for more")
-    d3_triton_instances: int = Field(2, ge=1, le=16, description="model instances on the tier, one copy of the "
-                                     "weights: one batch moves while another computes")
+    d3_triton_instances: int = Field(1, ge=1, le=16, description="model instances on the tier, one copy of the "
+                                     "weights: one batch moves while another computes (2: see PERFORMANCE)")
     d3_triton_max_queue_size: int = Field(256, ge=0, description="requests waiting on the tier; more: 503")
     d3_triton_queue_timeout_microseconds: int = Field(0, ge=0, description="longer in the queue: 503; 0 = never")
 

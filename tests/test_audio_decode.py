@@ -4,6 +4,7 @@ encoded at test time, come back as 16 kHz mono float32; hostile files fail clean
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -144,5 +145,6 @@ def test_the_memory_limit_applies_to_the_child(tmp_path):
     with pytest.raises(AudioDecodeError) as caught:
         decode(path, memory_mb=150)
     assert caught.value.kind in ("memory", "crashed")
-    assert "memory limit of 150 MB" in caught.value.message
+    # Over the limit the decoder either fails to allocate or is killed by it: both name the limit.
+    assert re.search(r"memory limit (of )?150 MB", caught.value.message), caught.value.message
     assert decode(path).duration_s == pytest.approx(60.0)

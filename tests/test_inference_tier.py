@@ -75,9 +75,9 @@ def test_the_tier_serves_the_models_identity_health_and_metrics(triton_tier, tin
     assert config["max_batch_size"] == 64 and batching["max_queue_delay_microseconds"] == 10000
     assert batching["default_queue_policy"]["max_queue_size"] == 8
     assert "nv_inference_count" in triton_tier.metrics()
-    # Two instances of the one model (D3_TRITON_INSTANCES' default); the float32 images or their
-    # uint8 pixels, either optional.
-    assert [group["count"] for group in config["instance_group"]] == [2]
+    # One instance of the model (D3_TRITON_INSTANCES' default); the float32 images or their uint8
+    # pixels, either optional.
+    assert [group["count"] for group in config["instance_group"]] == [1]
     inputs = {i["name"]: i for i in config["input"]}
     assert inputs["images"]["data_type"] == "TYPE_FP32" and inputs["pixels"]["data_type"] == "TYPE_UINT8"
     assert inputs["images"]["optional"] and inputs["pixels"]["optional"]

@@ -63,7 +63,7 @@ class TierConfig:
     max_queue_delay_microseconds: int = 2000
     max_queue_size: int = 256
     queue_timeout_microseconds: int = 0
-    instances: int = 2
+    instances: int = 1
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> TierConfig:
