@@ -519,7 +519,7 @@ class LocalCluster:
 _SANDBOX = """
 set -e
 while [ "$1" != -- ]; do
-    mount --bind "${1%%=*}" "${1#*=}"
+    mount --rbind "${1%%=*}" "${1#*=}"  # recursive: with the checkout bound inside, if any
     shift
 done
 shift
@@ -565,9 +565,19 @@ def sandboxed(argv: list[str], mounts: list[tuple[Path, str, bool]], ids: tuple[
     if not SANDBOX:
         return argv
     # Not over the folder the volumes themselves live in (/dev/shm: writable here anyway).
-    over = [f"{folder}={path}" for folder, path, _ in mounts
-            if os.path.isdir(path) and path != "/" and not str(folder).startswith(path.rstrip("/") + "/")]
+    over = []
+    for folder, path, _ in mounts:
+        if not os.path.isdir(path) or path == "/" or str(folder).startswith(path.rstrip("/") + "/"):
+            continue
+        if str(ROOT).startswith(path.rstrip("/") + "/"):  # a checkout under /tmp: keep it visible there
+            inside = Path(folder) / ROOT.relative_to(path)
+            inside.mkdir(parents=True, exist_ok=True)
+            over.append(f"{ROOT}={inside}")
+        over.append(f"{folder}={path}")
     readonly = [str(folder) for folder, _, read_only in mounts if read_only]
+    # The checkout bound into a volume is as read-only as the rest of the root filesystem, at both
+    # of its paths (settings rewritten to the volume's folder reach it there).
+    readonly += [part for entry in over if entry.startswith(f"{ROOT}=") for part in entry.split("=", 1)]
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _SANDBOX, "sandbox",
             *over, "--", *readonly, "--", f"{ids[0]}:{ids[1]}" if ids else "-", *argv]
 
