@@ -63,6 +63,19 @@ def post_audio(client, path):
     return post_form(client, "/predict/audio", [("file", (path.name, path.read_bytes()))])
 
 
+def timed(send):
+    started = time.monotonic()
+    response = send()
+    return response, time.monotonic() - started
+
+
+def healthy_seconds(send) -> float:
+    """How long the request takes with the tier well: its own work (decoding, windows) is not the tier's bound."""
+    response, elapsed = timed(send)
+    assert response.status_code == 200, response.get_json()
+    return elapsed
+
+
 # ------------------------------------------------------------------ the tier
 def test_the_tier_serves_each_detector_with_its_identity(detector_tier, tiny_detectors):
     output = detector_tier.output()
@@ -189,29 +202,28 @@ def test_a_full_tier_queue_is_503_with_retry_after(remote_app, detector_tier):
 
 def test_a_frozen_tier_is_503_within_the_bound(remote_app, detector_tier, recording):
     client = remote_app.test_client()
+    sends = (lambda: post_audio(client, recording), lambda: client.post("/predict/text", json={"text": TEXT}))
+    own_work = [healthy_seconds(send) for send in sends]
     detector_tier.pause()
     try:
-        for send in (lambda: post_audio(client, recording), lambda: client.post("/predict/text", json={"text": TEXT})):
-            started = time.monotonic()
-            response = send()
-            elapsed = time.monotonic() - started
+        for send, own_s in zip(sends, own_work):
+            response, elapsed = timed(send)
             assert response.status_code == 503 and int(response.headers["Retry-After"]) >= 1, response.get_json()
-            assert elapsed <= BOUND_S + SLACK_S, f"a frozen tier held the request for {elapsed:.1f} s"
+            assert elapsed <= BOUND_S + own_s + SLACK_S, f"a frozen tier held the request for {elapsed:.1f} s"
     finally:
         detector_tier.resume()
 
 
 def test_a_killed_tier_is_503_with_retry_after_and_health_says_so(remote_app, detector_tier, recording):
     client = remote_app.test_client()
-    assert client.post("/predict/text", json={"text": TEXT}).status_code == 200
+    sends = (lambda: post_audio(client, recording), lambda: client.post("/predict/text", json={"text": TEXT}))
+    own_work = [healthy_seconds(send) for send in sends]
     detector_tier.kill()
-    for send in (lambda: post_audio(client, recording), lambda: client.post("/predict/text", json={"text": TEXT})):
-        started = time.monotonic()
-        response = send()
-        elapsed = time.monotonic() - started
+    for send, own_s in zip(sends, own_work):
+        response, elapsed = timed(send)
         assert response.status_code == 503 and int(response.headers["Retry-After"]) >= 1, response.get_json()
         assert response.get_json()["error"]["code"] == "unavailable"
-        assert elapsed <= BOUND_S + SLACK_S
+        assert elapsed <= BOUND_S + own_s + SLACK_S
     modalities = client.get("/health").get_json()["modalities"]
     assert modalities["audio"]["status"] == modalities["text"]["status"] == "unavailable"
     assert "unavailable" in modalities["text"]["inference_tier"]["error"]
