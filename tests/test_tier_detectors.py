@@ -206,7 +206,7 @@ def test_a_frozen_tier_is_503_within_the_bound(remote_app, detector_tier, record
     own_work = [healthy_seconds(send) for send in sends]
     detector_tier.pause()
     try:
-        for send, own_s in zip(sends, own_work):
+        for send, own_s in zip(sends, own_work, strict=True):
             response, elapsed = timed(send)
             assert response.status_code == 503 and int(response.headers["Retry-After"]) >= 1, response.get_json()
             assert elapsed <= BOUND_S + own_s + SLACK_S, f"a frozen tier held the request for {elapsed:.1f} s"
@@ -219,7 +219,7 @@ def test_a_killed_tier_is_503_with_retry_after_and_health_says_so(remote_app, de
     sends = (lambda: post_audio(client, recording), lambda: client.post("/predict/text", json={"text": TEXT}))
     own_work = [healthy_seconds(send) for send in sends]
     detector_tier.kill()
-    for send, own_s in zip(sends, own_work):
+    for send, own_s in zip(sends, own_work, strict=True):
         response, elapsed = timed(send)
         assert response.status_code == 503 and int(response.headers["Retry-After"]) >= 1, response.get_json()
         assert response.get_json()["error"]["code"] == "unavailable"
