@@ -20,10 +20,11 @@ from PIL import Image
 from tritonclient.grpc import model_config_pb2
 
 from api.detector.config import DetectorConfig
+from api.detector.errors import InferenceError
 from api.detector.factory import build_model
 from api.detector.onnx_export import onnx_probabilities
-from api.detector.preprocess import preprocess_image
-from api.detector.remote_engine import TierModel
+from api.detector.preprocess import pixels_of, preprocess_image
+from api.detector.remote_engine import TierModel, wire_images
 from api.detector.tier_commands import register
 from tests.helpers import image_bytes
 from tests.test_detector_model import save_tiny_checkpoints
@@ -73,6 +74,47 @@ def test_the_exported_model_scores_real_images_as_the_in_process_model(tmp_path,
     assert tier.model_version == model.model_version and tier.trained is True
     assert (tier.backbone, tier.precision) == ("d3-tiny", "fp32")
     assert tier.version_input is None  # one fixed head: the API sends no version pins to it
+
+
+def test_a_pixels_export_normalises_in_the_graph_and_the_api_sends_it_pixels(tmp_path, d3):
+    _, _, clip_file, head_file = save_tiny_checkpoints(tmp_path)
+    result = CliRunner().invoke(d3, ["export-onnx", "--out", str(tmp_path / "repo"), "--input", "pixels",
+                                     "--backbone", "d3-tiny", "--clip-weights", str(clip_file),
+                                     "--head-weights", str(head_file), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert "ONNX Runtime vs PyTorch on 4 images" in result.output
+    model = build_model(DetectorConfig(backbone="d3-tiny", clip_weights=str(clip_file), head_weights=str(head_file),
+                                       device="cpu", precision="fp32", cache_dir=str(tmp_path / "cache")))
+    images = real_images(3)
+    with torch.inference_mode():
+        expected = model(images).numpy()
+
+    tier = TierModel.from_config(read_config(tmp_path / "repo" / "d3" / "config.pbtxt"), "d3")
+    assert (tier.input_name, tier.input_dtype, tier.pixel_input) == ("pixels", "UINT8", "pixels")
+    name, sent, datatype = wire_images(tier, images.numpy())  # what the API puts on the wire
+    assert (name, datatype, sent.dtype, sent.shape) == ("pixels", "UINT8", np.uint8, (3, 3, 224, 224))
+    got = onnx_probabilities(tmp_path / "repo" / "d3" / "1" / "model.onnx", sent)
+    assert np.abs(got - expected).max() <= 1e-5
+    assert len(set(np.round(got, 6))) == 3
+
+    # Images that came from no 8-bit pixels cannot be sent to it: a clear error, not a wrong score.
+    with pytest.raises(InferenceError, match="only uint8 'pixels'"):
+        wire_images(tier, torch.randn(2, 3, 224, 224).numpy())
+
+
+def test_the_api_sends_float_images_to_a_model_that_takes_only_them(tmp_path, d3):
+    result = CliRunner().invoke(d3, ["export-onnx", "--out", str(tmp_path / "repo"), "--backbone", "d3-tiny",
+                                     "--clip-weights", "random:1", "--head-weights", "random:2", "--check-images", "0"])
+    assert result.exit_code == 0, result.output
+    tier = TierModel.from_config(read_config(tmp_path / "repo" / "d3" / "config.pbtxt"), "d3")
+    images = real_images(2).numpy()
+    assert pixels_of(images) is not None  # pixels exist, but this model has no input for them
+    name, sent, datatype = wire_images(tier, images)
+    assert (name, datatype) == ("images", "FP32") and np.array_equal(sent, images)
+    half = TierModel.from_config({**read_config(tmp_path / "repo" / "d3" / "config.pbtxt"),
+                                  "input": [{"name": "images", "data_type": "TYPE_FP16", "dims": ["3", "224", "224"]}]},
+                                 "d3")
+    assert wire_images(half, images)[1].dtype == np.float16
 
 
 def test_an_untrained_export_says_so_and_the_config_carries_it(tmp_path, d3):

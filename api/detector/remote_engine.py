@@ -37,6 +37,7 @@ from api.detector.weights import backbone_is_random, with_head
 from api.exceptions import InferenceTierUnavailable
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from api.config import Settings
@@ -95,15 +96,18 @@ class TierModel:
     def from_config(cls, config: dict[str, Any], model_name: str) -> TierModel:
         params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
         inputs, outputs = config.get("input") or [{}], config.get("output") or [{}]
-        dtype = str(inputs[0].get("data_type", "TYPE_FP32")).removeprefix("TYPE_")
+        input_names = {i.get("name") for i in inputs}
+        output_names = {o.get("name") for o in outputs}
+        # The float images, unless the model takes only pixels (`d3 export-onnx --input pixels`).
+        images = next((i for i in inputs if i.get("name") == "images"), inputs[0])
+        dtype = str(images.get("data_type", "TYPE_FP32")).removeprefix("TYPE_")
+        pixels_only = images.get("name") == "pixels" and dtype == "UINT8"
         version = params.get("d3_model_version", "")
         if not version:  # a stock Triton whose config.pbtxt does not say: never call it trained
             log.warning("the tier's model %r publishes no d3_model_version parameter; treating it as untrained",
                         model_name)
-        input_names = {i.get("name") for i in inputs}
-        output_names = {o.get("name") for o in outputs}
-        return cls(input_name=inputs[0].get("name", "images"),
-                   input_dtype=dtype if dtype in ("FP32", "FP16") else "FP32",
+        return cls(input_name=images.get("name", "images"),
+                   input_dtype=dtype if dtype in ("FP32", "FP16") or pixels_only else "FP32",
                    output_name=outputs[0].get("name", "fake_probability"),
                    max_batch_size=int(config.get("max_batch_size") or 1),
                    model_version=version or f"triton/{model_name}/unknown", trained=params.get("d3_trained") == "true",
@@ -112,6 +116,25 @@ class TierModel:
                    version_input="head_version" if "head_version" in input_names else None,
                    pixel_input="pixels" if "pixels" in input_names else None,
                    version_output="model_version" if "model_version" in output_names else None)
+
+
+def wire_images(model: TierModel, images: np.ndarray) -> tuple[str, np.ndarray, str]:
+    """(input name, array, datatype) that sends these float32 images to the tier's model.
+
+    A quarter of the bytes to encode, send and decode, and the same floats on the tier: the pixels
+    the images were normalised from, when the model takes them and they exist. Raises
+    InferenceError for a model that takes only pixels when the images came from none.
+    """
+    import numpy as np
+
+    from api.detector.preprocess import pixels_of
+
+    if model.pixel_input and (pixels := pixels_of(images)) is not None:
+        return model.pixel_input, pixels, "UINT8"
+    if model.input_dtype == "UINT8":
+        raise InferenceError(f"the tier's model takes only uint8 {model.input_name!r}, and these images "
+                             "were not normalised from 8-bit pixels")
+    return model.input_name, images.astype(np.float16) if model.input_dtype == "FP16" else images, model.input_dtype
 
 
 class _TierUnreachable(Exception):
@@ -373,22 +396,10 @@ class RemoteEngine:
 
     def _predict(self, tensors: Sequence[torch.Tensor], deadline: float, bound: float,
                  head: Head | None = None) -> tuple[list[float], list[str]]:
-        import numpy as np
         import torch
 
-        from api.detector.preprocess import pixels_of
-
         model = self._connected_model(deadline, bound)
-        batch = torch.stack(list(tensors)).numpy()
-        # A quarter of the bytes to encode, send and decode, and the same floats on the tier: the
-        # pixels the images were normalised from, when the tier takes them and they exist.
-        pixels = pixels_of(batch) if model.pixel_input else None
-        if pixels is not None:
-            name, batch, datatype = model.pixel_input, pixels, "UINT8"
-        else:
-            name, datatype = model.input_name, model.input_dtype
-            if datatype == "FP16":
-                batch = batch.astype(np.float16)
+        name, batch, datatype = wire_images(model, torch.stack(list(tensors)).numpy())
         # The head by id ("" = the tier's active one, "configured" = its D3_HEAD_WEIGHTS), when the tier takes one.
         pin = "" if head is None else (head.version or CONFIGURED)
         results: list[float] = []
