@@ -22,8 +22,8 @@ from tritonclient.grpc import model_config_pb2
 from api.detector.config import DetectorConfig
 from api.detector.errors import InferenceError
 from api.detector.factory import build_model
-from api.detector.onnx_export import onnx_probabilities
-from api.detector.preprocess import pixels_of, preprocess_image
+from api.detector.onnx_export import _PixelProbabilities, onnx_probabilities
+from api.detector.preprocess import normalize_pixels, pixels_of, preprocess_image
 from api.detector.remote_engine import TierModel, wire_images
 from api.detector.tier_commands import register
 from tests.helpers import image_bytes
@@ -100,6 +100,15 @@ def test_a_pixels_export_normalises_in_the_graph_and_the_api_sends_it_pixels(tmp
     # Images that came from no 8-bit pixels cannot be sent to it: a clear error, not a wrong score.
     with pytest.raises(InferenceError, match="only uint8 'pixels'"):
         wire_images(tier, torch.randn(2, 3, 224, 224).numpy())
+
+
+def test_the_graphs_normalisation_is_the_services_bit_for_bit():
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 224, 224), dtype=np.uint8)
+    pixels[0, :, 0, :3] = [[0, 1, 255]] * 3  # both ends of the range in every channel
+    as_graph = _PixelProbabilities(torch.nn.Identity())  # the wrapped "model" returns what it gets
+    with torch.no_grad():
+        normalised = as_graph(torch.from_numpy(pixels)).squeeze(1).numpy()
+    assert np.array_equal(normalised, normalize_pixels(pixels))
 
 
 def test_the_api_sends_float_images_to_a_model_that_takes_only_them(tmp_path, d3):
