@@ -63,6 +63,11 @@ def post_audio(client, path):
     return post_form(client, "/predict/audio", [("file", (path.name, path.read_bytes()))])
 
 
+def audio_and_text(client, recording):
+    """One request of each modality the tier serves beside D³, to send again and again."""
+    return (lambda: post_audio(client, recording), lambda: client.post("/predict/text", json={"text": TEXT}))
+
+
 def timed(send):
     started = time.monotonic()
     response = send()
@@ -202,7 +207,7 @@ def test_a_full_tier_queue_is_503_with_retry_after(remote_app, detector_tier):
 
 def test_a_frozen_tier_is_503_within_the_bound(remote_app, detector_tier, recording):
     client = remote_app.test_client()
-    sends = (lambda: post_audio(client, recording), lambda: client.post("/predict/text", json={"text": TEXT}))
+    sends = audio_and_text(client, recording)
     own_work = [healthy_seconds(send) for send in sends]
     detector_tier.pause()
     try:
@@ -216,7 +221,7 @@ def test_a_frozen_tier_is_503_within_the_bound(remote_app, detector_tier, record
 
 def test_a_killed_tier_is_503_with_retry_after_and_health_says_so(remote_app, detector_tier, recording):
     client = remote_app.test_client()
-    sends = (lambda: post_audio(client, recording), lambda: client.post("/predict/text", json={"text": TEXT}))
+    sends = audio_and_text(client, recording)
     own_work = [healthy_seconds(send) for send in sends]
     detector_tier.kill()
     for send, own_s in zip(sends, own_work, strict=True):

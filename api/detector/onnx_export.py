@@ -74,9 +74,9 @@ def model_config_text(parameters: dict[str, str], *, model_name: str = MODEL_NAM
     from tritonclient.grpc import model_config_pb2 as pb
 
     config = pb.ModelConfig(name=model_name, platform="onnxruntime_onnx", max_batch_size=max_batch_size)
-    images = (config.input.add(name=PIXEL_INPUT, data_type=pb.TYPE_UINT8) if pixels
-              else config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32))
-    images.dims.extend([3, IMAGE_SIZE, IMAGE_SIZE])
+    model_input = (config.input.add(name=PIXEL_INPUT, data_type=pb.TYPE_UINT8) if pixels
+                   else config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32))
+    model_input.dims.extend([3, IMAGE_SIZE, IMAGE_SIZE])
     probabilities = config.output.add(name=OUTPUT_NAME, data_type=pb.TYPE_FP32)
     probabilities.dims.append(1)
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_microseconds
