@@ -308,10 +308,6 @@ class Settings(BaseSettings):
         return host.strip("[]")
 
     @property
-    def bind_port(self) -> int:
-        return int(self.bind.rsplit(":", 1)[1])
-
-    @property
     def binds_loopback(self) -> bool:
         host = self.bind_host
         if host == "localhost":

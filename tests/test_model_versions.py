@@ -363,8 +363,9 @@ def test_a_video_is_scored_by_the_head_pinned_when_it_came_in(tmp_path, engine, 
     from api.services.videos import SpooledUpload
 
     upload = SpooledUpload(str(path), path.stat().st_size, "0" * 64, "clip.avi")
-    status, body = svc.videos.submit(upload, params, None)
-    assert status == 200 and body["model_version"].split("/")[3] == f"head-{ids['a']}"
+    submission = svc.videos.submit(upload, params, None)
+    body = submission.body
+    assert not submission.queued and body["model_version"].split("/")[3] == f"head-{ids['a']}"
     frames = svc.videos.detail(svc.queries.get(body["id"], None, True))["frames"]
     assert len(frames) == 6
     # The same frames, decoded by the service's own decoder, scored outside it by head a and head b.
@@ -380,7 +381,7 @@ def test_a_video_is_scored_by_the_head_pinned_when_it_came_in(tmp_path, engine, 
     by_a, by_b = (expected_scores(reference_model, heads[n], pngs) for n in ("a", "b"))
     assert [f["fake_probability"] for f in frames] == pytest.approx(by_a, abs=1e-5)
     assert all(abs(a - b) > 1e-3 for a, b in zip(by_a, by_b, strict=True))
-    later = svc.videos.submit(upload, svc.videos.parse_params(None, frames=6), None)[1]  # pinned now: b
+    later = svc.videos.submit(upload, svc.videos.parse_params(None, frames=6), None).body  # pinned now: b
     assert later["model_version"].split("/")[3] == f"head-{ids['b']}"
     later_frames = svc.videos.detail(svc.queries.get(later["id"], None, True))["frames"]
     assert [f["fake_probability"] for f in later_frames] == pytest.approx(by_b, abs=1e-5)

@@ -6,7 +6,7 @@ torchvision with the same float32 operations in the same order, so the result is
 
 The arithmetic is NumPy's, not torch's, on purpose: this runs in request threads, and a torch op
 there starts an OpenMP thread team per request thread whose spinning workers then compete with the
-engine's forward pass for the CPU (measured: +4 ms per forward on a 2-core host).
+engine's forward pass for the CPU (docs/PERFORMANCE.md, "API load", has the cost).
 """
 
 from __future__ import annotations

@@ -45,10 +45,3 @@ def tiny_gpt2(seed: int, vocab_size: int = BYTE_VOCAB, context: int = TINY_CONTE
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
     return model.eval().requires_grad_(False)
-
-
-def tiny_pair(seed: int):
-    """(scoring model, sampling model, tokenizer) for random:<seed>: two different seeded models."""
-    scoring = tiny_gpt2(seed)
-    sampling = tiny_gpt2(seed + 1, vocab_size=BYTE_VOCAB + SAMPLING_VOCAB_PADDING)
-    return scoring, sampling, byte_tokenizer()

@@ -46,8 +46,6 @@ VERSION_INPUT = "head_version"
 # tier normalises them with the same function. A stock client sends the float32 `images`.
 PIXEL_INPUT = "pixels"
 VERSION_OUTPUT = "model_version"
-# Keys of the model config `parameters` that carry the model's identity (strings, as Triton has them).
-IDENTITY_KEYS = ("d3_model_version", "d3_trained", "d3_backbone", "d3_precision", "d3_device")
 
 
 @dataclass(frozen=True)

@@ -39,11 +39,10 @@ def predict_audio(query: AudioParams, form: AudioFile):
     if form is None:
         raise InvalidInput("send multipart/form-data with a 'file' part", parameter="file")
     svc = services()
-    threshold = svc.settings.default_threshold if query.threshold is None else query.threshold
-    params = svc.audio.params(threshold, query.aggregation, query.run_async)
+    params = svc.audio.params(query.threshold, query.aggregation, query.run_async)
     upload = svc.audio.spool(form.file.stream, form.file.filename)
     try:
-        status, body = svc.audio.submit(upload, params, current_caller().owner, base_url=request.host_url)
+        submission = svc.audio.submit(upload, params, current_caller().owner, base_url=request.host_url)
     finally:
         upload.remove()  # a job keeps its own copy in the object store
-    return media_response(status, body, svc.detectors.get("audio").trained)
+    return media_response(submission, svc.detectors.get("audio").trained)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Response, jsonify, request, url_for
 
 from api.detector.config import UNTRAINED_WARNING
+from api.services.series import Submission
 
 LINK_FIELDS = ("result_url", "timeline_url")
 MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and part headers around the file itself
@@ -30,12 +31,12 @@ def absolute_links(body: dict) -> dict:
     return body
 
 
-def media_response(status: int, body: dict, trained: bool) -> Response:
+def media_response(submission: Submission, trained: bool) -> Response:
     """200 with the result, or 202 + Location (and status_url) for a queued job; links absolute."""
-    absolute_links(body)
+    body = absolute_links(submission.body)
     if not trained:
         body["warning"] = UNTRAINED_WARNING
-    if status != 202:
+    if not submission.queued:
         return jsonify(body)
     body["status_url"] = url_for("predictions.get_prediction", prediction_id=body["id"], _external=True)
     response = jsonify(body)

@@ -7,11 +7,10 @@ from flask import Blueprint, jsonify, request
 from api.auth import current_caller
 from api.context import services
 from api.detector.config import UNTRAINED_WARNING
-from api.exceptions import InvalidInput, PayloadTooLarge
+from api.exceptions import InvalidInput
 from api.openapi import Response, api_spec
 from api.routes.common import absolute_links, limit_body
 from api.schemas import ErrorBody, TextBody, TextFile, TextParams, TextPrediction
-from api.services.texts import decode_text_file
 
 bp = Blueprint("text", __name__)
 
@@ -39,18 +38,14 @@ def predict_text(query: TextParams, json: TextBody, form: TextFile):
     """
     svc = services()
     if json is not None:
+        svc.texts.check_json_size(request.content_length)
         text, filename, threshold = json.text, None, json.threshold
-        if request.content_length is not None and request.content_length > svc.settings.max_text_bytes:
-            raise PayloadTooLarge(f"the JSON body is over the limit of {svc.settings.max_text_bytes} bytes",
-                                  reason="too_large")
     elif form is not None:
-        data = form.file.stream.read(svc.settings.max_text_bytes + 1)
-        text, filename, threshold = decode_text_file(data, svc.settings.max_text_bytes), form.file.filename, None
+        text, filename, threshold = svc.texts.read_file(form.file.stream), form.file.filename, None
     else:
         raise InvalidInput("send JSON {\"text\": ...} or multipart/form-data with a 'file' part", parameter="text")
     if query.threshold is not None:
         threshold = query.threshold
-    threshold = svc.settings.default_threshold if threshold is None else threshold
     body = absolute_links(svc.texts.predict(text, threshold, current_caller().owner, filename))
     if not svc.detectors.get("text").trained:
         body["warning"] = UNTRAINED_WARNING

@@ -5,13 +5,14 @@ from __future__ import annotations
 from flask import Blueprint, Response, request, url_for
 
 from api.auth import current_caller
-from api.context import services
+from api.context import Services, services
 from api.errors import error_body, status_for
 from api.exceptions import InvalidInput, ServiceError
 from api.openapi import Response as Responses
 from api.openapi import api_spec, produces, response_header
 from api.routes.common import absolute_links, limit_body, media_response
 from api.schemas import ErrorBody, VideoFile, VideoParams, VideoWithAudio
+from api.services.videos import SpooledUpload
 
 bp = Blueprint("video", __name__)
 
@@ -44,29 +45,29 @@ def predict_video(query: VideoParams, form: VideoFile):
     if form is None:
         raise InvalidInput("send multipart/form-data with a 'file' part", parameter="file")
     svc = services()
-    threshold = svc.settings.default_threshold if query.threshold is None else query.threshold  # the soundtrack's
     params = svc.videos.parse_params(query.threshold, query.frames, query.fps, query.aggregation, query.run_async,
                                      query.callback_url)
     upload = svc.videos.spool(form.file.stream, form.file.filename)
     try:
-        status, body = svc.videos.submit(upload, params, current_caller().owner, base_url=request.host_url)
+        submission = svc.videos.submit(upload, params, current_caller().owner, base_url=request.host_url)
         if query.audio:
-            body["audio"] = _soundtrack(svc, upload, threshold, query.aggregation, status == 202)
+            submission.body["audio"] = _soundtrack(svc, upload, query.threshold, query.aggregation, submission.queued)
     finally:
         upload.remove()  # every path, errors included: the job keeps its own copy in the object store
-    return media_response(status, body, svc.engine.trained)
+    return media_response(submission, svc.engine.trained)
 
 
-def _soundtrack(svc, upload, threshold: float, aggregation: str, queued: bool) -> dict:
+def _soundtrack(svc: Services, upload: SpooledUpload, threshold: float | None, aggregation: str,
+                queued: bool) -> dict:
     """The soundtrack's own audio prediction beside the frames' verdict; its failure (no audio track,
     the speech detector unavailable) is reported there, the video's result stands."""
     try:
-        status, body = svc.audio.submit(upload, svc.audio.params(threshold, aggregation, queued),
-                                        current_caller().owner, base_url=request.host_url)
+        submission = svc.audio.submit(upload, svc.audio.params(threshold, aggregation, queued),
+                                      current_caller().owner, base_url=request.host_url)
     except ServiceError as exc:
         return {"status_code": status_for(exc), **error_body(exc.code, exc.message, **exc.details)}
-    body = absolute_links(body)
-    if status == 202:
+    body = absolute_links(submission.body)
+    if submission.queued:
         body["status_url"] = url_for("predictions.get_prediction", prediction_id=body["id"], _external=True)
     return body
 

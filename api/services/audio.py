@@ -134,8 +134,9 @@ class AudioService:
         self.queue: Any = None  # the executor (threads or Celery) that runs queued jobs; set by build_services
 
     # ---------------------------------------------------------------- parameters and upload
-    @staticmethod
-    def params(threshold: float, aggregation: str = "mean", run_async: bool = False) -> AudioParams:
+    def params(self, threshold: float | None, aggregation: str = "mean", run_async: bool = False) -> AudioParams:
+        """A request's parameters, checked; `threshold` None: DEFAULT_THRESHOLD."""
+        threshold = self.settings.default_threshold if threshold is None else threshold
         if aggregation not in AGGREGATIONS:
             raise InvalidInput(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}",
                                parameter="aggregation")
@@ -202,24 +203,24 @@ class AudioService:
 
     # ---------------------------------------------------------------- submit (request thread)
     def submit(self, upload: SpooledUpload, params: AudioParams, owner: str | None,
-               base_url: str | None = None, container: str | None = None) -> tuple[int, dict[str, Any]]:
-        """Analyse now (200 + result) or queue a job (202 + job). The caller removes the upload."""
+               base_url: str | None = None, container: str | None = None) -> series.Submission:
+        """Analyse now (the result) or queue a job (the job). The caller removes the upload."""
         started = time.perf_counter()
         container = container or self.sniff(upload.path)
         detector = self.detector()  # 503 before any decoding when the model cannot serve
         if params.run_async:
             row = self._create_job(upload, params, owner, base_url, container, detector.model_version)
-            return 202, self.public_body(row, None)
+            return series.Submission(self.public_body(row, None), queued=True)
         decoded = self.decode(upload.path, container)
         if decoded.duration_s > self.settings.audio_async_seconds:
             row = self._create_job(upload, params, owner, base_url, container, detector.model_version)
-            return 202, self.public_body(row, None)
+            return series.Submission(self.public_body(row, None), queued=True)
         analysis = self.analyze(decoded)
         row = self._store_result(upload, analysis, params, owner, container,
                                  (time.perf_counter() - started) * 1000.0)
         body = self.public_body(row, analysis.windows)
         body["timings_ms"] = analysis.timings_ms
-        return 200, body
+        return series.Submission(body, queued=False)
 
     # ---------------------------------------------------------------- storing
     def _fill(self, row: Prediction, analysis: AudioAnalysis, params: AudioParams, elapsed_ms: float) -> None:
@@ -229,7 +230,6 @@ class AudioService:
         row.fake_probability = fields["fake_probability"]
         row.model_version = analysis.model_version
         row.processing_ms = round(elapsed_ms, 3)
-        row.status, row.error = "done", None
         row.result_object = row.result_object or object_key(str(row.id), ".json", row.created_at)
         detail.duration_s = analysis.duration_s
         detail.codec = str(analysis.audio.get("codec", ""))[:32]
@@ -261,11 +261,11 @@ class AudioService:
                 (self.settings.bucket_results, series.timeline_key(row), png, "image/png")]
 
     def _new_row(self, upload: SpooledUpload, params: AudioParams, owner: str | None, container: str,
-                 model_version: str, status: str) -> Prediction:
+                 model_version: str) -> Prediction:
         now = datetime.now(timezone.utc)
         row = Prediction(id=uuid.uuid4(), created_at=now, media_type="audio", filename=upload.filename,
                          sha256=upload.sha256, size_bytes=upload.size, threshold=params.threshold,
-                         model_version=model_version, owner=owner, status=status)
+                         model_version=model_version, owner=owner)
         row.video = VideoPrediction(container=container, aggregation=params.aggregation, params=params.as_dict(),
                                     progress_done=0, progress_total=0)
         return row
@@ -276,7 +276,8 @@ class AudioService:
     def _store_result(self, upload: SpooledUpload, analysis: AudioAnalysis, params: AudioParams, owner: str | None,
                       container: str, elapsed_ms: float) -> Prediction:
         """Objects first, then both rows in one transaction; on failure nothing remains."""
-        row = self._new_row(upload, params, owner, container, analysis.model_version, "done")
+        row = self._new_row(upload, params, owner, container, analysis.model_version)
+        row.status = "done"
         self._fill(row, analysis, params, elapsed_ms)
         objects = self._documents(row, analysis)
         if self.settings.keep_audio:
@@ -290,7 +291,7 @@ class AudioService:
                     container: str, model_version: str) -> Prediction:
         if self.jobs is None or self.queue is None:
             raise Unavailable("audio jobs are not accepted by this process")
-        row = self._new_row(upload, params, owner, container, model_version, "queued")
+        row = self._new_row(upload, params, owner, container, model_version)
         row.video.params = {**params.as_dict(), "async": True, "base_url": base_url}
         row.video.upload_object = self._input_object(row, container)
         self.jobs.create(row, upload.path)

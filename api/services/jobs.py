@@ -132,7 +132,8 @@ class JobStore:
     # ---------------------------------------------------------------- create and count
     def create(self, row: Prediction, upload_path: str) -> Prediction:
         """Store the upload, then the queued row (all or nothing; Unavailable if either fails)."""
-        row.status = "queued"
+        row.status, row.error = "queued", None
+        row.video.callback_status = "pending" if row.video.callback_url else None
         insert_with_objects(self.db, self.store, row,
                             [(self.bucket_videos, row.video.upload_object, upload_path, "video/octet-stream")])
         return row

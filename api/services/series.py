@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from api.exceptions import NotFound
@@ -16,6 +17,14 @@ from api.models import Prediction
 from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable, object_key
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a submitted video or recording became: its result now, or a queued job (`queued`)."""
+
+    body: dict[str, Any]
+    queued: bool
 
 
 def timeline_key(row: Prediction) -> str:

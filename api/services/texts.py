@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import IO, Any
 
 from api.database import Database
 from api.detector.interface import InputTooLong, InputTooShort
@@ -53,8 +53,22 @@ class TextService:
         self.detectors = detectors
         self.settings = settings
 
-    def predict(self, text: str, threshold: float, owner: str | None, filename: str | None = None) -> dict[str, Any]:
+    def check_json_size(self, content_length: int | None) -> None:
+        """413 for a JSON body over MAX_TEXT_BYTES (a file is checked as it is read)."""
+        limit = self.settings.max_text_bytes
+        if content_length is not None and content_length > limit:
+            raise PayloadTooLarge(f"the JSON body is over the limit of {limit} bytes", reason="too_large")
+
+    def read_file(self, stream: IO[bytes]) -> str:
+        """An uploaded file's text, reading no more than one byte past MAX_TEXT_BYTES."""
+        limit = self.settings.max_text_bytes
+        return decode_text_file(stream.read(limit + 1), limit)
+
+    def predict(self, text: str, threshold: float | None, owner: str | None,
+                filename: str | None = None) -> dict[str, Any]:
+        """Score, store and describe one text; `threshold` None: DEFAULT_THRESHOLD."""
         started = time.perf_counter()
+        threshold = self.settings.default_threshold if threshold is None else threshold
         if not isinstance(text, str) or not text.strip():
             raise InvalidInput("text must be a non-empty string", parameter="text")
         detector = self.detectors.get("text")  # DetectorUnavailable: the API's 503, naming a missing model

@@ -325,8 +325,8 @@ class VideoService:
 
     # ---------------------------------------------------------------- submit (request thread)
     def submit(self, upload: SpooledUpload, params: VideoParams, owner: str | None,
-               base_url: str | None = None) -> tuple[int, dict[str, Any]]:
-        """Analyse now (200 + result) or queue a job (202 + job). The caller removes the upload."""
+               base_url: str | None = None) -> series.Submission:
+        """Analyse now (the result) or queue a job (the job). The caller removes the upload."""
         started = time.perf_counter()
         container = self._sniff(upload.path)
         reader = self.open_reader(upload.path)
@@ -337,13 +337,13 @@ class VideoService:
             if as_job:
                 reader.close()
                 row = self._create_job(upload, info, params, owner, base_url, container)
-                return 202, self.public_body(row, None)
+                return series.Submission(self.public_body(row, None), queued=True)
             analysis = self._analyze(reader, info, params)
         finally:
             reader.close()
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         row = self._store_result(upload, analysis, params, owner, container, elapsed_ms)
-        return 200, self.public_body(row, analysis.frames, analysis)
+        return series.Submission(self.public_body(row, analysis.frames, analysis), queued=False)
 
     # ---------------------------------------------------------------- probing and analysis
     def analyze_file(self, path: str, params: VideoParams,
@@ -480,7 +480,6 @@ class VideoService:
         row.width, row.height = analysis.info.width, analysis.info.height
         if analysis.provenance is not None:
             record_provenance(row, analysis.provenance)
-        row.status, row.error = "done", None
         row.result_object = row.result_object or object_key(str(row.id), ".json", row.created_at)
         video.duration_s, video.fps = analysis.info.duration_s, analysis.info.fps
         video.frame_count, video.codec = analysis.info.frame_count, analysis.info.codec[:32]
@@ -535,12 +534,11 @@ class VideoService:
                              sha256=upload.sha256, size_bytes=upload.size, width=info.width, height=info.height,
                              threshold=params.threshold,
                              model_version=(params.head.model_version if params.head else "") or "pending",
-                             owner=owner, status="queued")
+                             owner=owner)
             row.video = VideoPrediction(
                 container=container, codec=info.codec[:32], duration_s=info.duration_s, fps=info.fps,
                 frame_count=info.frame_count, aggregation=params.aggregation, upload_object=upload_key,
                 progress_done=0, progress_total=len(indices), callback_url=params.callback_url,
-                callback_status="pending" if params.callback_url else None,
                 params={**params.as_dict(), "async": True, "base_url": base_url, "sampling": sampling})
             self.jobs.create(row, upload.path)
         try:

@@ -13,7 +13,9 @@ The same rules as video decoding (api/utils/video_probe.py):
 PyAV (FFmpeg's libraries, bundled in its wheel) decodes; libswresample converts every channel to
 float32 at 16 kHz (integer PCM scaled to [-1, 1), as soundfile does: a 16 kHz 16-bit WAV comes
 out exactly x/32768) and the channels are averaged to mono. No gain, no DC removal: AASIST's
-scores depend on the amplitude. No warm spare child as for video: PyAV and NumPy import in ~0.2 s.
+scores depend on the amplitude. No warm spare child as for video (yet):
+the child's start is most of a short recording's decoding time, but small beside AASIST's own
+time on a CPU (docs/PERFORMANCE.md, "Speech and text", has both).
 
 Protocol (child stdout): 8-byte little-endian length, a JSON document (ok or error), then on
 success the samples as raw little-endian float32.

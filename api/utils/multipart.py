@@ -1,9 +1,9 @@
 """multipart/form-data parsed by python-multipart, with Werkzeug's semantics.
 
 Why: Werkzeug's own parser compiles two regular expressions for every request's boundary and
-scans the file bytes with them, about 1.5 ms for one 60 kB image on our 2-core host. That is a
-sixth of the service's whole budget (10 ms beyond the model). python-multipart finds the
-boundary with `bytes.find` and takes about 0.05 ms for the same body.
+scans the file bytes with them, a large share of the service's per-image budget beyond the model;
+python-multipart finds the boundary with `bytes.find`, far faster on the same body
+(docs/PERFORMANCE.md, "API load", has the figures).
 
 Everything around the parsing is still Werkzeug's: the body limit (max_content_length, applied to
 the stream before it gets here), `stream_factory` for file parts (spooled to disk when large),

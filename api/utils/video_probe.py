@@ -11,7 +11,7 @@ dozens of containers and codecs), so it never happens in the process that serves
   the parent kills it when the time limit passes. A hostile file can crash or hang only the child;
   the parent reports a clear error and keeps serving.
 - One child is kept started and idle ("warm spare") so a request does not wait for Python and
-  OpenCV to import (~0.4 s on two cores). The limits are applied when a job is handed over.
+  OpenCV to import (docs/PERFORMANCE.md, "Video throughput"). The limits are applied when a job is handed over.
 
 Protocol (child stdout, length-prefixed messages): a JSON probe reply, then, after the parent sends
 the frame indices it wants, one message per frame (RGB pixels, already squashed to the model's
@@ -19,12 +19,11 @@ input size with Pillow's bilinear filter, exactly spec §1 step 2, so that `prep
 result equals `preprocess_image` on the full frame; the tests check it) and a final JSON summary.
 
 Decoding strategy (measured by bench/video_throughput.py; figures in docs/PERFORMANCE.md):
-seeking (CAP_PROP_POS_FRAMES) costs a keyframe seek plus decoding from that keyframe: 33-66 ms for
-OpenCV's MPEG-4, 170-330 ms for H.264 with 250-frame GOPs on 2 cores; grabbing sequentially costs
-2-7 ms per frame, but for every frame of the span. Seeking won 5-15x on a 10-minute clip, grabbing
-won 2-8x for 128 frames of 30 s of H.264, so the child uses a cost model ("auto"): for each next
-sampled frame it grabs forward when gap x measured grab cost < measured seek cost, and seeks
-otherwise. A request's decoding cost is then bounded by the frames sampled (at most one seek
+seeking (CAP_PROP_POS_FRAMES) costs a keyframe seek plus decoding from that keyframe; grabbing
+sequentially is cheap per frame, but pays for every frame of the span. Seeking wins on long clips
+sampled sparsely, grabbing on short clips sampled densely, so the child uses a cost model
+("auto"): for each next sampled frame it grabs forward when gap x measured grab cost < measured
+seek cost, and seeks otherwise. A request's decoding cost is then bounded by the frames sampled (at most one seek
 each), never by the length of the video.
 """
 
