@@ -221,6 +221,15 @@ class LocalObjectStore:
         return hmac.compare_digest(self._signature(bucket, key, expires_at).encode(),
                                    (signature or "").encode("utf-8", "surrogateescape"))
 
+    def read_signed(self, bucket: str, key: str, expires: str, signature: str) -> bytes:
+        """The object behind a signed link; ObjectNotFound also for a bad or expired signature."""
+        if not self.verify_signature(bucket, key, expires, signature):
+            raise ObjectNotFound(f"{bucket}/{key}: no such object, or the link has expired")
+        try:
+            return self.get_bytes(bucket, key)
+        except ValueError:  # a key outside the bucket's folder (../)
+            raise ObjectNotFound(f"{bucket}/{key}") from None
+
 
 class MinioObjectStore:
     """MinIO or any S3-protocol server."""

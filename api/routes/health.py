@@ -1,8 +1,7 @@
 """GET /health: liveness and readiness in one cheap body, from the background prober's verdicts.
 
-No I/O here: the database, the object store (buckets included), Redis and any inference tier
-are checked by api/health_probe.py on threads of their own, so /health answers at once even
-while one of them hangs, and says which one is down and since when.
+No I/O here (api/services/health.py): /health answers at once even while an outside system hangs,
+and says which one is down and since when.
 """
 
 from __future__ import annotations
@@ -11,9 +10,9 @@ from flask import Blueprint, jsonify
 
 from api.auth import current_caller
 from api.context import services
-from api.detector.config import UNTRAINED_WARNING
 from api.openapi import Response, api_spec
 from api.schemas import Health
+from api.services.health import health_report
 
 bp = Blueprint("health", __name__)
 
@@ -24,40 +23,11 @@ bp = Blueprint("health", __name__)
 def health():
     """Liveness and readiness"""
     svc = services()
-    model = svc.engine.describe()
-    verdicts = svc.prober.snapshot()
-    systems = {name: verdict.as_dict() for name, verdict in verdicts.items()}
-    down = sorted(name for name, verdict in verdicts.items() if not verdict.ok)
-    database_ok = "database" in verdicts and verdicts["database"].ok
-    store_ok = "object_store" in verdicts and verdicts["object_store"].ok
-    ready = bool(model.get("ready")) and not down and database_ok and store_ok
-    body = {
-        "status": "ok" if ready else "unavailable",
-        "ready": ready,
-        "model": model,
-        "database": {"reachable": database_ok, "backend": svc.db.backend},
-        "object_store": {"reachable": store_ok, "kind": "minio" if svc.settings.uses_minio else "local"},
-        "down": down,
-        "systems": systems,
-        "queue_depth": svc.engine.stats().get("queue_depth", 0),
-        # Each kind of media on its own: a modality whose weights are missing is unavailable (naming the
-        # file) while the others serve; `ready` above stays the image/video model's.
-        "modalities": modalities(svc, bool(model.get("ready"))),
-    }
-    if model.get("ready") and not model.get("trained", True):
-        body["warning"] = UNTRAINED_WARNING
-    if svc.settings.auth_required and current_caller().owner is None:
-        # Public summary only: the details (model, backends, queue) need a key.
-        body = {k: body[k] for k in ("status", "ready")}
-    response = jsonify(body)
-    response.status_code = 200 if ready else 503
-    if not ready:
-        response.headers["Retry-After"] = "10" if not model.get("ready") else "2"
+    report = health_report(svc.engine, svc.detectors, svc.prober, svc.db.backend,
+                           "minio" if svc.settings.uses_minio else "local")
+    public = svc.settings.auth_required and current_caller().owner is None
+    response = jsonify(report.public() if public else report.body)
+    response.status_code = 200 if report.ready else 503
+    if report.retry_after_s is not None:
+        response.headers["Retry-After"] = str(report.retry_after_s)
     return response
-
-
-def modalities(svc, d3_ready: bool) -> dict:
-    detectors = svc.detectors.describe()
-    d3 = {"status": "ready" if d3_ready else ("unavailable" if svc.engine.load_error else "loading"),
-          "ready": d3_ready, "detector": "d3", "trained": svc.engine.trained}
-    return {"image": d3, "video": d3, **detectors}

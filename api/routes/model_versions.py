@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 
 from api.auth import current_caller
-from api.context import Services, services
+from api.context import services
 from api.errors import error_response
 from api.exceptions import InvalidInput
 from api.openapi import Response, api_spec
@@ -36,24 +36,6 @@ def _forbidden():
     return error_response(403, "forbidden", "changing model versions needs an admin key")
 
 
-def active_view(svc: Services) -> dict:
-    """What answers a request sent now, in this process: the head it would pin and its default threshold."""
-    head = svc.engine.head()
-    from_card = head.threshold is not None
-    return {"version": head.version, "model_version": head.model_version, "trained": head.trained,
-            "threshold": head.threshold if from_card else svc.settings.default_threshold,
-            "threshold_source": "card" if from_card else "settings",
-            "source": "configured" if head.version is None else "model_versions",
-            "poll": _poll_state(svc), "database": svc.model_versions.active_record()}
-
-
-def _poll_state(svc: Services) -> dict | None:
-    # When this process last read the active version, and why it could not (a database it cannot reach).
-    versions = getattr(svc.engine, "versions", None)
-    state = versions() if versions is not None else None
-    return {k: state.get(k) for k in ("poll_s", "polled_at", "poll_error")} if state else None
-
-
 @bp.get("/models")
 @api_spec.validate(tags=["models"], operation_id="listModelVersions", resp=Response(
     HTTP_200=(ModelVersionList, "Every stored version, newest first, with its card's summary"),
@@ -70,7 +52,8 @@ def list_models():
     HTTP_503=UNAVAILABLE))
 def get_active_model():
     """What answers now: version, model_version, trained, default threshold"""
-    return jsonify(active_view(services()))
+    svc = services()
+    return jsonify(svc.model_versions.active_view(svc.engine))
 
 
 @bp.put("/models/active")
@@ -91,11 +74,8 @@ def activate_model(json: ActivateModel):
     if json.default and json.version:
         raise InvalidInput("give either version or default: true, not both", parameter="version")
     svc = services()
-    svc.model_versions.activate(None if json.default else json.version, by=caller.name)
-    sync = getattr(svc.engine, "sync_versions", None)
-    if sync is not None:  # this process switches now; the others at their next poll
-        sync()
-    return jsonify(active_view(svc))
+    svc.model_versions.activate(None if json.default else json.version, by=caller.name, engine=svc.engine)
+    return jsonify(svc.model_versions.active_view(svc.engine))
 
 
 @bp.post("/models")

@@ -25,12 +25,10 @@ def get_object(bucket: str, key: str, query: ObjectLink):
     store = services().store
     if not isinstance(store, LocalObjectStore):
         raise NotFound("no such object")
-    if not store.verify_signature(bucket, key, query.expires, query.signature):
-        # Bad, expired or missing signature: same answer as a missing object, nothing to probe.
-        raise NotFound("no such object, or the link has expired")
     try:
-        data = store.get_bytes(bucket, key)
-    except (ObjectNotFound, ValueError):
-        raise NotFound("no such object") from None
+        data = store.read_signed(bucket, key, query.expires, query.signature)
+    except ObjectNotFound:
+        # Bad, expired or missing signature: same answer as a missing object, nothing to probe.
+        raise NotFound("no such object, or the link has expired") from None
     content_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
     return Response(data, content_type=content_type, headers={"Cache-Control": "private, max-age=60"})

@@ -8,11 +8,11 @@ from api.auth import current_caller
 from api.context import services
 from api.detector.config import UNTRAINED_WARNING
 from api.errors import error_body, status_for
-from api.exceptions import InvalidInput, PayloadTooLarge, ServiceError
+from api.exceptions import InvalidInput, ServiceError
 from api.openapi import Response, api_spec
 from api.routes.common import absolute_links, limit_body
 from api.schemas import BatchResult, ErrorBody, ImageFile, ImageFiles, ImageParams, Prediction
-from api.services.predictions import Upload, safe_filename
+from api.services.predictions import safe_filename
 
 bp = Blueprint("predict", __name__)
 
@@ -23,13 +23,6 @@ UNAVAILABLE = (ErrorBody, "Model, database or object store unavailable, or overl
 def _body_limit() -> None:
     settings = services().settings
     limit_body(settings.max_image_bytes, settings.max_batch_files if request.endpoint == "predict.predict_batch" else 1)
-
-
-def _read_upload(storage, limit: int) -> Upload:
-    data = storage.stream.read(limit + 1)
-    if len(data) > limit:
-        raise PayloadTooLarge(f"file is larger than the limit of {limit} bytes")
-    return Upload(data=data, filename=storage.filename)
 
 
 def _shape(body: dict) -> dict:
@@ -58,7 +51,7 @@ def predict(query: ImageParams, form: ImageFile):
     form = _required(form, "file")
     svc = services()
     threshold = query.threshold  # None: the active model version's default (its card, else DEFAULT_THRESHOLD)
-    upload = _read_upload(form.file, svc.settings.max_image_bytes)
+    upload = svc.predictions.read_upload(form.file.stream, form.file.filename)
     [result] = svc.predictions.predict_images([upload], threshold, current_caller().owner, query.reuse)
     if isinstance(result, ServiceError):
         raise result
@@ -74,23 +67,9 @@ def predict_batch(query: ImageParams, form: ImageFiles):
     """Predict up to MAX_BATCH_FILES images"""
     form = _required(form, "files")
     svc = services()
-    limit = svc.settings.max_batch_files
-    threshold = query.threshold
     files = form.files
-    if len(files) > limit:
-        raise InvalidInput(f"at most {limit} files per batch, got {len(files)}", parameter="files")
-    outcomes: list = [None] * len(files)
-    readable: list[tuple[int, Upload]] = []
-    for index, storage in enumerate(files):
-        try:
-            readable.append((index, _read_upload(storage, svc.settings.max_image_bytes)))
-        except PayloadTooLarge as exc:
-            outcomes[index] = exc
-    predicted = svc.predictions.predict_images([u for _, u in readable], threshold, current_caller().owner,
-                                               query.reuse)
-    for (index, _), outcome in zip(readable, predicted, strict=True):
-        outcomes[index] = outcome
-
+    outcomes = svc.predictions.predict_uploads([(f.stream, f.filename) for f in files], query.threshold,
+                                               current_caller().owner, query.reuse)
     results = []
     for index, (storage, outcome) in enumerate(zip(files, outcomes, strict=True)):
         if isinstance(outcome, ServiceError):

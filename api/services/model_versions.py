@@ -89,6 +89,7 @@ class ModelVersions:
         self.store = store
         self.bucket = settings.bucket_models
         self.backbone = settings.d3_backbone
+        self.default_threshold = settings.default_threshold
         # check_head(data, label) raises on a head that does not fit the configured backbone; the
         # default builds the spec's head layout for it (imports torch, so only when first needed).
         self._check_head = check_head
@@ -136,6 +137,17 @@ class ModelVersions:
                     "threshold": row.threshold if row else None,
                     "activated_at": iso(active.activated_at) if active else None,
                     "activated_by": active.activated_by if active else None}
+
+    def active_view(self, engine: Any) -> dict[str, Any]:
+        """What answers a request sent now in `engine`'s process: the head it would pin, its default
+        threshold (the card's, else DEFAULT_THRESHOLD), when the process last polled, and the database's view."""
+        head = engine.head()
+        from_card = head.threshold is not None
+        return {"version": head.version, "model_version": head.model_version, "trained": head.trained,
+                "threshold": head.threshold if from_card else self.default_threshold,
+                "threshold_source": "card" if from_card else "settings",
+                "source": "configured" if head.version is None else "model_versions",
+                "poll": _poll_state(engine), "database": self.active_record()}
 
     # ------------------------------------------------------------ HeadCatalog (polled by the engines)
     def active_version(self) -> str | None:
@@ -203,9 +215,10 @@ class ModelVersions:
             active = self._active_row(session)
         return self.public(row, bool(active and active.version_id == vid)), False
 
-    def activate(self, ref: str | None, by: str | None = None) -> dict[str, Any]:
-        """Make a version the one that answers (None: back to the configured head). Every serving
-        process switches at its next poll; a request already running keeps the head it pinned."""
+    def activate(self, ref: str | None, by: str | None = None, engine: Any = None) -> dict[str, Any]:
+        """Make a version the one that answers (None: back to the configured head). `engine`'s process
+        switches now, every other serving process at its next poll; a request already running keeps
+        the head it pinned."""
         row = self.resolve(ref) if ref is not None else None
         if row is not None and not self.store.exists(self.bucket, row.head_object):
             raise NotFound(f"the head of model version {row.id} is missing from the store; add it again")
@@ -217,6 +230,9 @@ class ModelVersions:
             active.version_id = row.id if row else None
             active.activated_at = datetime.now(timezone.utc)
             active.activated_by = by
+        sync = getattr(engine, "sync_versions", None)  # engines without model versions have none
+        if sync is not None:
+            sync()
         return self.active_record()
 
     # ------------------------------------------------------------ internals
@@ -250,6 +266,13 @@ class ModelVersions:
 
             self._check_head = check
         self._check_head(data, f"the uploaded head ({vid})")
+
+
+def _poll_state(engine: Any) -> dict[str, Any] | None:
+    # When this process last read the active version, and why it could not (a database it cannot reach).
+    versions = getattr(engine, "versions", None)
+    state = versions() if versions is not None else None
+    return {k: state.get(k) for k in ("poll_s", "polled_at", "poll_error")} if state else None
 
 
 def catalog_from_settings(settings: Settings) -> tuple[ModelVersions | None, str]:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sqlalchemy import select
 
@@ -21,7 +21,7 @@ from api.database import Database
 from api.detector import EngineNotReady, EngineOverloaded, EngineTimeout, InferenceError, preprocess_image
 from api.detector.interface import Engine
 from api.detector.versions import Head, Scores
-from api.exceptions import PayloadTooLarge, ServiceError, Unavailable
+from api.exceptions import InvalidInput, PayloadTooLarge, ServiceError, Unavailable
 from api.models import Prediction, iso
 from api.services.records import insert_with_objects
 from api.storage import ObjectStore, StoreUnavailable, object_key
@@ -117,6 +117,33 @@ class PredictionService:
         self.provenance_limits = provenance_limits(settings)
 
     # -- public -----------------------------------------------------------
+    def read_upload(self, stream: IO[bytes], filename: str | None) -> Upload:
+        """An uploaded image's bytes, reading no more than one byte past MAX_IMAGE_BYTES."""
+        limit = self.settings.max_image_bytes
+        data = stream.read(limit + 1)
+        if len(data) > limit:
+            raise PayloadTooLarge(f"file is larger than the limit of {limit} bytes")
+        return Upload(data=data, filename=filename)
+
+    def predict_uploads(self, files: Sequence[tuple[IO[bytes], str | None]], threshold: float | None,
+                        owner: str | None, reuse: bool = True) -> list[dict[str, Any] | ServiceError]:
+        """A batch request's files (stream, filename), at most MAX_BATCH_FILES: one result per file,
+        in order, a file over the size limit carrying its own error like any other bad file."""
+        limit = self.settings.max_batch_files
+        if len(files) > limit:
+            raise InvalidInput(f"at most {limit} files per batch, got {len(files)}", parameter="files")
+        outcomes: dict[int, dict[str, Any] | ServiceError] = {}
+        readable: list[tuple[int, Upload]] = []
+        for index, (stream, filename) in enumerate(files):
+            try:
+                readable.append((index, self.read_upload(stream, filename)))
+            except PayloadTooLarge as exc:
+                outcomes[index] = exc
+        predicted = self.predict_images([upload for _, upload in readable], threshold, owner, reuse)
+        for (index, _), outcome in zip(readable, predicted, strict=True):
+            outcomes[index] = outcome
+        return [outcomes[index] for index in range(len(files))]
+
     def predict_images(self, uploads: Sequence[Upload], threshold: float | None, owner: str | None,
                        reuse: bool = True) -> list[dict[str, Any] | ServiceError]:
         """One result per upload, in order: a stored prediction, or the error for that file.
