@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import urllib3
@@ -92,6 +92,12 @@ def object_key(object_id: str, suffix: str, when: datetime | None = None) -> str
     """A server-made key: `YYYY/MM/DD/<id><suffix>`."""
     when = when or datetime.now(timezone.utc)
     return f"{when:%Y/%m/%d}/{object_id}{suffix}"
+
+
+def media_bucket(settings: Any, media_type: str) -> str:
+    """Where a prediction's kept input (`media_object`) lives: videos in their own bucket (a job's upload
+    becomes the kept video), kept audio and texts (KEEP_AUDIO, KEEP_TEXTS) in the media bucket."""
+    return settings.bucket_videos if media_type == "video" else settings.bucket_media
 
 
 def _check_key(key: str) -> None:

@@ -171,6 +171,27 @@ def test_async_audio_runs_on_the_job_pool_and_keeps_the_input_when_asked(tmp_pat
     assert kept == path.read_bytes()
 
 
+def test_the_reconciler_keeps_every_object_of_audio_and_text_predictions(tmp_path, tiny_engine, tiny_detectors):
+    """Kept inputs (KEEP_AUDIO, KEEP_TEXTS) live in the media bucket and a recording's timeline beside its
+    summary: all are referenced by their rows, so a reconcile with no grace period removes none of them."""
+    from api.services.reconcile import reconcile
+
+    app = make_app(tmp_path, tiny_engine, tiny_detectors, KEEP_AUDIO="true", KEEP_TEXTS="true")
+    client = app.test_client()
+    assert post_audio(client, audio_file(tmp_path, "wav", tone(5.0))).status_code == 200
+    assert client.post("/predict/text", json={"text": TEXT}).status_code == 200
+    store, settings = svc(app).store, svc(app).settings
+    before = {(bucket, key) for bucket in store.buckets for key, _ in store.list_objects(bucket)}
+    assert sum(bucket == settings.bucket_media for bucket, _ in before) == 2  # the recording and the text
+    assert any(key.endswith("-timeline.png") for _, key in before)
+    report = reconcile(svc(app).db, store, settings, grace_s=0)
+    assert report.removed == [] and report.rows_without_object == [], report.as_dict()
+    assert {(bucket, key) for bucket in store.buckets for key, _ in store.list_objects(bucket)} == before
+    orphan = "2026/01/01/orphan.txt"  # ... while an object no row names still goes
+    store.put_bytes(settings.bucket_media, orphan, b"x", "text/plain")
+    assert reconcile(svc(app).db, store, settings, grace_s=0).removed == [f"{settings.bucket_media}/{orphan}"]
+
+
 def test_missing_weights_make_only_that_modality_unavailable(tmp_path, tiny_engine):
     missing = tmp_path / "no" / "AASIST.pth"
     app = make_app(tmp_path, tiny_engine, None, **{**TINY_DETECTORS, "AASIST_MODEL": "AASIST",

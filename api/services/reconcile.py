@@ -28,11 +28,13 @@ from sqlalchemy import select
 
 from api.database import Database
 from api.models import ModelVersion, Prediction, VideoPrediction
-from api.storage import ObjectStore
+from api.services.series import TIMELINE_SUFFIX, timeline_key_for
+from api.storage import ObjectStore, media_bucket
 
 log = logging.getLogger(__name__)
 
-TIMELINE_SUFFIX = "-timeline.png"
+# The media types whose results have a timeline picture beside the summary (series.timeline_key).
+SERIES_MEDIA = ("video", "audio")
 SAMPLE = 20  # how many keys/ids a report lists
 
 
@@ -60,11 +62,10 @@ def referenced_objects(db: Database, settings) -> dict[tuple[str, str], str]:
         for prediction_id, media_type, _status, result_object, media_object in rows:
             if result_object:
                 refs[(settings.bucket_results, result_object)] = str(prediction_id)
-                if media_type == "video":
-                    timeline = result_object.removesuffix(".json") + TIMELINE_SUFFIX
-                    refs[(settings.bucket_results, timeline)] = str(prediction_id)
+                if media_type in SERIES_MEDIA:
+                    refs[(settings.bucket_results, timeline_key_for(result_object))] = str(prediction_id)
             if media_object:
-                refs[(settings.bucket_videos, media_object)] = str(prediction_id)
+                refs[(media_bucket(settings, media_type), media_object)] = str(prediction_id)
         videos = session.execute(select(VideoPrediction.prediction_id, VideoPrediction.frames_object,
                                         VideoPrediction.upload_object))
         for prediction_id, frames_object, upload_object in videos:

@@ -18,6 +18,8 @@ from api.storage import ObjectNotFound, ObjectStore, StoreUnavailable, object_ke
 
 log = logging.getLogger(__name__)
 
+TIMELINE_SUFFIX = "-timeline.png"
+
 
 @dataclass(frozen=True)
 class Submission:
@@ -29,8 +31,12 @@ class Submission:
 
 def timeline_key(row: Prediction) -> str:
     """The timeline picture lives beside the summary: `<date>/<id>-timeline.png` in the results bucket."""
-    base = row.result_object or object_key(str(row.id), ".json", row.created_at)
-    return base.removesuffix(".json") + "-timeline.png"
+    return timeline_key_for(row.result_object or object_key(str(row.id), ".json", row.created_at))
+
+
+def timeline_key_for(result_object: str) -> str:
+    """The timeline picture's key beside a summary's key."""
+    return result_object.removesuffix(".json") + TIMELINE_SUFFIX
 
 
 def aggregates(row: Prediction) -> dict[str, Any] | None:
