@@ -15,6 +15,7 @@ small dependency. Three adjustments, all here:
 from __future__ import annotations
 
 import copy
+import json as stdlib_json  # `json` is a parameter name of the plugin's hooks
 import re
 from collections.abc import Callable
 from typing import Any
@@ -55,7 +56,7 @@ class D3FlaskPlugin(FlaskPlugin):
         try:
             request.context = Context(
                 self.model_adapter.validate_obj(query, merged) if query else None,
-                self.model_adapter.validate_obj(json, request.get_json(silent=True) or {}) if use_json else None,
+                self.model_adapter.validate_obj(json, json_body(request)) if use_json else None,
                 self.model_adapter.validate_obj(form, get_multidict_items(request.files, form)) if use_form else None,
                 None, None)
         except ValidationError as exc:  # raised here, before spectree would build its own 422 body
@@ -66,6 +67,25 @@ class D3FlaskPlugin(FlaskPlugin):
         if getattr(resp, "direct_passthrough", False):  # a streamed file (send_from_directory): nothing to read
             return resp, None
         return super().validate_response(resp, resp_model, True, force_resp_serialize)
+
+
+def json_body(request: Any) -> Any:
+    """A JSON request's body, or {} for another content type (the schema then names what is missing).
+
+    Parsed here rather than with Flask's silent get_json, which turns malformed JSON into "nothing sent"
+    and lets a deeply nested document's RecursionError through as a 500.
+    """
+    if not request.is_json:
+        return {}
+    data = request.get_data(cache=True)
+    if not data:
+        return {}
+    try:
+        return stdlib_json.loads(data)
+    except RecursionError:
+        raise InvalidInput("the JSON body is nested too deeply", parameter="body") from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise InvalidInput(f"the body is not valid JSON: {exc}", parameter="body") from None
 
 
 def _shown(value: Any) -> str:

@@ -53,6 +53,10 @@ class Params(BaseModel):
     @classmethod
     def _blank_is_absent(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            for name, value in data.items():
+                # No text of this API means anything with a NUL in it, and PostgreSQL refuses to store one.
+                if isinstance(value, str) and "\x00" in value:
+                    raise PydanticCustomError("nul", "must not contain NUL characters", {"parameter": name})
             return {k: v for k, v in data.items() if not (isinstance(v, str) and v.strip() == "")}
         return data
 
@@ -120,10 +124,14 @@ class VideoFile(Params):
 
 
 # -- GET /predictions, /predictions/stats -----------------------------------------------------------
-def _utc(value: datetime | None) -> datetime | None:
+def _utc(value: datetime | None, name: str) -> datetime | None:
     if value is None:
         return None
-    return (value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value).astimezone(timezone.utc)
+    try:
+        return (value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value).astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is past the last datetime once in UTC
+        raise PydanticCustomError("range", "is outside the dates this API can compare (years 1 to 9999 in UTC)",
+                                  {"parameter": name}) from None
 
 
 class TimeRange(Params):
@@ -133,7 +141,7 @@ class TimeRange(Params):
 
     @model_validator(mode="after")
     def _ordered(self) -> TimeRange:
-        self.since, self.until = _utc(self.since), _utc(self.until)
+        self.since, self.until = _utc(self.since, "since"), _utc(self.until, "until")
         if self.since and self.until and self.since > self.until:
             raise PydanticCustomError("range", "since must not be after until", {"parameter": "since"})
         return self

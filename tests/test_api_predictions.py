@@ -175,6 +175,20 @@ def test_a_cursor_refuses_a_request_that_changes_its_listing(seeded):
         assert body["error"]["parameter"] == param and "cursor" in body["error"]["message"]
 
 
+def test_nul_bytes_and_dates_past_the_calendar_are_400s_on_every_backend(seeded):
+    app, _, _ = seeded
+    client = app.test_client()
+    for params, parameter in [({"filename": "a\x00"}, "filename"), ({"since": "9999-12-31T23:00:00-05:00"}, "since"),
+                              ({"until": "0001-01-01T00:00:00+05:00"}, "until")]:
+        for path in ("/predictions", "/predictions/stats"):
+            if path.endswith("stats") and parameter == "filename":
+                continue
+            status, body = get(client, path, **params)
+            assert status == 400 and body["error"]["parameter"] == parameter, (path, params, body)
+    status, body = get(client, "/predictions/stats", until="0001-01-05")
+    assert status == 200 and body["total"] == 0
+
+
 def test_cursor_encoding_round_trip_and_tampering():
     import base64
     import json
@@ -198,6 +212,8 @@ def test_cursor_encoding_round_trip_and_tampering():
 
     after = [created.replace(tzinfo=None).isoformat(), str(row.id)]
     for bad in (forged({"after": after, "limit": 10_000, "filters": {}}),  # over MAX_LIMIT
+                forged({"after": after, "limit": True, "filters": {}}),  # a boolean is not a page size
+                forged({"after": after, "limit": 5, "filters": {"filename": "a\x00b"}}),  # PostgreSQL: no NUL
                 forged({"after": after, "limit": 5, "filters": {"prediction": "maybe"}}),  # a refused value
                 forged({"after": after, "limit": 5, "filters": {"owner": "someone-else"}}),  # not a filter
                 forged({"after": after, "limit": 5}),

@@ -67,6 +67,24 @@ def test_stereo_is_the_mean_of_its_channels(tmp_path):
     assert np.allclose(audio.samples, (q[0] + q[1]) / 2, atol=1e-7)
 
 
+@pytest.mark.parametrize("channels", [3, 6, 8, 10, 16])
+def test_many_channels_of_an_unnamed_layout_are_averaged(tmp_path, channels):
+    """A WAV's channel count alone (no channel mask): 8 to 15 channels crashed PyAV's planar to_ndarray."""
+    import wave
+
+    pcm = np.round(np.stack([noise(1.0, seed=c) for c in range(channels)], axis=1) * 32767).astype(np.int16)
+    path = tmp_path / f"ch{channels}.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(2)
+        out.setframerate(16_000)
+        out.writeframes(pcm.tobytes())
+    audio = decode(path)
+    assert audio.channels == channels and audio.samples.shape == (16_000,)
+    expected = (pcm.astype(np.float64) / 32768).mean(axis=1).astype(np.float32)
+    assert np.array_equal(audio.samples, expected)
+
+
 def test_a_videos_soundtrack_is_decoded(tmp_path):
     path = video_with_soundtrack(tmp_path / "talk.mp4", tone(2.0, freq=660.0))
     audio = decode(path)

@@ -413,6 +413,71 @@ def test_reconcile_keeps_the_heads_and_cards_of_versions(tmp_path, engine, heads
     assert len(stored_keys(app)) == 2
 
 
+def test_two_requests_adding_the_same_head_at_once_both_succeed_and_keep_its_files(tmp_path, engine, heads,
+                                                                                 monkeypatch):
+    """Both found no row, both wrote the (content-addressed) objects, one insert lost: the loser is a
+    re-add, and its clean-up must not delete the files the winner's row points at."""
+    from api.services import model_versions as module
+    from api.services.reconcile import reconcile
+
+    app = versioned_app(tmp_path, engine)
+    svc = app.extensions["d3"]
+    data, card = heads["a"].read_bytes(), json.loads(write_card(heads["a"]).read_text())
+    original = module.insert_with_objects
+    raced: list[bool] = []
+
+    def other_request_first(*args, **kwargs):
+        if not raced:  # the other request inserts between this one's check and its insert
+            raced.append(True)
+            assert svc.model_versions.add(data, card)[1] is True
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "insert_with_objects", other_request_first)
+    body, created = svc.model_versions.add(data, card, name="mine")
+    assert raced and created is False and body["name"] == "mine"
+    assert len(stored_keys(app)) == 2  # the head and the card are still there
+    client = app.test_client()
+    assert activate(client, admin_headers(app), version="mine").status_code == 200
+    assert reconcile(svc.db, svc.store, svc.settings, grace_s=0).rows_without_object == []
+
+
+def test_adding_a_head_again_restores_its_file_when_the_store_lost_it(tmp_path, engine, heads):
+    app = versioned_app(tmp_path, engine)
+    svc = app.extensions["d3"]
+    body, _ = svc.model_versions.add(heads["a"].read_bytes())
+    head_key = f"heads/{body['sha256']}.pth"
+    svc.store.delete(svc.settings.bucket_models, head_key)
+    admin = admin_headers(app)
+    client = app.test_client()
+    assert activate(client, admin, version=body["version"]).status_code == 404  # "add it again"
+    assert upload_head(client, admin, heads["a"]).status_code == 200
+    assert svc.store.get_bytes(svc.settings.bucket_models, head_key) == heads["a"].read_bytes()
+    assert activate(client, admin, version=body["version"]).status_code == 200
+
+
+@pytest.mark.parametrize("section", ["validation", "calibration"])
+@pytest.mark.parametrize("value", [[1], "text", 3])
+def test_a_card_whose_sections_are_not_objects_is_refused_and_old_ones_still_list(tmp_path, engine, heads,
+                                                                                 section, value):
+    from api.models import ModelVersion
+
+    app = versioned_app(tmp_path, engine)
+    client, admin = app.test_client(), admin_headers(app)
+    card = write_card(heads["a"], **{section: value})
+    refused = upload_head(client, admin, heads["a"], card)
+    assert refused.status_code == 400 and section in refused.get_json()["error"]["message"]
+    assert stored_keys(app) == []
+    # A card stored before this check (written straight into its row) lists without failing.
+    assert upload_head(client, admin, heads["a"]).status_code == 201
+    svc = app.extensions["d3"]
+    with svc.db.session() as session:
+        row = session.query(ModelVersion).one()
+        row.card = {**json.loads(write_card(heads["a"]).read_text()), section: value}
+    listing = client.get("/models", headers=admin)
+    assert listing.status_code == 200, listing.get_data(as_text=True)[:300]
+    assert listing.get_json()["versions"][0]["card"][section] is None
+
+
 # -- the inference tier ---------------------------------------------------------------------------------
 def test_an_activation_reaches_the_tier_and_the_api_records_the_tiers_version(tmp_path, heads, reference_model):
     import tritonclient.http as httpclient

@@ -272,12 +272,39 @@ def test_duplicate_file_fields_use_the_first(hostile):
     ("GET", "/objects/d3-results/../../d3.sqlite?expires=9999999999&signature=00", 404),
     ("GET", "/objects/d3-results/x.json?expires=9999999999&signature=%C2%80%FF", 404),  # found by the fuzzer
     ("GET", "/no-such-route", 404),
+    # Found by a fuzzing audit: dates past either end of the calendar once in UTC, and NUL bytes
+    # (which PostgreSQL refuses to store or compare) were 500s.
+    ("GET", "/predictions?since=9999-12-31T23:00:00-05:00", 400),
+    ("GET", "/predictions?until=0001-01-01T00:00:00%2B05:00", 400),
+    ("GET", "/predictions/stats?since=9999-12-31T23:00:00-05:00", 400),
+    ("GET", "/predictions?filename=%00", 400), ("GET", "/predictions?filename=a%00b", 400),
 ])
 def test_odd_requests_get_json_errors(hostile, method, path, expected):
     app, client, headers = hostile
     response = client.open(path, method=method, headers=headers)
     assert response.status_code == expected, response.get_data(as_text=True)[:200]
     assert response.is_json and response.get_json()["error"]["code"]
+
+
+def test_stats_until_the_first_days_of_year_one_count_from_the_start_of_the_calendar(hostile):
+    app, client, headers = hostile
+    response = client.get("/predictions/stats?until=0001-01-05", headers=headers)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["total"] == 0
+
+
+@pytest.mark.parametrize("method,path", [("POST", "/predict/text"), ("PUT", "/models/active")])
+def test_malformed_and_deeply_nested_json_get_a_clear_400(hostile, method, path):
+    app, client, _ = hostile
+    admin = bearer(new_key(app, "admin", admin=True))
+    deep = '{"text": ' + "[" * 5000 + "]" * 5000 + "}"
+    for body, words in [(deep, "nested too deeply"), ('{"text": "abc"', "not valid JSON"),
+                        (b"\xff\xfe{}", "not valid JSON")]:
+        response = client.open(path, method=method, data=body, content_type="application/json", headers=admin)
+        assert response.status_code == 400, (path, response.get_data(as_text=True)[:300])
+        error = response.get_json()["error"]
+        assert error["code"] == "invalid_input" and words in error["message"], error
+    assert _stored_rows(app) == 0
 
 
 @pytest.mark.parametrize("request_id", ["x" * 5000, "id with spaces", "<script>", "ünïcode", "a;b|c`d`", ""])

@@ -247,7 +247,8 @@ def test_callbacks_to_private_hosts_or_plain_http_are_refused_by_default(tmp_pat
     for url, words in [("https://127.0.0.1:8443/hook", "loopback"), ("https://localhost/hook", "loopback"),
                        ("https://10.1.2.3/hook", "private"), ("https://169.254.169.254/latest", "link-local"),
                        ("https://[::1]/x", "loopback"), ("http://example.com/hook", "must use https"),
-                       ("https://user:pw@example.com/", "credentials"), ("javascript:alert(1)", "https URL")]:
+                       ("https://user:pw@example.com/", "credentials"), ("javascript:alert(1)", "https URL"),
+                       ("https://[::1/x", "not a valid URL"), ("https://1.1.1.1/\x00", "NUL")]:
         response = post_video(client, data, callback_url=url)
         assert response.status_code == 400, url
         error = response.get_json()["error"]

@@ -78,7 +78,10 @@ def check_callback_url(url: str, allow_http: bool, allow_private: bool,
 
     if len(url) > 2000:
         raise refuse("is longer than 2000 characters")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket: https://[::1/x
+        raise refuse("is not a valid URL") from None
     scheme = parts.scheme.lower()
     if scheme not in ("https", "http"):
         raise refuse("must be an https URL")

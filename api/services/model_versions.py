@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from api.config import Settings
 from api.database import Database
@@ -38,6 +39,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HEX = re.compile(r"^[0-9a-f]{6,64}$")
 
 
+CARD_SECTIONS = ("validation", "calibration")  # the objects a listing reads fields from
+
+
 def version_id(sha256: str) -> str:
     return f"sha256:{sha256[:12]}"
 
@@ -46,8 +50,9 @@ def card_summary(card: dict[str, Any] | None) -> dict[str, Any] | None:
     """What a listing shows of a card: when, the threshold, validation before/after, calibration target."""
     if not card:
         return None
-    validation = card.get("validation") or {}
-    calibration = card.get("calibration") or None
+    # A card stored before its sections were checked may hold anything: show what fits, never fail.
+    validation = card.get("validation") if isinstance(card.get("validation"), dict) else {}
+    calibration = card.get("calibration") if isinstance(card.get("calibration"), dict) else None
     return {"created_at": card.get("created_at"), "threshold": card.get("threshold"),
             "validation": validation.get("trained"), "validation_start": validation.get("start"),
             "calibration": {k: calibration.get(k) for k in ("target", "max_fpr", "ap")} if calibration else None,
@@ -59,6 +64,10 @@ def check_card(card: Any, sha256: str) -> float | None:
     """A card is a d3-model-card/1 object about this head; its threshold (if any) a probability."""
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
         raise InvalidInput(f"the card is not a {CARD_FORMAT} model card (made by `d3 train`)", parameter="card")
+    for section in CARD_SECTIONS:
+        if card.get(section) is not None and not isinstance(card[section], dict):
+            raise InvalidInput(f"the card's {section!r} must be an object, got {type(card[section]).__name__}",
+                               parameter="card")
     claimed = card.get("head_sha256")
     if claimed and claimed != sha256:
         raise InvalidInput(f"the card belongs to head {str(claimed)[:12]}, not to this head ({sha256[:12]})",
@@ -77,6 +86,8 @@ def parse_card(data: bytes) -> dict[str, Any]:
         card = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidInput(f"the card is not JSON: {exc}", parameter="card") from None
+    except RecursionError:  # nested deeper than the parser's stack
+        raise InvalidInput("the card is not a model card: nested too deeply", parameter="card") from None
     if not isinstance(card, dict):
         raise InvalidInput("the card is not a JSON object", parameter="card")
     return card
@@ -193,26 +204,44 @@ class ModelVersions:
                 holder = session.scalars(select(ModelVersion).where(ModelVersion.name == name)).first()
                 if holder is not None and holder.id != vid:
                     raise InvalidInput(f"the name {name!r} is taken by version {holder.id}", parameter="name")
+        head_object = f"heads/{sha256}.pth"
         if existing is None:
             row = ModelVersion(id=vid, name=name, sha256=sha256, size_bytes=len(data),
-                               head_object=f"heads/{sha256}.pth", card=card, threshold=threshold,
+                               head_object=head_object, card=card, threshold=threshold,
                                card_object=f"cards/{sha256}.card.json" if card_bytes else None,
                                created_at=datetime.now(timezone.utc))
             objects: list = [(self.bucket, row.head_object, data, "application/octet-stream")]
             if card_bytes is not None:
                 objects.append((self.bucket, row.card_object, card_bytes, "application/json"))
-            insert_with_objects(self.db, self.store, row, objects)
-            return self.public(row, False), True
-        if card_bytes is not None:  # same objects key: a retry after a failed row just overwrites it
-            put_objects(self.store, [(self.bucket, f"cards/{sha256}.card.json", card_bytes, "application/json")])
-        with self.db.session() as session:
-            row = session.get(ModelVersion, vid)
-            assert row is not None
-            if card is not None:
-                row.card, row.threshold, row.card_object = card, threshold, f"cards/{sha256}.card.json"
-            if name is not None:
-                row.name = name
-            active = self._active_row(session)
+            try:
+                insert_with_objects(self.db, self.store, row, objects, content_addressed=True)
+                return self.public(row, False), True
+            except IntegrityError:
+                # Another request stored this head (or took the name) meanwhile: carry on as a re-add.
+                # The objects are named by their bytes, so they are the other row's and stay.
+                pass
+        else:
+            objects = [(self.bucket, head_object, data, "application/octet-stream")]
+            if card_bytes is not None:
+                objects.append((self.bucket, f"cards/{sha256}.card.json", card_bytes, "application/json"))
+            # Same keys, same bytes: writing them again repairs a version whose head went missing.
+            put_objects(self.store, objects)
+        try:
+            with self.db.session() as session:
+                row = session.get(ModelVersion, vid)
+                if row is None:  # the insert lost to another head taking the same name
+                    raise InvalidInput(f"the name {name!r} was just taken by another version", parameter="name")
+                if name is not None and name != row.name:
+                    holder = session.scalars(select(ModelVersion).where(ModelVersion.name == name)).first()
+                    if holder is not None and holder.id != vid:
+                        raise InvalidInput(f"the name {name!r} is taken by version {holder.id}", parameter="name")
+                if card is not None:
+                    row.card, row.threshold, row.card_object = card, threshold, f"cards/{sha256}.card.json"
+                if name is not None:
+                    row.name = name
+                active = self._active_row(session)
+        except IntegrityError:  # another version took the name between the check and the commit
+            raise InvalidInput(f"the name {name!r} was just taken by another version", parameter="name") from None
         return self.public(row, bool(active and active.version_id == vid)), False
 
     def activate(self, ref: str | None, by: str | None = None, engine: Any = None) -> dict[str, Any]:

@@ -37,7 +37,7 @@ class Filters:
     min_probability: Annotated[float, Field(ge=0, le=1)] | None = None
     max_probability: Annotated[float, Field(ge=0, le=1)] | None = None
     sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] | None = None
-    filename: Annotated[str, Field(max_length=255)] | None = None
+    filename: Annotated[str, Field(max_length=255, pattern="^[^\x00]*$")] | None = None  # PostgreSQL: no NUL
     declared_ai: Literal["true", "false", "unknown"] | None = None  # unknown: no claim in the metadata
     c2pa: bool | None = None  # a C2PA manifest was present
 
@@ -80,7 +80,7 @@ def decode_cursor(cursor: str) -> Cursor:
         # The filters' own types and bounds: a cursor cannot smuggle in what a filter refuses.
         filters = _FILTERS.validate_python(stored)
         limit = data["limit"]
-        if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
             raise ValueError("bad limit")
         return Cursor(created=created, last_id=uuid.UUID(id_raw), filters=filters, limit=limit)
     except (ValueError, TypeError, KeyError, AttributeError, ValidationError, binascii.Error,
@@ -183,7 +183,11 @@ class QueryService:
     def stats(self, since: datetime | None, until: datetime | None, owner: str | None,
               all_owners: bool) -> dict[str, Any]:
         until = until or datetime.now(timezone.utc)
-        since = since or until - timedelta(days=30)
+        if since is None:
+            try:
+                since = until - timedelta(days=30)
+            except OverflowError:  # an `until` in the first month of year 1
+                since = datetime.min.replace(tzinfo=timezone.utc)
         if since > until:
             raise InvalidInput("since must not be after until", parameter="since")
         filters = Filters(since=since, until=until)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 
+from sqlalchemy.exc import IntegrityError
+
 from api.database import Database, DatabaseUnavailable
 from api.storage import ObjectNotFound, ObjectStore, StoreError, StoreUnavailable
 
@@ -59,11 +61,19 @@ def delete_objects(store: ObjectStore, objects: list[tuple[str, str]]) -> None:
             store.pending_deletes.add(bucket, key)
 
 
-def insert_with_objects(db: Database, store: ObjectStore, row: object, objects: list[StoredObject]) -> None:
+def insert_with_objects(db: Database, store: ObjectStore, row: object, objects: list[StoredObject],
+                        content_addressed: bool = False) -> None:
+    """`content_addressed`: the keys are named by the bytes, so a row that already exists (IntegrityError,
+    another request storing the same content meanwhile) refers to these very objects: they stay."""
     written = put_objects(store, objects)
     try:
         with db.session() as session:
             session.add(row)
+    except IntegrityError:
+        if not content_addressed:
+            log.error("row not stored; removing its %d objects", len(written))
+            delete_objects(store, written)
+        raise
     except DatabaseUnavailable as exc:
         if exc.commit_unknown:
             # The commit was sent and no answer came: the row may exist (a frozen server commits

@@ -245,8 +245,8 @@ def _decode(job: dict) -> tuple[dict, bytes]:  # pragma: no cover - child
         def take(frames) -> None:
             nonlocal total
             for frame in frames:
-                data = frame.to_ndarray()  # (channels, n) float32, planar
-                mono = data.mean(axis=0, dtype=np.float64).astype(np.float32) if data.shape[0] > 1 else data[0]
+                data = frame.to_ndarray().reshape(-1, frame.layout.nb_channels)  # packed: (n, channels)
+                mono = data.mean(axis=1, dtype=np.float64).astype(np.float32) if data.shape[1] > 1 else data[:, 0]
                 pieces.append(np.ascontiguousarray(mono, dtype="<f4"))
                 total += mono.shape[0]
                 if total > max_samples:
@@ -255,7 +255,9 @@ def _decode(job: dict) -> tuple[dict, bytes]:  # pragma: no cover - child
         for frame in container.decode(stream):
             if resampler is None:
                 channels, rate = frame.layout.nb_channels, frame.sample_rate
-                resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=TARGET_RATE)
+                # Packed float, not planar: PyAV's to_ndarray crashes (SIGSEGV) on planar frames of 8 to
+                # 15 channels of unnamed layout; one interleaved plane has no such case.
+                resampler = av.AudioResampler(format="flt", layout=frame.layout.name, rate=TARGET_RATE)
             take(resampler.resample(frame))
         if resampler is None:
             raise _ChildError("no_audio", "the audio track holds no decodable audio")
