@@ -51,12 +51,15 @@ same nginx upstream; see DEPLOYMENT.md.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import gunicorn.util
 
 HERE = Path(__file__).resolve().parent
 
@@ -144,6 +147,25 @@ max_requests_jitter = max_requests // 10
 # gunicorn creates them unlinked (mkstemp + unlink), so a shared folder is safe here.
 _SHM = "/dev/shm"  # noqa: S108
 worker_tmp_dir = _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else None
+
+# --- requests Gunicorn refuses itself ---------------------------------------------------------
+# A request line or headers Gunicorn cannot parse never reach the app, and Gunicorn answers them
+# with an HTML page. Every error of this API is JSON {"error": {"code", "message"}}, so its error
+# writer is replaced by one that writes that. Gunicorn has no setting or hook for the body of these
+# answers: the writer (gunicorn.util.write_error, called by Worker.handle_error) is the one place.
+def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    code = reason.lower().replace(" ", "_") or "bad_request"
+    message = (mesg or reason)[:300]  # the message may quote a whole request line
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin1")
+    gunicorn.util.write_nonblock(sock, head + body)
+
+
+gunicorn.util.write_error = write_json_error
+# The longest request line Gunicorn takes (its maximum; the default is 4094): as long as nginx's
+# (large_client_header_buffers 8k), so a URL nginx passes is never refused behind it.
+limit_request_line = 8190
 
 # --- proxy ----------------------------------------------------------------------------------
 # nginx on the same host is the one trusted hop (X-Forwarded-Proto decides https URLs).

@@ -357,3 +357,37 @@ def test_metrics_are_counted_across_two_gunicorn_workers(gunicorn_service):
     for log_file in ("error.log", "access.log"):
         text = (folder / log_file).read_text()
         assert key not in text and key.split("_", 2)[2] not in text
+
+
+def _raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_requests_gunicorn_refuses_itself_get_json_errors(gunicorn_service):
+    """A request line or header Gunicorn cannot parse never reaches the app: its answer is JSON too."""
+    port = int(gunicorn_service["base"].rsplit(":", 1)[1])
+    cases = [
+        (b"GET /predictions/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),  # over limit_request_line
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n", 400),  # a control character in a header
+        (b"NOT A REQUEST\r\n\r\n", 400),
+    ]
+    for request, status in cases:
+        got, headers, body = _raw_request(port, request)
+        assert got == status, (request[:40], got, body[:200])
+        assert headers["Content-Type"] == "application/json"
+        error = json.loads(body)["error"]
+        assert error["code"] and error["message"], error
+    # A request line of 5,000 bytes (over Gunicorn's default of 4,094) reaches the app.
+    got, _, body = _raw_request(port, b"GET /predictions/" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n"
+                                      b"Connection: close\r\n\r\n")
+    assert got in (401, 404) and json.loads(body)["error"]["code"], body[:200]
