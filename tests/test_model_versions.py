@@ -189,6 +189,9 @@ def test_http_lists_adds_and_activates_for_admins_only(request, tmp_path, engine
     card = write_card(heads["a"], threshold=0.25)
     assert upload_head(client, user, heads["a"], card).status_code == 403  # not an admin key
     assert upload_head(client, {}, heads["a"], card).status_code == 403  # anonymous (keys not required here)
+    # The key is checked before the body is read: a bad body from a non-admin is a 403, not a 400.
+    assert client.post("/models", data="not a form", headers=user).status_code == 403
+    assert client.put("/models/active", data="{", content_type="application/json", headers=user).status_code == 403
     wide = tmp_path / "wide.pth"
     save_head(build_head(head_dim("d3-tiny") + 1), wide)
     bad = upload_head(client, admin, wide)

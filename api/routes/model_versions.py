@@ -28,12 +28,13 @@ FORBIDDEN = (ErrorBody, "A key that is not an admin key")
 
 
 @bp.before_request
-def _body_limit() -> None:
+def _admins_change_and_body_limit():
+    # Before the schema reads the body: a caller who may not change versions gets its 403 without
+    # the server parsing tens of megabytes first.
+    if request.method not in ("GET", "HEAD", "OPTIONS") and not current_caller().is_admin:
+        return error_response(403, "forbidden", "changing model versions needs an admin key")
     request.max_content_length = MAX_HEAD_BYTES + MAX_CARD_BYTES + 64 * 1024
-
-
-def _forbidden():
-    return error_response(403, "forbidden", "changing model versions needs an admin key")
+    return None
 
 
 @bp.get("/models")
@@ -66,9 +67,7 @@ def activate_model(json: ActivateModel):
 
     Requests already running keep the head they started with; every later one gets the new one.
     """
-    caller = current_caller()
-    if not caller.is_admin:
-        return _forbidden()
+    caller = current_caller()  # an admin (checked before the body was read)
     if json is None or (not json.version and not json.default):  # never fall back to the default by accident
         raise InvalidInput('send JSON {"version": "<id or name>"} or {"default": true}', parameter="version")
     if json.default and json.version:
@@ -87,8 +86,6 @@ def activate_model(json: ActivateModel):
     HTTP_403=FORBIDDEN, HTTP_413=(ErrorBody, "Request body too large"), HTTP_503=UNAVAILABLE))
 def add_model(query: ModelUploadParams, form: ModelUpload):
     """Add a head (and its model card) as a model version (admin)"""
-    if not current_caller().is_admin:
-        return _forbidden()
     if form is None:
         raise InvalidInput("send multipart/form-data with a 'head' file part (and optionally 'card')",
                            parameter="head")
