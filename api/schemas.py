@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 from werkzeug.datastructures import FileStorage
 
@@ -487,6 +487,10 @@ class TextPrediction(Prediction):
     scored_tokens: int | None = None
     chunks: list[TextChunk] | None = Field(None, description="Chunks of a text longer than the models' context "
                                                              "(overlapping by one token); sums pooled.")
+
+
+class AnyPrediction(RootModel[VideoPrediction | AudioPrediction | TextPrediction]):
+    """One stored prediction of any kind: an image's or a video's (VideoPrediction), a recording's or a text's."""
 
 
 class VideoWithAudio(VideoPrediction):

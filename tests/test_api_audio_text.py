@@ -263,3 +263,24 @@ def test_openapi_documents_the_new_endpoints(eapp):
     text = document["paths"]["/predict/text"]["post"]
     assert "application/json" in text["requestBody"]["content"]
     assert "audio" in {p["name"] for p in document["paths"]["/predict/video"]["post"]["parameters"]}
+
+
+def test_a_stored_recording_and_text_fit_the_documented_answer_of_get_prediction(eapp, tmp_path):
+    import pydantic
+
+    from api.schemas import AnyPrediction, VideoPrediction
+
+    client = eapp.test_client()
+    document = client.get("/openapi.json").get_json()
+    answer = document["paths"]["/predictions/{prediction_id}"]["get"]["responses"]["200"]
+    assert answer["content"]["application/json"]["schema"]["$ref"].endswith("/AnyPrediction")
+    audio = post_audio(client, audio_file(tmp_path, "wav", tone(5.0))).get_json()
+    text = client.post("/predict/text", json={"text": TEXT}).get_json()
+    image = post_form(client, "/predict", [("file", ("a.png", image_bytes(seed=1)))]).get_json()
+    bodies = {kind: client.get(f"/predictions/{body['id']}").get_json()
+              for kind, body in (("audio", audio), ("text", text), ("image", image))}
+    for kind, body in bodies.items():
+        assert body["media_type"] == kind
+        AnyPrediction.model_validate(body)
+    with pytest.raises(pydantic.ValidationError):  # a recording's segments are in seconds, not frames
+        VideoPrediction.model_validate(bodies["audio"])

@@ -8,7 +8,7 @@ from api.auth import current_caller
 from api.context import services
 from api.openapi import Response, api_spec
 from api.routes.common import absolute_links
-from api.schemas import ErrorBody, PredictionList, PredictionQuery, Stats, TimeRange, VideoPrediction
+from api.schemas import AnyPrediction, ErrorBody, PredictionList, PredictionQuery, Stats, TimeRange
 from api.services.predictions import serialize_prediction
 from api.services.queries import Filters, apply_cursor
 
@@ -57,7 +57,8 @@ def prediction_stats(query: TimeRange):
 
 @bp.get("/predictions/<prediction_id>")
 @api_spec.validate(tags=["query"], operation_id="getPrediction", resp=Response(
-    HTTP_200=(VideoPrediction, "The record with a fresh result_url (a video's also its frames and progress)"),
+    HTTP_200=(AnyPrediction, "The record with a fresh result_url (a video's or a recording's also its frames or "
+                             "windows and progress, a text's its criterion)"),
     HTTP_404=(ErrorBody, "Unknown id, or another owner's"), HTTP_503=UNAVAILABLE))
 def get_prediction(prediction_id: str):
     """One prediction"""

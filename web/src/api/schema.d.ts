@@ -391,6 +391,8 @@ export interface components {
             mean: number;
             vote: number;
         };
+        /** @description One stored prediction of any kind: an image's or a video's (VideoPrediction), a recording's or a text's. */
+        AnyPrediction: components["schemas"]["VideoPrediction"] | components["schemas"]["AudioPrediction"] | components["schemas"]["TextPrediction"];
         /** AudioFile */
         AudioFile: {
             /**
@@ -2307,13 +2309,13 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description The record with a fresh result_url (a video's also its frames and progress) */
+            /** @description The record with a fresh result_url (a video's or a recording's also its frames or windows and progress, a text's its criterion) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["VideoPrediction"];
+                    "application/json": components["schemas"]["AnyPrediction"];
                 };
             };
             /** @description Missing, malformed, unknown or revoked API key */
