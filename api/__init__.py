@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -12,8 +12,13 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from api.config import load_settings
 from api.utils.multipart import Request
 
+if TYPE_CHECKING:  # `import api` stays light (no torch) for the commands that never load a model
+    from api.detector.interface import Engine
+    from api.detector.registry import DetectorRegistry
 
-def create_app(test_config: Mapping[str, Any] | None = None, *, engine=None, detectors=None) -> Flask:
+
+def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine | None = None,
+               detectors: DetectorRegistry | None = None) -> Flask:
     """Build the app: settings from the environment (and `test_config` on top), then services.
 
     `engine` and `detectors` let tests and benchmarks share an already-started InferenceEngine and

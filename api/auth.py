@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flask import Flask, g, request
+from flask import Flask, Response, g, request
 from werkzeug.routing import RequestRedirect
 
 from api.errors import error_response
@@ -77,7 +77,7 @@ def presented_key() -> str | None:
     return header.strip() if header is not None else None
 
 
-def unauthorized(problem: KeyProblem | None):
+def unauthorized(problem: KeyProblem | None) -> Response:
     challenge = REALM if problem is None else f'{REALM}, error="invalid_token"'
     return error_response(401, "unauthorized", MESSAGES[problem], {"WWW-Authenticate": challenge})
 

@@ -86,13 +86,14 @@ class _Listener(pybreaker.CircuitBreakerListener):
     def __init__(self, guard: Guard) -> None:
         self.guard = guard
 
-    def state_change(self, cb, old_state, new_state) -> None:
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: pybreaker.CircuitBreakerState,
+                     new_state: pybreaker.CircuitBreakerState) -> None:
         if new_state.name == pybreaker.STATE_OPEN:
             self.guard.opened_at = time.time()
         elif new_state.name == pybreaker.STATE_CLOSED:
             self.guard.opened_at = None
 
-    def failure(self, cb, exc) -> None:
+    def failure(self, cb: pybreaker.CircuitBreaker, exc: BaseException) -> None:
         self.guard.reason = str(exc)[:200] or type(exc).__name__
         for hook in self.guard.on_failure:
             hook()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from api import exceptions as service_errors
@@ -41,7 +41,8 @@ def error_body(code: str, message: str, **details: object) -> dict:
     return {"error": error}
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None, **details: object):
+def error_response(status: int, code: str, message: str, headers: dict | None = None,
+                   **details: object) -> Response:
     response = jsonify(error_body(code, message, **details))
     response.status_code = status
     for name, value in (headers or {}).items():
@@ -49,7 +50,7 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return response
 
 
-def service_error_response(exc: service_errors.ServiceError):
+def service_error_response(exc: service_errors.ServiceError) -> Response:
     headers = {}
     if isinstance(exc, service_errors.Unavailable):
         headers["Retry-After"] = str(exc.retry_after)

@@ -25,9 +25,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.breakers import Guard
+
+if TYPE_CHECKING:  # annotations only: the checks reach these through their own methods
+    from api.database import Database
+    from api.detector.interface import Engine
+    from api.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +216,7 @@ def _reason(exc: BaseException) -> str:
 
 
 # -- the checks of the systems this service talks to -----------------------------------------------
-def database_check(db, timeout_s: float) -> Check:
+def database_check(db: Database, timeout_s: float) -> Check:
     def check() -> dict[str, Any]:
         db.probe(timeout_s)
         return {"backend": db.backend}
@@ -219,7 +224,7 @@ def database_check(db, timeout_s: float) -> Check:
     return check
 
 
-def store_check(store) -> Check:
+def store_check(store: ObjectStore) -> Check:
     """Reachable and every bucket there; a missing bucket is created (the store may have lost it)."""
     def check() -> dict[str, Any]:
         missing = store.missing_buckets()
@@ -234,7 +239,7 @@ def store_check(store) -> Check:
     return check
 
 
-def inference_tier_check(engine, timeout_s: float) -> Check:
+def inference_tier_check(engine: Engine, timeout_s: float) -> Check:
     """The remote inference tier (api/detector/remote_engine.py): ready, and which model it serves."""
     def check() -> dict[str, Any]:
         return engine.probe(timeout_s)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import redis
 from flask import Flask, request
@@ -73,7 +75,8 @@ class GuardedRedisStorage(RedisStorage):
 
     STORAGE_SCHEME = ["d3-redis", "d3-rediss"]  # noqa: RUF012 - limits' registry reads this name
 
-    def __init__(self, uri: str, guard: Guard, healthy=None, **options) -> None:
+    def __init__(self, uri: str, guard: Guard, healthy: Callable[[], bool | None] | None = None,
+                 **options: Any) -> None:
         super().__init__(uri.removeprefix("d3-"), **options)
         self.guard = guard
         self._healthy = healthy  # () -> bool | None, from the prober; None: not probed yet
@@ -82,16 +85,16 @@ class GuardedRedisStorage(RedisStorage):
         with self.guard.call():
             return method(*args, **kwargs)
 
-    def incr(self, *args, **kwargs):
+    def incr(self, *args: Any, **kwargs: Any) -> Any:
         return self._guarded(super().incr, *args, **kwargs)
 
-    def get(self, *args, **kwargs):
+    def get(self, *args: Any, **kwargs: Any) -> Any:
         return self._guarded(super().get, *args, **kwargs)
 
-    def get_expiry(self, *args, **kwargs):
+    def get_expiry(self, *args: Any, **kwargs: Any) -> Any:
         return self._guarded(super().get_expiry, *args, **kwargs)
 
-    def clear(self, *args, **kwargs):
+    def clear(self, *args: Any, **kwargs: Any) -> Any:
         return self._guarded(super().clear, *args, **kwargs)
 
     def check(self) -> bool:

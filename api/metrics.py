@@ -20,15 +20,18 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Flask, Response, g, request
+from flask.typing import ResponseReturnValue
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from api.auth import current_caller, unauthorized
 from api.context import services
 from api.database import DatabaseUnavailable
+from api.detector.interface import Engine
 from api.errors import error_response
 from api.openapi import Response as Responses
 from api.openapi import api_spec, produces
@@ -96,7 +99,7 @@ def prediction_results(response: Response) -> list[dict[str, Any]]:
 
 
 # -- engine instrumentation ------------------------------------------------------------------
-def _gpu_memory(engine) -> int:
+def _gpu_memory(engine: Any) -> int:
     torch = sys.modules.get("torch")
     device = getattr(engine, "device", None)
     if torch is None or device is None or getattr(device, "type", "cpu") != "cuda":
@@ -114,7 +117,7 @@ def _gpu_memory(engine) -> int:
 _GAUGES_LOCK = threading.RLock()
 
 
-def refresh_engine_gauges(engine) -> None:
+def refresh_engine_gauges(engine: Engine) -> None:
     with _GAUGES_LOCK:
         QUEUE_DEPTH.set(engine.stats().get("queue_depth", 0))
         GPU_MEMORY.set(_gpu_memory(engine))
@@ -122,7 +125,7 @@ def refresh_engine_gauges(engine) -> None:
         MODEL_LOAD_SECONDS.set(getattr(engine, "load_seconds", None) or 0.0)
 
 
-def instrument_engine(engine) -> None:
+def instrument_engine(engine: Engine) -> None:
     """Batch metrics via the engine's listener hook, once per engine however many apps share it."""
     with _engines_lock:
         if engine in _instrumented_engines:
@@ -152,7 +155,7 @@ class VideoJobsCollector:
     def __init__(self, jobs: JobStore) -> None:
         self.jobs = jobs
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             stats = self.jobs.stats()
         except DatabaseUnavailable:
@@ -212,7 +215,7 @@ def _allowed(address: str | None, networks: list) -> bool:
     HTTP_200=(None, "Prometheus text format"),
     HTTP_401=(ErrorBody, "Not from an allow-listed network, and no valid key"),
     HTTP_403=(ErrorBody, "A valid key that is not an admin key, from a network not allow-listed")))
-def metrics():
+def metrics() -> ResponseReturnValue:
     """Prometheus metrics (allow-listed networks or an admin key)"""
     caller = current_caller()
     if not (caller.is_admin or _allowed(request.remote_addr, services().settings.metrics_allow)):

@@ -44,7 +44,7 @@ def connection_factory(seconds: float) -> type[extensions.connection]:
     return type(f"DeadlineConnection{seconds:g}s", (_DeadlineConnection,), {"deadline_s": float(seconds)})
 
 
-def wait_with_deadline(conn) -> None:
+def wait_with_deadline(conn: extensions.connection) -> None:
     """psycopg2 wait callback: poll the connection until done, within its deadline if it has one."""
     limit = getattr(conn, "deadline_s", None)
     deadline = time.monotonic() + limit if limit else None

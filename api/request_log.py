@@ -73,7 +73,11 @@ REDACT = Redactor()
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message, the record's `fields`, exc."""
+    """One JSON object per line: ts, level, logger, message, the record's `fields`, exc.
+
+    Hand-written rather than python-json-logger's: every value passes through the Redactor (keys,
+    passwords, signed URLs) before it is written, and the whole formatter is a screenful.
+    """
 
     def __init__(self, redactor: Redactor = REDACT) -> None:
         super().__init__()

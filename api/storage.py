@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import quote
 
 import urllib3
@@ -27,6 +27,7 @@ from minio import Minio
 from minio.error import MinioException, S3Error
 
 from api.breakers import Guard
+from api.config import Settings
 from api.exceptions import StoreUnavailable
 
 __all__ = ["LocalObjectStore", "MinioObjectStore", "ObjectNotFound", "ObjectStore", "StoreError",
@@ -94,7 +95,7 @@ def object_key(object_id: str, suffix: str, when: datetime | None = None) -> str
     return f"{when:%Y/%m/%d}/{object_id}{suffix}"
 
 
-def media_bucket(settings: Any, media_type: str) -> str:
+def media_bucket(settings: Settings, media_type: str) -> str:
     """Where a prediction's kept input (`media_object`) lives: videos in their own bucket (a job's upload
     becomes the kept video), kept audio and texts (KEEP_AUDIO, KEEP_TEXTS) in the media bucket."""
     return settings.bucket_videos if media_type == "video" else settings.bucket_media
@@ -207,6 +208,8 @@ class LocalObjectStore:
         self._path(bucket, key).unlink(missing_ok=True)
 
     # -- signed links -------------------------------------------------
+    # HMAC-SHA256 over bucket, key and expiry, by hand rather than itsdangerous: the link keeps the
+    # shape of an S3 presigned URL (expires=, signature= in the query), the same as MinIO's.
     def _signature(self, bucket: str, key: str, expires: int) -> str:
         message = f"{bucket}\n{key}\n{expires}".encode()
         return hmac.new(self._signing_key, message, hashlib.sha256).hexdigest()
@@ -354,7 +357,7 @@ class MinioObjectStore:
                           expires=timedelta(seconds=expires_s))
 
 
-def make_object_store(settings, signing_key: bytes) -> ObjectStore:
+def make_object_store(settings: Settings, signing_key: bytes) -> ObjectStore:
     """The store the settings ask for: MinIO when MINIO_ENDPOINT is set, else the local folder."""
     buckets = (settings.bucket_results, settings.bucket_videos, settings.bucket_frames, settings.bucket_media,
                settings.bucket_models)

@@ -149,7 +149,12 @@ class JobRunner:
 
 
 class ThreadExecutor:
-    """At most `workers` job threads in this process; the job store decides who runs what."""
+    """At most `workers` job threads in this process; the job store decides who runs what.
+
+    Not concurrent.futures' pool: a pool owns a queue of its own, and here the queue is the job
+    rows (claimed from the database, recovered after a restart): up to `workers` threads are started
+    when a job is queued, each claims rows until none is left, then ends.
+    """
 
     def __init__(self, runner: JobRunner, workers: int) -> None:
         self.runner = runner

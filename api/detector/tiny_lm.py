@@ -10,7 +10,12 @@ so the vocabulary cut of the criterion is exercised too.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # transformers is imported only when a tiny model is built
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
 BYTE_VOCAB = 257  # 256 bytes + eos
@@ -18,7 +23,7 @@ TINY_CONTEXT = 128
 SAMPLING_VOCAB_PADDING = 7
 
 
-def byte_tokenizer(model_max_length: int = TINY_CONTEXT):
+def byte_tokenizer(model_max_length: int = TINY_CONTEXT) -> PreTrainedTokenizerFast:
     """A PreTrainedTokenizerFast over UTF-8 bytes (GPT-2's byte-to-unicode alphabet, no merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -35,7 +40,7 @@ def byte_tokenizer(model_max_length: int = TINY_CONTEXT):
                                    pad_token=EOS, model_max_length=model_max_length)
 
 
-def tiny_gpt2(seed: int, vocab_size: int = BYTE_VOCAB, context: int = TINY_CONTEXT):
+def tiny_gpt2(seed: int, vocab_size: int = BYTE_VOCAB, context: int = TINY_CONTEXT) -> GPT2LMHeadModel:
     """A 2-layer, 32-wide GPT-2 with seeded random weights, in eval mode."""
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import Blueprint, request
+from flask.typing import ResponseReturnValue
 
 from api.auth import current_caller
 from api.context import services
@@ -29,7 +30,7 @@ def _body_limit() -> None:
                          "(VIDEO_DECODE_MEMORY_MB), crashed"),
     HTTP_503=(ErrorBody, "The speech detector is unavailable (its weights are missing: `missing` names the file; "
                          "or still loading), or the database or object store is; see Retry-After")))
-def predict_audio(query: AudioParams, form: AudioFile):
+def predict_audio(query: AudioParams, form: AudioFile) -> ResponseReturnValue:
     """Predict speech: synthetic or bona fide, per 4-second window and overall
 
     AASIST (Jung et al., ICASSP 2022) on the raw 16 kHz waveform, 64,600-sample windows every

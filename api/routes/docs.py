@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
+from flask.typing import ResponseReturnValue
 from flask_swagger_ui import get_swaggerui_blueprint
 
 from api.context import services
@@ -15,7 +16,7 @@ bp.register_blueprint(get_swaggerui_blueprint("/docs", "/openapi.json", config={
 @bp.get("/openapi.json")
 @produces(200, "application/json", schema={"type": "object"})
 @api_spec.validate(tags=["service"], operation_id="getOpenApi", resp=Response(HTTP_200=(None, "OpenAPI 3 document")))
-def openapi():
+def openapi() -> ResponseReturnValue:
     """This document"""
     app = current_app._get_current_object()
     spec = app.extensions.get("d3_openapi")

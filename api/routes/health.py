@@ -7,6 +7,7 @@ and says which one is down and since when.
 from __future__ import annotations
 
 from flask import Blueprint, jsonify
+from flask.typing import ResponseReturnValue
 
 from api.auth import current_caller
 from api.context import services
@@ -20,7 +21,7 @@ bp = Blueprint("health", __name__)
 @bp.get("/health")
 @api_spec.validate(tags=["service"], operation_id="getHealth", resp=Response(
     HTTP_200=(Health, "Ready"), HTTP_503=(Health, "Not ready (model loading, database or object store down)")))
-def health():
+def health() -> ResponseReturnValue:
     """Liveness and readiness"""
     svc = services()
     report = health_report(svc.engine, svc.detectors, svc.prober, svc.db.backend,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
+from flask.typing import ResponseReturnValue
 
 from api.auth import current_caller
 from api.context import services
@@ -46,7 +47,7 @@ def _required(form, field: str):
     HTTP_415=(ErrorBody, "Not JPEG, PNG, WebP, BMP, GIF or TIFF"),
     HTTP_422=(ErrorBody, "Truncated or corrupt image"),
     HTTP_503=UNAVAILABLE))
-def predict(query: ImageParams, form: ImageFile):
+def predict(query: ImageParams, form: ImageFile) -> ResponseReturnValue:
     """Predict one image"""
     form = _required(form, "file")
     svc = services()
@@ -63,7 +64,7 @@ def predict(query: ImageParams, form: ImageFile):
     HTTP_200=(BatchResult, "One entry per file, in order; a bad file carries its own error"),
     HTTP_413=(ErrorBody, "Request body too large"),
     HTTP_503=UNAVAILABLE))
-def predict_batch(query: ImageParams, form: ImageFiles):
+def predict_batch(query: ImageParams, form: ImageFiles) -> ResponseReturnValue:
     """Predict up to MAX_BATCH_FILES images"""
     form = _required(form, "files")
     svc = services()

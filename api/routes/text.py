@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
+from flask.typing import ResponseReturnValue
 
 from api.auth import current_caller
 from api.context import services
@@ -29,7 +30,7 @@ def _body_limit() -> None:
                          "`minimum_tokens` say how many are needed), or a file that is not UTF-8 text"),
     HTTP_503=(ErrorBody, "The text detector is unavailable (a model is missing: `missing` names it; or still "
                          "loading), or the database or object store is; see Retry-After")))
-def predict_text(query: TextParams, json: TextBody, form: TextFile):
+def predict_text(query: TextParams, json: TextBody, form: TextFile) -> ResponseReturnValue:
     """Predict text: machine-written or human, by Fast-DetectGPT
 
     Send JSON {"text": "..."} or a UTF-8 file in the multipart field `file`. Zero-shot conditional

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, request, url_for
+from flask.typing import ResponseReturnValue
 
 from api.auth import current_caller
 from api.context import Services, services
@@ -35,7 +36,7 @@ def _body_limit() -> None:
     HTTP_429=(ErrorBody, "Too many queued/running video jobs for this caller (VIDEO_JOBS_PER_KEY), or rate "
                          "limited (RATE_LIMIT_VIDEO)"),
     HTTP_503=(ErrorBody, "Model, database, object store or (async) the job queue unavailable; see Retry-After")))
-def predict_video(query: VideoParams, form: VideoFile):
+def predict_video(query: VideoParams, form: VideoFile) -> ResponseReturnValue:
     """Predict a video: sampled frames, aggregates, fake segments, timeline
 
     Sync for short videos (200 with the result); async (202 + Location) with async=true, callback_url,
@@ -78,7 +79,7 @@ def _soundtrack(svc: Services, upload: SpooledUpload, threshold: float | None, a
     HTTP_200=(None, "The PNG"),
     HTTP_404=(ErrorBody, "Unknown id, another owner's, not a video or audio, or the job is not done yet"),
     HTTP_503=(ErrorBody, "The database or object store is unavailable; see Retry-After")))
-def timeline(prediction_id: str):
+def timeline(prediction_id: str) -> ResponseReturnValue:
     """Timeline picture of a video or audio prediction
 
     Fake probability of every sampled frame (video) or scoring window (audio) over time, the

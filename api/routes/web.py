@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flask import Blueprint, Response, current_app, redirect, send_from_directory
+from flask.typing import ResponseReturnValue
 from werkzeug.security import safe_join
 
 from api.exceptions import NotFound
@@ -64,14 +65,14 @@ NOT_BUILT = (ErrorBody, "The front end is not built (make setup builds it when N
 
 @bp.get("/")
 @api_spec.validate(tags=["ui"], operation_id="getRoot", resp=Responses("HTTP_302"))
-def root():
+def root() -> ResponseReturnValue:
     """Redirect to the web front end"""
     return redirect("/ui/", code=302)
 
 
 @bp.get("/ui")
 @api_spec.validate(tags=["ui"], operation_id="getUiRedirect", resp=Responses("HTTP_308"))
-def ui_redirect():
+def ui_redirect() -> ResponseReturnValue:
     """Redirect to /ui/, where the page is"""
     return redirect("/ui/", code=308)
 
@@ -79,7 +80,7 @@ def ui_redirect():
 @bp.get("/ui/")
 @produces(200, "text/html", schema={"type": "string"})
 @api_spec.validate(tags=["ui"], operation_id="getUi", resp=Responses(HTTP_200=(None, "The page"), HTTP_404=NOT_BUILT))
-def index():
+def index() -> ResponseReturnValue:
     """The web front end (check a file, history, stats)"""
     directory = dist_dir()
     if not (directory / "index.html").is_file():
@@ -93,7 +94,7 @@ def index():
 @produces(200, "application/javascript", "text/css", "image/svg+xml")
 @api_spec.validate(tags=["ui"], operation_id="getUiFile", resp=Responses(
     HTTP_200=(None, "The file"), HTTP_404=(ErrorBody, "No such file")))
-def asset(name: str):
+def asset(name: str) -> ResponseReturnValue:
     """A file of the web front end (scripts, styles, icons)"""
     directory = dist_dir()
     if safe_join(str(directory), name) is None or not (directory / name).is_file():

@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from api.database import Database
 from api.detector.aasist import SAMPLE_RATE, WINDOW_SAMPLES, window_starts
+from api.detector.interface import Detector
 from api.detector.registry import DetectorRegistry
 from api.exceptions import (
     InvalidInput,
@@ -149,7 +150,7 @@ class AudioService:
             raise PayloadTooLarge(f"the audio is larger than the limit of {self.settings.max_audio_bytes} bytes",
                                   reason="too_large") from None
 
-    def detector(self):
+    def detector(self) -> Detector:
         return self.detectors.get("audio")  # DetectorUnavailable: the API's 503, naming a missing file
 
     # ---------------------------------------------------------------- decoding and scoring

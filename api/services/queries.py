@@ -60,6 +60,9 @@ def _filters_json(filters: Filters) -> dict[str, Any]:
             for name, value in values.items() if value is not None}
 
 
+# A cursor is base64url JSON of the last row's (created_at, id), the filters and the page size. Not
+# signed (itsdangerous): it grants nothing, the owner scope is applied on every page and its filters
+# are re-validated; a keyset library (sqlakeyset) would not carry the filters along.
 def encode_cursor(row: Prediction, filters: Filters, limit: int) -> str:
     created = row.created_at.replace(tzinfo=None) if row.created_at.tzinfo is None else \
         row.created_at.astimezone(timezone.utc).replace(tzinfo=None)

@@ -26,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from api.config import Settings
 from api.database import Database
 from api.models import ModelVersion, Prediction, VideoPrediction
 from api.services.series import TIMELINE_SUFFIX, timeline_key_for
@@ -53,7 +54,7 @@ class ReconcileReport:
                 "rows_without_object_sample": self.rows_without_object[:SAMPLE], "dry_run": self.dry_run}
 
 
-def referenced_objects(db: Database, settings) -> dict[tuple[str, str], str]:
+def referenced_objects(db: Database, settings: Settings) -> dict[tuple[str, str], str]:
     """Every (bucket, key) a row points at -> the row's id."""
     refs: dict[tuple[str, str], str] = {}
     with db.session() as session:
@@ -82,7 +83,8 @@ def referenced_objects(db: Database, settings) -> dict[tuple[str, str], str]:
     return refs
 
 
-def reconcile(db: Database, store: ObjectStore, settings, grace_s: float, dry_run: bool = False) -> ReconcileReport:
+def reconcile(db: Database, store: ObjectStore, settings: Settings, grace_s: float,
+              dry_run: bool = False) -> ReconcileReport:
     """Delete unreferenced objects older than `grace_s`; report rows whose object is gone.
 
     The objects are listed before the rows are read, so an object written after the listing
@@ -119,7 +121,7 @@ def reconcile(db: Database, store: ObjectStore, settings, grace_s: float, dry_ru
 class BackgroundReconciler:
     """Runs `reconcile` every `interval_s` (with jitter, so workers do not all run at once)."""
 
-    def __init__(self, db: Database, store: ObjectStore, settings) -> None:
+    def __init__(self, db: Database, store: ObjectStore, settings: Settings) -> None:
         self.db, self.store, self.settings = db, store, settings
         self.last: ReconcileReport | None = None
         self._stop = threading.Event()

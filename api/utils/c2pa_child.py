@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import sys
+from typing import Any
 
 # Failure codes that mean the content or the manifest no longer matches what was signed.
 _TAMPER_PREFIXES = ("assertion.dataHash.mismatch", "assertion.bmffHash.mismatch", "assertion.boxesHash.mismatch",
@@ -54,7 +55,7 @@ def _codes(results: dict | None) -> tuple[list[str], list[str], list[str]]:
     return pick("success"), pick("informational"), pick("failure")
 
 
-def report(reader, trust_configured: bool) -> dict:
+def report(reader: Any, trust_configured: bool) -> dict:  # a c2pa.Reader
     manifest = reader.get_active_manifest() or {}
     state = reader.get_validation_state()
     success, informational, failure = _codes(reader.get_validation_results())

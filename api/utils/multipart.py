@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from flask import Request as FlaskRequest
 from python_multipart import MultipartParser
-from werkzeug.datastructures import FileStorage, Headers
+from werkzeug.datastructures import FileStorage, Headers, MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_options_header
@@ -139,12 +139,13 @@ class MultipartFormDataParser(FormDataParser):
     """
 
     def parse(self, stream: IO[bytes], mimetype: str, content_length: int | None,
-              options: dict[str, str] | None = None):
+              options: dict[str, str] | None = None) -> tuple[IO[bytes], MultiDict, MultiDict]:
         if mimetype != "multipart/form-data":
             return super().parse(stream, mimetype, content_length, options)
         return self.parse_multipart(stream, content_length, options or {})
 
-    def parse_multipart(self, stream: IO[bytes], content_length: int | None, options: dict[str, str]):
+    def parse_multipart(self, stream: IO[bytes], content_length: int | None,
+                        options: dict[str, str]) -> tuple[IO[bytes], MultiDict, MultiDict]:
         # Malformed bodies raise InvalidInput (a 400 saying why), never Werkzeug's silent empty form.
         boundary = options.get("boundary", "")
         if not boundary:

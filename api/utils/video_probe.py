@@ -44,6 +44,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CHILD_SCRIPT = Path(__file__).resolve()
 STRATEGIES = ("auto", "seek", "sequential")
@@ -95,7 +96,11 @@ class DecodedFrame:
 
 # -- parent side: recognising the container ------------------------------------------------------
 def sniff(path: str | os.PathLike) -> str:
-    """The container named by the file's first bytes, or VideoDecodeError (empty, image, not_video)."""
+    """The container named by the file's first bytes, or VideoDecodeError (empty, image, not_video).
+
+    Hand-written magic numbers rather than `filetype` or `puremagic`: the answer picks the one
+    FFmpeg demuxer the child may open, so it must name exactly the containers allowed, no more.
+    """
     with open(path, "rb") as handle:
         head = handle.read(4096)
     if not head:
@@ -590,7 +595,7 @@ def _serve_job(channel: _Channel, cv2, Image, path: str, memory_mb: int) -> None
         "grab_ms": None if decoder.grab_s is None else round(decoder.grab_s * 1000, 3)}})
 
 
-def numpy_from(image):  # pragma: no cover - child
+def numpy_from(image: Any) -> Any:  # pragma: no cover - child: a PIL image -> its uint8 array
     import numpy as np
 
     return np.asarray(image, dtype=np.uint8)
