@@ -96,10 +96,9 @@ def check_weights(settings: Settings) -> Check:
 
 
 def check_database(settings: Settings) -> Check:
-    from sqlalchemy import text
     from sqlalchemy.engine import make_url
 
-    from api.database import head_revision, make_engine
+    from api.database import current_revision, head_revision
 
     url = settings.resolved_database_url
     parsed = make_url(url)
@@ -108,20 +107,13 @@ def check_database(settings: Settings) -> Check:
         return Check("database", "WARN", f"{shown} does not exist yet",
                      "deploy.sh creates it with 'd3 db upgrade' (PostgreSQL is recommended in production: "
                      "DATABASE_URL)")
-    from alembic.runtime.migration import MigrationContext
-
-    engine = make_engine(url)
     try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-            current = MigrationContext.configure(conn).get_current_revision()
+        current = current_revision(url)
     except Exception as exc:  # any failure to connect is this check's answer, not a crash
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return Check("database", "FAIL", f"cannot connect to {shown}: {reason}",
                      "start PostgreSQL (systemctl start postgresql) and check DATABASE_URL: host, port, user, "
                      "password, database")
-    finally:
-        engine.dispose()
     head = head_revision()
     if current == head:
         return Check("database", "PASS", f"{shown} reachable, schema migrated (revision {head})")
@@ -132,7 +124,6 @@ def check_database(settings: Settings) -> Check:
 def check_objectstore(settings: Settings) -> Check:
     from api.storage import make_object_store
 
-    buckets = (settings.bucket_results, settings.bucket_videos, settings.bucket_frames)
     where = (f"MinIO at {settings.minio_endpoint}" if settings.uses_minio
              else f"local folder {settings.resolved_object_store_dir}")
     hint = ("start MinIO and check MINIO_ENDPOINT / MINIO_SECURE and the keys; the keys need read/write on the "
@@ -140,6 +131,7 @@ def check_objectstore(settings: Settings) -> Check:
     try:
         store = make_object_store(settings, b"d3-check")
         store.ensure_buckets()
+        buckets = store.buckets  # every bucket the service writes to (results, videos, frames, media, models)
         key = f"d3-check-{uuid.uuid4().hex}.txt"
         for bucket in buckets:
             store.put_bytes(bucket, key, b"probe", "text/plain")

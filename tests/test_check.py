@@ -38,6 +38,9 @@ def test_a_working_setup_passes_and_the_json_says_so(env):
     assert [c["name"] for c in report["checks"]] == ["settings", "weights", "inference", "database", "objectstore",
                                                      "broker"]
     assert all(c["status"] == "PASS" for c in report["checks"])
+    objectstore = next(c for c in report["checks"] if c["name"] == "objectstore")
+    for bucket in ("d3-results", "d3-videos", "d3-frames", "d3-media", "d3-models"):  # every one written to
+        assert bucket in objectstore["message"], objectstore
     text = CliRunner().invoke(cli, ["check", "--only", "database,settings"])
     assert text.exit_code == 0
     assert text.output.splitlines()[0].startswith("PASS  settings")  # always in the checks' own order
