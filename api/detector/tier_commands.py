@@ -40,11 +40,13 @@ def serve_inference(host: str | None, http_port: int | None, grpc_port: int | No
 
     Same model settings as the API (D3_BACKBONE, D3_CLIP_WEIGHTS, D3_HEAD_WEIGHTS, D3_SHUFFLE_SEED,
     D3_DEVICE, D3_PRECISION); batching and queue from D3_TRITON_*. Point the API at it with
-    D3_INFERENCE_URL=grpc://HOST:GRPC_PORT. Ready (and so /v2/health/ready) only after the model
-    is loaded and one warm-up forward has run. The speech and text detectors (AASIST_*, TEXT_*
-    settings) are served beside it as the models `aasist` and `fast_detectgpt`, each one whose
-    weights are here; a modality whose weights are missing is not served, and this says why. The
-    D3 backbone's two-view features are served as `d3_features` (for `d3 features`), from the same model.
+    D3_INFERENCE_URL=grpc://HOST:GRPC_PORT. The model's readiness (/v2/models/d3/ready) is 200 only
+    after it is loaded and one warm-up forward has run; Triton's server-wide /v2/health/ready can be
+    200 a moment before the models are bound, so probes should ask the model. The speech and text
+    detectors (AASIST_*, TEXT_* settings) are served beside it as the models `aasist` and
+    `fast_detectgpt`, each one whose weights are here; a modality whose weights are missing is not
+    served, and this says why. The D3 backbone's two-view features are served as `d3_features`
+    (for `d3 features`), from the same model.
     """
     from api.detector import tier_detectors, triton_server
     from api.detector.errors import DetectorError
@@ -82,7 +84,7 @@ def serve_inference(host: str | None, http_port: int | None, grpc_port: int | No
     model = tier.model
     click.echo(f"d3 inference tier ready: model {triton_server.MODEL_NAME} = {model.model_version} "
                f"({'trained' if model.trained else 'RANDOM, UNTRAINED weights'}) on {tier.device}")
-    click.echo(f"  KServe v2 HTTP  {urls['http']}  (health: {urls['http']}/v2/health/ready)")
+    click.echo(f"  KServe v2 HTTP  {urls['http']}  (ready: {urls['http']}/v2/models/{triton_server.MODEL_NAME}/ready)")
     click.echo(f"  KServe v2 gRPC  {urls['grpc']}  (API: D3_INFERENCE_URL={urls['grpc']})")
     click.echo(f"  metrics         {urls['metrics']}")
     for extra in tier.extra_models:
