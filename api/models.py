@@ -72,7 +72,11 @@ class Prediction(Base):
 
 
 class VideoPrediction(Base):
-    """Video-only detail of a prediction: probing facts, aggregates and job state."""
+    """The time-series detail of a video's or a recording's prediction: probing facts, aggregates and job state.
+
+    Named for videos, which came first; a recording (media_type audio) keeps its windows here too:
+    `frames_analyzed` counts windows and `top_frames` holds the top windows.
+    """
 
     __tablename__ = "video_predictions"
 

@@ -121,11 +121,11 @@ class Recovery:
 class JobStore:
     """Every write to a job row goes through here; the executors and the video service call it."""
 
-    def __init__(self, db: Database, store: ObjectStore, bucket_videos: str, max_attempts: int,
+    def __init__(self, db: Database, store: ObjectStore, bucket_uploads: str, max_attempts: int,
                  stale_after_s: float) -> None:
         self.db = db
         self.store = store
-        self.bucket_videos = bucket_videos
+        self.bucket_uploads = bucket_uploads  # where every job's upload waits (BUCKET_VIDEOS, audio jobs too)
         self.max_attempts = max_attempts
         self.stale_after_s = stale_after_s
 
@@ -135,7 +135,8 @@ class JobStore:
         row.status, row.error = "queued", None
         row.video.callback_status = "pending" if row.video.callback_url else None
         insert_with_objects(self.db, self.store, row,
-                            [(self.bucket_videos, row.video.upload_object, upload_path, "video/octet-stream")])
+                            [(self.bucket_uploads, row.video.upload_object, upload_path,
+                              "video/octet-stream" if row.media_type == "video" else "application/octet-stream")])
         return row
 
     def discard(self, job_id: uuid.UUID) -> None:
@@ -146,7 +147,7 @@ class JobStore:
             session.execute(delete(VideoPrediction).where(VideoPrediction.prediction_id == job_id))
             session.execute(delete(Prediction).where(Prediction.id == job_id, Prediction.status == "queued"))
         if upload:
-            delete_objects(self.store, [(self.bucket_videos, upload)])
+            delete_objects(self.store, [(self.bucket_uploads, upload)])
 
     def count_active(self, owner: str | None) -> int:
         query = (select(func.count()).select_from(Prediction)
@@ -283,7 +284,7 @@ class JobStore:
             delete_objects(self.store, written)
             raise
         if not keep_upload and upload_key:
-            delete_objects(self.store, [(self.bucket_videos, upload_key)])
+            delete_objects(self.store, [(self.bucket_uploads, upload_key)])
         return row
 
     def fail(self, job_id: uuid.UUID, worker: str | None, message: str) -> Prediction | None:
@@ -304,7 +305,7 @@ class JobStore:
             if row.video is not None:
                 row.video.upload_object = None
         if upload_key:
-            delete_objects(self.store, [(self.bucket_videos, upload_key)])
+            delete_objects(self.store, [(self.bucket_uploads, upload_key)])
         return row
 
     def retry_later(self, job_id: uuid.UUID, worker: str, reason: str) -> Prediction | None:
@@ -368,7 +369,7 @@ class JobStore:
                 if why is None:
                     continue
             try:
-                stored = bool(video.upload_object) and self.store.exists(self.bucket_videos, video.upload_object)
+                stored = bool(video.upload_object) and self.store.exists(self.bucket_uploads, video.upload_object)
             except (StoreUnavailable, ValueError):
                 log.warning("video job %s: object store unavailable, recovery postponed", row.id)
                 continue

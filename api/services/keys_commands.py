@@ -15,7 +15,8 @@ from api.services.keys import KeyInfo, KeyService
 def _service() -> KeyService:
     from api.database import Database, DatabaseUnavailable, SchemaNotMigrated
 
-    db = Database(load_settings().resolved_database_url)
+    settings = load_settings()
+    db = Database(settings.resolved_database_url, settings.db_timeout_s)  # a database that hangs: a clear error
     try:
         db.require_migrated()
     except (DatabaseUnavailable, SchemaNotMigrated) as exc:
