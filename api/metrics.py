@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Flask, Response, g, request
-from flask.typing import ResponseReturnValue
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
@@ -34,7 +33,7 @@ from api.database import DatabaseUnavailable
 from api.detector.interface import Engine
 from api.errors import error_response
 from api.openapi import Response as Responses
-from api.openapi import api_spec, produces
+from api.openapi import ViewResult, api_spec, produces
 from api.schemas import ErrorBody
 from api.services.jobs import STATUSES, JobStore
 
@@ -215,7 +214,7 @@ def _allowed(address: str | None, networks: list) -> bool:
     HTTP_200=(None, "Prometheus text format"),
     HTTP_401=(ErrorBody, "Not from an allow-listed network, and no valid key"),
     HTTP_403=(ErrorBody, "A valid key that is not an admin key, from a network not allow-listed")))
-def metrics() -> ResponseReturnValue:
+def metrics() -> ViewResult:
     """Prometheus metrics (allow-listed networks or an admin key)"""
     caller = current_caller()
     if not (caller.is_admin or _allowed(request.remote_addr, services().settings.metrics_allow)):

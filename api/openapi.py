@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
+from flask import Response as HttpResponse
 from pydantic import ValidationError
 from spectree import Response, SpecTree
 from spectree.plugins.base import Context
@@ -33,6 +34,10 @@ from api.exceptions import InvalidInput
 from api.schemas import ErrorBody
 
 __all__ = ["Response", "api_spec", "build_spec", "produces", "response_header"]
+
+# What a view returns. Spelled with real classes, not flask.typing.ResponseReturnValue: spectree reads
+# the views' annotations with typing.get_type_hints, which cannot resolve that alias's forward references.
+ViewResult = HttpResponse | tuple[HttpResponse, int]
 
 OPENAPI_VERSION = "3.0.3"
 TITLE = "D3 Deepfake Detection API"

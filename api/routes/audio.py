@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from flask import Blueprint, request
-from flask.typing import ResponseReturnValue
 
 from api.auth import current_caller
 from api.context import services
 from api.exceptions import InvalidInput
-from api.openapi import Response, api_spec
+from api.openapi import Response, ViewResult, api_spec
 from api.routes.common import limit_body, media_response
 from api.schemas import AudioFile, AudioParams, AudioPrediction, ErrorBody
 
@@ -30,7 +29,7 @@ def _body_limit() -> None:
                          "(VIDEO_DECODE_MEMORY_MB), crashed"),
     HTTP_503=(ErrorBody, "The speech detector is unavailable (its weights are missing: `missing` names the file; "
                          "or still loading), or the database or object store is; see Retry-After")))
-def predict_audio(query: AudioParams, form: AudioFile) -> ResponseReturnValue:
+def predict_audio(query: AudioParams, form: AudioFile) -> ViewResult:
     """Predict speech: synthetic or bona fide, per 4-second window and overall
 
     AASIST (Jung et al., ICASSP 2022) on the raw 16 kHz waveform, 64,600-sample windows every

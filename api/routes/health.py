@@ -7,11 +7,10 @@ and says which one is down and since when.
 from __future__ import annotations
 
 from flask import Blueprint, jsonify
-from flask.typing import ResponseReturnValue
 
 from api.auth import current_caller
 from api.context import services
-from api.openapi import Response, api_spec
+from api.openapi import Response, ViewResult, api_spec
 from api.schemas import Health
 from api.services.health import health_report
 
@@ -21,7 +20,7 @@ bp = Blueprint("health", __name__)
 @bp.get("/health")
 @api_spec.validate(tags=["service"], operation_id="getHealth", resp=Response(
     HTTP_200=(Health, "Ready"), HTTP_503=(Health, "Not ready (model loading, database or object store down)")))
-def health() -> ResponseReturnValue:
+def health() -> ViewResult:
     """Liveness and readiness"""
     svc = services()
     report = health_report(svc.engine, svc.detectors, svc.prober, svc.db.backend,

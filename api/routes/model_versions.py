@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
-from flask.typing import ResponseReturnValue
 
 from api.auth import current_caller
 from api.context import services
 from api.errors import error_response
 from api.exceptions import InvalidInput
-from api.openapi import Response, api_spec
+from api.openapi import Response, ViewResult, api_spec
 from api.schemas import (
     ActivateModel,
     ActiveModelInfo,
@@ -42,7 +41,7 @@ def _admins_change_and_body_limit():
 @api_spec.validate(tags=["models"], operation_id="listModelVersions", resp=Response(
     HTTP_200=(ModelVersionList, "Every stored version, newest first, with its card's summary"),
     HTTP_503=UNAVAILABLE))
-def list_models() -> ResponseReturnValue:
+def list_models() -> ViewResult:
     """List the model versions (heads) the service can switch between"""
     versions = services().model_versions.list()
     return jsonify({"active": next((v["version"] for v in versions if v["active"]), None), "versions": versions})
@@ -52,7 +51,7 @@ def list_models() -> ResponseReturnValue:
 @api_spec.validate(tags=["models"], operation_id="getActiveModel", resp=Response(
     HTTP_200=(ActiveModelInfo, "The head that scores a request sent now, and its default threshold"),
     HTTP_503=UNAVAILABLE))
-def get_active_model() -> ResponseReturnValue:
+def get_active_model() -> ViewResult:
     """What answers now: version, model_version, trained, default threshold"""
     svc = services()
     return jsonify(svc.model_versions.active_view(svc.engine))
@@ -63,7 +62,7 @@ def get_active_model() -> ResponseReturnValue:
     HTTP_200=(ActiveModelInfo, "Activated; every serving process follows within MODEL_VERSION_POLL_S"),
     HTTP_400=(ErrorBody, "No version named, or an ambiguous sha256 prefix"), HTTP_403=FORBIDDEN,
     HTTP_404=(ErrorBody, "No such version"), HTTP_503=UNAVAILABLE))
-def activate_model(json: ActivateModel) -> ResponseReturnValue:
+def activate_model(json: ActivateModel) -> ViewResult:
     """Activate a model version, or go back to the configured head (admin)
 
     Requests already running keep the head they started with; every later one gets the new one.
@@ -85,7 +84,7 @@ def activate_model(json: ActivateModel) -> ResponseReturnValue:
     HTTP_400=(ErrorBody, "Not a head of the configured backbone (keys, shapes), a bad card or name; nothing "
                          "stored"),
     HTTP_403=FORBIDDEN, HTTP_413=(ErrorBody, "Request body too large"), HTTP_503=UNAVAILABLE))
-def add_model(query: ModelUploadParams, form: ModelUpload) -> ResponseReturnValue:
+def add_model(query: ModelUploadParams, form: ModelUpload) -> ViewResult:
     """Add a head (and its model card) as a model version (admin)"""
     if form is None:
         raise InvalidInput("send multipart/form-data with a 'head' file part (and optionally 'card')",

@@ -5,12 +5,11 @@ from __future__ import annotations
 import mimetypes
 
 from flask import Blueprint, Response
-from flask.typing import ResponseReturnValue
 
 from api.context import services
 from api.exceptions import NotFound
 from api.openapi import Response as Responses
-from api.openapi import api_spec, produces
+from api.openapi import ViewResult, api_spec, produces
 from api.schemas import ErrorBody, ObjectLink
 from api.storage import LocalObjectStore, ObjectNotFound
 
@@ -21,7 +20,7 @@ bp = Blueprint("objects", __name__)
 @produces(200, "application/json", "image/png", "application/octet-stream")
 @api_spec.validate(tags=["query"], operation_id="getObject", resp=Responses(
     HTTP_200=(None, "The stored object"), HTTP_404=(ErrorBody, "No such object, or the signature is bad or expired")))
-def get_object(bucket: str, key: str, query: ObjectLink) -> ResponseReturnValue:
+def get_object(bucket: str, key: str, query: ObjectLink) -> ViewResult:
     """Signed link into the local object store (only without MinIO)"""
     store = services().store
     if not isinstance(store, LocalObjectStore):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
-from flask.typing import ResponseReturnValue
 
 from api.auth import current_caller
 from api.context import services
 from api.detector.config import UNTRAINED_WARNING
 from api.errors import error_body, status_for
 from api.exceptions import InvalidInput, ServiceError
-from api.openapi import Response, api_spec
+from api.openapi import Response, ViewResult, api_spec
 from api.routes.common import absolute_links, limit_body
 from api.schemas import BatchResult, ErrorBody, ImageFile, ImageFiles, ImageParams, Prediction
 from api.services.predictions import safe_filename
@@ -47,7 +46,7 @@ def _required(form, field: str):
     HTTP_415=(ErrorBody, "Not JPEG, PNG, WebP, BMP, GIF or TIFF"),
     HTTP_422=(ErrorBody, "Truncated or corrupt image"),
     HTTP_503=UNAVAILABLE))
-def predict(query: ImageParams, form: ImageFile) -> ResponseReturnValue:
+def predict(query: ImageParams, form: ImageFile) -> ViewResult:
     """Predict one image"""
     form = _required(form, "file")
     svc = services()
@@ -64,7 +63,7 @@ def predict(query: ImageParams, form: ImageFile) -> ResponseReturnValue:
     HTTP_200=(BatchResult, "One entry per file, in order; a bad file carries its own error"),
     HTTP_413=(ErrorBody, "Request body too large"),
     HTTP_503=UNAVAILABLE))
-def predict_batch(query: ImageParams, form: ImageFiles) -> ResponseReturnValue:
+def predict_batch(query: ImageParams, form: ImageFiles) -> ViewResult:
     """Predict up to MAX_BATCH_FILES images"""
     form = _required(form, "files")
     svc = services()

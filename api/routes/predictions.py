@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from flask import Blueprint, jsonify
-from flask.typing import ResponseReturnValue
 
 from api.auth import current_caller
 from api.context import services
-from api.openapi import Response, api_spec
+from api.openapi import Response, ViewResult, api_spec
 from api.routes.common import absolute_links
 from api.schemas import AnyPrediction, ErrorBody, PredictionList, PredictionQuery, Stats, TimeRange
 from api.services.predictions import serialize_prediction
@@ -32,7 +31,7 @@ def _public(row, detail: bool = False) -> dict:
 @bp.get("/predictions")
 @api_spec.validate(tags=["query"], operation_id="listPredictions", resp=Response(
     HTTP_200=(PredictionList, "A page, newest first"), HTTP_503=UNAVAILABLE))
-def list_predictions(query: PredictionQuery) -> ResponseReturnValue:
+def list_predictions(query: PredictionQuery) -> ViewResult:
     """List past predictions, newest first"""
     filters = Filters(prediction=query.prediction, media_type=query.media_type, status=query.status,
                       since=query.since, until=query.until, min_probability=query.min_probability,
@@ -50,7 +49,7 @@ def list_predictions(query: PredictionQuery) -> ResponseReturnValue:
 @bp.get("/predictions/stats")
 @api_spec.validate(tags=["query"], operation_id="getPredictionStats", resp=Response(
     HTTP_200=(Stats, "Statistics over the range (default: the last 30 days)"), HTTP_503=UNAVAILABLE))
-def prediction_stats(query: TimeRange) -> ResponseReturnValue:
+def prediction_stats(query: TimeRange) -> ViewResult:
     """Totals, per-day counts, mean probability, processing time"""
     caller = current_caller()
     return jsonify(services().queries.stats(query.since, query.until, caller.owner, caller.is_admin))
@@ -61,7 +60,7 @@ def prediction_stats(query: TimeRange) -> ResponseReturnValue:
     HTTP_200=(AnyPrediction, "The record with a fresh result_url (a video's or a recording's also its frames or "
                              "windows and progress, a text's its criterion)"),
     HTTP_404=(ErrorBody, "Unknown id, or another owner's"), HTTP_503=UNAVAILABLE))
-def get_prediction(prediction_id: str) -> ResponseReturnValue:
+def get_prediction(prediction_id: str) -> ViewResult:
     """One prediction"""
     caller = current_caller()
     row = services().queries.get(prediction_id, caller.owner, caller.is_admin)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
-from flask.typing import ResponseReturnValue
 
 from api.auth import current_caller
 from api.context import services
 from api.detector.config import UNTRAINED_WARNING
 from api.exceptions import InvalidInput
-from api.openapi import Response, api_spec
+from api.openapi import Response, ViewResult, api_spec
 from api.routes.common import absolute_links, limit_body
 from api.schemas import ErrorBody, TextBody, TextFile, TextParams, TextPrediction
 
@@ -30,7 +29,7 @@ def _body_limit() -> None:
                          "`minimum_tokens` say how many are needed), or a file that is not UTF-8 text"),
     HTTP_503=(ErrorBody, "The text detector is unavailable (a model is missing: `missing` names it; or still "
                          "loading), or the database or object store is; see Retry-After")))
-def predict_text(query: TextParams, json: TextBody, form: TextFile) -> ResponseReturnValue:
+def predict_text(query: TextParams, json: TextBody, form: TextFile) -> ViewResult:
     """Predict text: machine-written or human, by Fast-DetectGPT
 
     Send JSON {"text": "..."} or a UTF-8 file in the multipart field `file`. Zero-shot conditional

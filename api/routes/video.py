@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, request, url_for
-from flask.typing import ResponseReturnValue
 
 from api.auth import current_caller
 from api.context import Services, services
 from api.errors import error_body, status_for
 from api.exceptions import InvalidInput, ServiceError
 from api.openapi import Response as Responses
-from api.openapi import api_spec, produces, response_header
+from api.openapi import ViewResult, api_spec, produces, response_header
 from api.routes.common import absolute_links, limit_body, media_response
 from api.schemas import ErrorBody, VideoFile, VideoParams, VideoWithAudio
 from api.services.videos import SpooledUpload
@@ -36,7 +35,7 @@ def _body_limit() -> None:
     HTTP_429=(ErrorBody, "Too many queued/running video jobs for this caller (VIDEO_JOBS_PER_KEY), or rate "
                          "limited (RATE_LIMIT_VIDEO)"),
     HTTP_503=(ErrorBody, "Model, database, object store or (async) the job queue unavailable; see Retry-After")))
-def predict_video(query: VideoParams, form: VideoFile) -> ResponseReturnValue:
+def predict_video(query: VideoParams, form: VideoFile) -> ViewResult:
     """Predict a video: sampled frames, aggregates, fake segments, timeline
 
     Sync for short videos (200 with the result); async (202 + Location) with async=true, callback_url,
@@ -79,7 +78,7 @@ def _soundtrack(svc: Services, upload: SpooledUpload, threshold: float | None, a
     HTTP_200=(None, "The PNG"),
     HTTP_404=(ErrorBody, "Unknown id, another owner's, not a video or audio, or the job is not done yet"),
     HTTP_503=(ErrorBody, "The database or object store is unavailable; see Retry-After")))
-def timeline(prediction_id: str) -> ResponseReturnValue:
+def timeline(prediction_id: str) -> ViewResult:
     """Timeline picture of a video or audio prediction
 
     Fake probability of every sampled frame (video) or scoring window (audio) over time, the

@@ -11,12 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from flask import Blueprint, Response, current_app, redirect, send_from_directory
-from flask.typing import ResponseReturnValue
 from werkzeug.security import safe_join
 
 from api.exceptions import NotFound
 from api.openapi import Response as Responses
-from api.openapi import api_spec, produces
+from api.openapi import ViewResult, api_spec, produces
 from api.schemas import ErrorBody
 
 bp = Blueprint("web", __name__)
@@ -65,14 +64,14 @@ NOT_BUILT = (ErrorBody, "The front end is not built (make setup builds it when N
 
 @bp.get("/")
 @api_spec.validate(tags=["ui"], operation_id="getRoot", resp=Responses("HTTP_302"))
-def root() -> ResponseReturnValue:
+def root() -> ViewResult:
     """Redirect to the web front end"""
     return redirect("/ui/", code=302)
 
 
 @bp.get("/ui")
 @api_spec.validate(tags=["ui"], operation_id="getUiRedirect", resp=Responses("HTTP_308"))
-def ui_redirect() -> ResponseReturnValue:
+def ui_redirect() -> ViewResult:
     """Redirect to /ui/, where the page is"""
     return redirect("/ui/", code=308)
 
@@ -80,7 +79,7 @@ def ui_redirect() -> ResponseReturnValue:
 @bp.get("/ui/")
 @produces(200, "text/html", schema={"type": "string"})
 @api_spec.validate(tags=["ui"], operation_id="getUi", resp=Responses(HTTP_200=(None, "The page"), HTTP_404=NOT_BUILT))
-def index() -> ResponseReturnValue:
+def index() -> ViewResult:
     """The web front end (check a file, history, stats)"""
     directory = dist_dir()
     if not (directory / "index.html").is_file():
@@ -94,7 +93,7 @@ def index() -> ResponseReturnValue:
 @produces(200, "application/javascript", "text/css", "image/svg+xml")
 @api_spec.validate(tags=["ui"], operation_id="getUiFile", resp=Responses(
     HTTP_200=(None, "The file"), HTTP_404=(ErrorBody, "No such file")))
-def asset(name: str) -> ResponseReturnValue:
+def asset(name: str) -> ViewResult:
     """A file of the web front end (scripts, styles, icons)"""
     directory = dist_dir()
     if safe_join(str(directory), name) is None or not (directory / name).is_file():
