@@ -1,6 +1,7 @@
 """Speech and text detector throughput: audio seconds scored per second (AASIST) and texts per
 second (Fast-DetectGPT), with the real architectures on seeded random weights (the cost does not
-depend on the weights, so no checkpoint or model download is needed). Prints a markdown report.
+depend on the weights, so no checkpoint or model download is needed), and the audio decoder's time
+per request (WAVs written here, decoded in its child process). Prints a markdown report.
 
     python bench/audio_text_throughput.py                          # this CPU: short runs
     python bench/audio_text_throughput.py --device cuda --text-pair paper --audio-batches 1,8,32 \
@@ -66,6 +67,33 @@ def bench_audio(name: str, device: torch.device, batches: list[int], iters: int)
     return rows
 
 
+def bench_decode(seconds: list[int], calls: int) -> list[tuple]:
+    """decode_audio of 16 kHz 16-bit mono WAVs, as a request decodes them (child process, warm spare)."""
+    import tempfile
+    import wave
+
+    from api.utils.audio_decode import decode_audio
+
+    rows = []
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as folder:
+        for length in seconds:
+            path = Path(folder) / f"{length}s.wav"
+            with wave.open(str(path), "wb") as out:
+                out.setnchannels(1)
+                out.setsampwidth(2)
+                out.setframerate(16000)
+                out.writeframes((rng.standard_normal(16000 * length) * 3000).astype(np.int16).tobytes())
+            times = []
+            for _ in range(calls + 1):  # the first call starts the pool's first child: not counted
+                started = time.perf_counter()
+                decode_audio(path, "wav", timeout_s=60, memory_mb=2048, max_seconds=3600)
+                times.append(time.perf_counter() - started)
+                time.sleep(0.6)  # requests apart, as a service sees them: the spare is warm again
+            rows.append((length, statistics.median(times[1:]), min(times[1:]), max(times[1:])))
+    return rows
+
+
 def _neo(size: str, dtype: torch.dtype):
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
@@ -120,6 +148,8 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=4)
     parser.add_argument("--text-tokens", type=int, default=200)
     parser.add_argument("--text-batch", type=int, default=1)
+    parser.add_argument("--decode-seconds", default="10,60", help="WAV lengths for the decoder's table ('' skips)")
+    parser.add_argument("--decode-calls", type=int, default=5)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,6 +160,12 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f", load average {os.getloadavg()[0]:.1f}\n")
+    if args.decode_seconds:
+        print("## Audio decoding (child process, per request)\n")
+        print("| WAV seconds | median s | min s | max s |\n| --- | --- | --- | --- |")
+        for row in bench_decode([int(s) for s in args.decode_seconds.split(",")], args.decode_calls):
+            print(f"| {row[0]} | {row[1]:.3f} | {row[2]:.3f} | {row[3]:.3f} |")
+        print()
     if args.audio_models:
         print("## AASIST (one window = 64,600 samples = 4.0375 s; default hop = one window)\n")
         print("| model | batch | ms per batch | audio seconds scored per second |\n| --- | --- | --- | --- |")

@@ -13,9 +13,9 @@ The same rules as video decoding (api/utils/video_probe.py):
 PyAV (FFmpeg's libraries, bundled in its wheel) decodes; libswresample converts every channel to
 float32 at 16 kHz (integer PCM scaled to [-1, 1), as soundfile does: a 16 kHz 16-bit WAV comes
 out exactly x/32768) and the channels are averaged to mono. No gain, no DC removal: AASIST's
-scores depend on the amplitude. No warm spare child as for video (yet):
-the child's start is most of a short recording's decoding time, but small beside AASIST's own
-time on a CPU (docs/PERFORMANCE.md, "Speech and text", has both).
+scores depend on the amplitude. One child is kept started and idle
+("warm spare", as for video): its start is most of a short recording's decoding time
+(docs/PERFORMANCE.md, "Speech and text"). The limits are applied when a job is handed over.
 
 Protocol (child stdout): 8-byte little-endian length, a JSON document (ok or error), then on
 success the samples as raw little-endian float32.
@@ -23,18 +23,24 @@ success the samples as raw little-endian float32.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from api.utils.video_probe import SparePool
 
 CHILD_SCRIPT = Path(__file__).resolve()
 TARGET_RATE = 16_000
@@ -125,6 +131,28 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _start_child() -> subprocess.Popen:
+    # -s: no user site-packages; the script imports nothing from the app.
+    return subprocess.Popen([sys.executable, "-s", str(CHILD_SCRIPT)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_child_env(), close_fds=True,
+                            start_new_session=True)
+
+
+_SPARES: SparePool | None = None  # the parent's pool of one warm child; made on first use
+_SPARES_LOCK = threading.Lock()
+
+
+def _spares() -> SparePool:
+    global _SPARES
+    with _SPARES_LOCK:
+        if _SPARES is None:
+            from api.utils.video_probe import SparePool  # parent side only: the child script never needs it
+
+            _SPARES = SparePool(_start_child)
+            atexit.register(_SPARES.close)
+        return _SPARES
+
+
 def decode_audio(path: str | os.PathLike, container: str, *, timeout_s: float, memory_mb: int, max_seconds: float,
                  started: Callable[[subprocess.Popen], None] | None = None) -> DecodedAudio:
     """Decode the first audio track of a sniffed file to 16 kHz mono float32 in a child process.
@@ -134,9 +162,7 @@ def decode_audio(path: str | os.PathLike, container: str, *, timeout_s: float, m
     """
     job = {"path": str(path), "demuxer": DEMUXERS.get(container, container), "memory_mb": int(memory_mb),
            "max_samples": int(max_seconds * TARGET_RATE) + 1}
-    child = subprocess.Popen([sys.executable, "-s", str(CHILD_SCRIPT)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_child_env(), close_fds=True,
-                             start_new_session=True)
+    child = _spares().take(keep_warm=True)
     if started is not None:
         started(child)
     began = time.perf_counter()
@@ -215,6 +241,10 @@ def _child_main() -> None:  # pragma: no cover - runs in the child; exercised by
     out.write(_LENGTH.pack(len(payload)) + payload)
     out.write(pcm)
     out.flush()
+    sys.stderr.flush()
+    # Everything is written: skip the interpreter's teardown of PyAV and NumPy, which takes longer
+    # than a short recording's decoding, while the parent waits for this process to end.
+    os._exit(0)
 
 
 class _ChildError(Exception):

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,10 +185,15 @@ def _start_child() -> subprocess.Popen:
                             start_new_session=True)
 
 
-class _SparePool:
-    """One idle, already-imported child per process, so requests skip the interpreter start-up."""
+class SparePool:
+    """One idle, already-imported child per process, so requests skip the interpreter start-up.
 
-    def __init__(self) -> None:
+    `start` launches a child that imports what it needs, then waits on stdin for its job (and only
+    then applies the job's limits). Also the audio decoder's (api/utils/audio_decode.py).
+    """
+
+    def __init__(self, start: Callable[[], subprocess.Popen]) -> None:
+        self._start = start
         self._lock = threading.Lock()
         self._spare: subprocess.Popen | None = None
         self._pid = os.getpid()
@@ -199,9 +204,9 @@ class _SparePool:
                 self._spare, self._pid = None, os.getpid()
             child, self._spare = self._spare, None
             if child is None or child.poll() is not None:
-                child = _start_child()
+                child = self._start()
             if keep_warm:
-                self._spare = _start_child()
+                self._spare = self._start()
             return child
 
     def close(self) -> None:
@@ -212,7 +217,7 @@ class _SparePool:
             child.wait()
 
 
-SPARES = _SparePool()
+SPARES = SparePool(_start_child)
 
 
 atexit.register(SPARES.close)
