@@ -22,6 +22,9 @@ Usage: deploy.sh [options]
 Options:
   --domain NAME     public host name for nginx and its certificate (remembered for later runs)
   --skip-weights    do not run `d3 fetch-weights` (weights copied in by hand, or a test setup)
+  --with-text-weights
+                    fetch the text detector's two language models too (about 20 GB); by
+                    default only image (D3, also video) and audio (AASIST) weights are fetched
   --no-nginx        do not install or configure nginx (TLS ends elsewhere)
   --prefix DIR      install under DIR (DIR/opt/d3-api, DIR/etc/...), paths rewritten to match;
                     steps that need root, systemd or the real system (user, packages,
@@ -47,6 +50,7 @@ DOMAIN=""
 PREFIX=""
 DRY_RUN=0
 SKIP_WEIGHTS=0
+TEXT_WEIGHTS=0
 NO_NGINX=0
 PREFLIGHT=1
 SMOKE_TIMEOUT="${D3_SMOKE_TIMEOUT:-600}"
@@ -60,6 +64,7 @@ while [ $# -gt 0 ]; do
         --prefix) PREFIX="${2:?--prefix needs a directory}"; shift 2 ;;
         --prefix=*) PREFIX="${1#*=}"; shift ;;
         --skip-weights) SKIP_WEIGHTS=1; shift ;;
+        --with-text-weights) TEXT_WEIGHTS=1; shift ;;
         --no-nginx) NO_NGINX=1; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         --no-preflight) PREFLIGHT=0; shift ;;
@@ -268,7 +273,9 @@ do_preflight() {
 }
 
 do_packages() {
-    step packages "system packages (python3-venv, curl, openssl${NO_NGINX:+, nginx})"
+    local nginx_pkg=", nginx"
+    [ "$NO_NGINX" -eq 0 ] || nginx_pkg=""
+    step packages "system packages (python3, python3-venv, python3-pip, curl, openssl$nginx_pkg)"
     if prefixed; then
         skip "--prefix: system packages are not installed"
         return
@@ -455,7 +462,15 @@ do_weights() {
         skip "--skip-weights"
         return
     fi
-    as_service_user "$APP_DIR/bin/d3" fetch-weights --if-missing
+    # Image and audio by default, as `make run` does: the text pair is about 20 GB of disk and
+    # 17 GB of GPU memory, so it is fetched only when asked for.
+    local modalities=(--modality image --modality audio)
+    if [ "$TEXT_WEIGHTS" -eq 1 ]; then
+        modalities+=(--modality text)
+    else
+        say "the text detector's language models are not fetched (about 20 GB): --with-text-weights fetches them"
+    fi
+    as_service_user "$APP_DIR/bin/d3" fetch-weights --if-missing "${modalities[@]}"
 }
 
 do_database() {

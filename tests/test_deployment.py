@@ -485,7 +485,7 @@ def test_body_over_limit_is_json_413(stack):
     assert response.status == 413
     assert response.getheader("Content-Type") == "application/json"
     data = json.loads(body)
-    assert data["error"] == "payload_too_large" and HEX32.match(data["request_id"])
+    assert data["error"]["code"] == "payload_too_large" and HEX32.match(data["error"]["request_id"])
     assert response.getheader("Strict-Transport-Security")
 
 
@@ -506,7 +506,8 @@ def test_rate_limit_burst_is_json_429_and_health_is_never_limited(stack):
         assert statuses[0] == 404  # the app's own answer before the limit
         assert limited.headers["Content-Type"] == "application/json"
         data = limited.json()
-        assert data["error"] == "rate_limited" and data["request_id"] == limited.headers["X-Request-ID"]
+        assert data["error"]["code"] == "rate_limited"
+        assert data["error"]["request_id"] == limited.headers["X-Request-ID"]
         assert_security_headers(limited)
         # The same client, still over its limit: /health is not limited at all.
         health = [session.get(stack.https + "/health", verify=str(stack.cert), timeout=10).status_code
@@ -543,11 +544,49 @@ def test_nginx_own_errors_are_json_502_and_504(tmp_path):
                 nginx.stop()
             assert response.status_code == code
             assert response.headers["Content-Type"] == "application/json"
-            assert response.json() == {**response.json(), "error": error, "request_id": f"down-{code}"}
+            body = response.json()["error"]  # the app's shape: {"error": {"code", "message", ...}}
+            assert body == {**body, "code": error, "request_id": f"down-{code}"} and body["message"]
             assert response.headers["X-Request-ID"] == f"down-{code}"
             assert_security_headers(response)
     finally:
         silent.close()
+
+
+def test_nginx_refuses_a_bad_request_line_or_headers_itself_as_json(tmp_path):
+    """nginx's own 400, 414 and 494 (headers too large) pages are JSON in the app's shape too."""
+    cert, key = self_signed_cert(tmp_path / "tls")
+    https_port = free_port()
+    site = render_nginx_site(http_port=free_port(), https_port=https_port, upstream_port=free_port(), cert=cert,
+                             key=key, log_dir=tmp_path, acme_root=tmp_path)
+    nginx = Nginx(tmp_path / "nginx-bad", site)
+    nginx.start([https_port])
+    context = ssl.create_default_context(cafile=str(cert))
+    context.set_alpn_protocols(["http/1.1"])
+
+    def raw(request: bytes) -> tuple[int, str, dict]:
+        with socket.create_connection(("127.0.0.1", https_port), timeout=30) as plain, \
+                context.wrap_socket(plain, server_hostname="127.0.0.1") as tls:
+            tls.sendall(request)
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin1").split("\r\n")
+        content_type = next((line.split(": ", 1)[1] for line in lines if line.lower().startswith("content-type:")), "")
+        return int(lines[0].split()[1]), content_type, json.loads(body)["error"]
+
+    try:
+        cases = [(b"GET /predictions/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: d3.example.com\r\n\r\n", 414,
+                  "uri_too_long"),
+                 (b"GET /health HTTP/1.1\r\nHost: d3.example.com\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 400,
+                  "bad_request"),
+                 (b"NOT A REQUEST\r\n\r\n", 400, "bad_request")]
+        for request, status, code in cases:
+            got, content_type, error = raw(request)
+            assert (got, content_type) == (status, "application/json"), (request[:30], got, content_type)
+            assert error["code"] == code and error["message"] and error["request_id"], error
+    finally:
+        nginx.stop()
 
 
 # ================================================================== check_deployment.sh
@@ -710,11 +749,18 @@ def test_deploy_dry_run_prints_the_plan_and_changes_nothing(tmp_path):
         for n, name in enumerate(ALL_STEPS, 1):
             assert f"==> [{n}/{len(ALL_STEPS)}] {name}:" in out
         assert "would run:" in out and "dry run: nothing was changed" in out
-        assert "check_deployment.sh" in out and "db upgrade" in out and "fetch-weights" in out
+        assert "check_deployment.sh" in out and "db upgrade" in out
+        # Image and audio weights only, as `make run` fetches them: the text pair is ~20 GB.
+        assert "fetch-weights --if-missing --modality image --modality audio\n" in out
+        assert "--with-text-weights fetches them" in out
         if not args:  # the real system's plan names the real actions
             assert "d3.test.invalid" in out and "nginx -t" in out
             assert "would run: systemctl restart d3-api" in out
             assert "useradd" in out or "exists: uid=" in out
+    with_text = subprocess.run(["bash", str(DEPLOY), "--dry-run", "--with-text-weights", "--prefix", str(prefix)],
+                               capture_output=True, text=True, timeout=120, env=clean_env())
+    assert with_text.returncode == 0, with_text.stdout + with_text.stderr
+    assert "fetch-weights --if-missing --modality image --modality audio --modality text\n" in with_text.stdout
     assert not prefix.exists()
     assert system_before == {p: os.path.lexists(p) for p in system_before}
 

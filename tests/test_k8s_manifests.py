@@ -7,7 +7,8 @@
   in deploy/checkov-skips.yaml, and hadolint passes on the Dockerfile;
 - structure: probes, resources and a non-root, read-only securityContext on every container,
   a GPU for inference in prod, autoscalers and budgets that point at real workloads, Services
-  and the Ingress that point at real ports, the nginx site's limits on the Ingress;
+  and the Ingress that point at real ports, the nginx site's limits on the Ingress, and every
+  route of the app (its url_map) sent to the api Service;
 - isolation: who can reach whom is computed from the NetworkPolicies and must be exactly the
   allowed flows;
 - no Secret value is committed: the Secret comes only from the operator's gitignored file.
@@ -385,6 +386,68 @@ def test_ingress_tls_and_the_nginx_site_limits(rendered, overlay):
         assert hosts == {"d3.example.org"}
 
 
+# The app's routes the Ingress must not send to the api Service, and why.
+NOT_API_ROUTES = {
+    "metrics.metrics": "Prometheus scrapes the pods; /metrics is not published",
+    "static": "Flask's default static route: the app has no static folder",
+}
+
+
+def _ingress_backend(ingresses: list[dict], host: str, path: str) -> tuple[str, str] | None:
+    """(Ingress, Service) a request for `path` reaches, by the Ingress rules of Kubernetes: the
+    longest matching path wins, Exact before Prefix, and Prefix matches whole path segments."""
+    best = None
+    for ingress in ingresses:
+        for rule in ingress["spec"]["rules"]:
+            if rule["host"] != host:
+                continue
+            for entry in rule["http"]["paths"]:
+                want, kind = entry["path"], entry["pathType"]
+                if kind == "Exact":
+                    matches = path == want
+                else:
+                    prefix = want.rstrip("/")
+                    matches = path == prefix or path.startswith(prefix + "/")
+                if matches:
+                    rank = (len(want.rstrip("/")), kind == "Exact")
+                    if best is None or rank > best[0]:
+                        best = (rank, (ingress["metadata"]["name"], entry["backend"]["service"]["name"]))
+    return best[1] if best else None
+
+
+def _sample_path(rule: str) -> str:
+    """A concrete URL of a Flask rule: each <variable> filled, <path:...> with two segments."""
+    return re.sub(r"<(?:(\w+):)?\w+>", lambda m: "a/b.png" if m.group(1) == "path" else "x", rule)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ingress_sends_every_api_route_to_the_api(rendered, overlay, app):
+    """Every route of the real app (its url_map) reaches the api Service through the Ingress; the
+    page's routes, and /metrics, which stays inside the cluster, reach the web Service."""
+    ingresses = rendered[overlay].of_kind("Ingress")
+    (host,) = {rule["host"] for i in ingresses for rule in i["spec"]["rules"]}
+    wrong = []
+    for rule in app.url_map.iter_rules():
+        path = _sample_path(rule.rule)
+        backend = _ingress_backend(ingresses, host, path)
+        if rule.endpoint in NOT_API_ROUTES or rule.endpoint.startswith("web."):
+            expected = ("d3", "web")  # the page; the web pods answer 404 to anything else
+        elif rule.rule.startswith("/predict/video"):
+            expected = ("d3-video", "api")  # streamed unbuffered, with the lower upload limits
+        else:
+            expected = ("d3", "api")
+        if backend != expected:
+            wrong.append(f"{rule.rule} ({rule.endpoint}): {path} reaches {backend}, not {expected}")
+    assert not wrong, "Ingress routing:\n" + "\n".join(wrong)
+    # The check can fail: an Exact /predict leaves /predict/audio to the web pods.
+    exact = json.loads(json.dumps(ingresses))
+    for entry in exact[0]["spec"]["rules"][0]["http"]["paths"]:
+        if entry["path"] == "/predict":
+            entry["pathType"] = "Exact"
+    assert _ingress_backend(exact, host, "/predict/audio") == ("d3", "web")
+    assert _ingress_backend(ingresses, host, "/predictionsx") == ("d3", "web"), "Prefix matches whole segments"
+
+
 # ================================================================== secrets
 def test_no_secret_value_is_committed(rendered):
     tracked = subprocess.run(["git", "ls-files", "deploy", "Dockerfile", ".dockerignore"], cwd=ROOT,
@@ -410,12 +473,21 @@ def test_no_secret_value_is_committed(rendered):
                 if isinstance(doc, dict):
                     for generator in doc.get("secretGenerator", []):
                         assert "literals" not in generator, f"{path}: secret literals"
-    # Only the containers that use the Secret get it: not the inference tier, not the web.
+    # Only the containers that use the Secret get it: not the web, not the weights download. The
+    # inference tier gets the database and object-store keys only (the model versions), one by one.
+    tier_keys = {"POSTGRES_PASSWORD", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY"}
     for overlay in OVERLAYS:
         for workload, container, _init in all_containers(rendered[overlay]):
             text = json.dumps(container)
-            if workload["metadata"]["name"] in ("inference", "web", "d3-fetch-weights"):
+            name = workload["metadata"]["name"]
+            if name in ("web", "d3-fetch-weights") or container["name"] in ("weights", "dcgm-exporter"):
                 assert "d3-secrets" not in text, f"{name_of(workload)}/{container['name']} gets the Secret"
+            elif name == "inference":
+                assert not any("secretRef" in source for source in container.get("envFrom", [])), \
+                    f"{name_of(workload)}/{container['name']} gets the whole Secret"
+                keys = {item["valueFrom"]["secretKeyRef"]["key"] for item in container.get("env", [])
+                        if "secretKeyRef" in item.get("valueFrom", {})}
+                assert keys == tier_keys, f"{name_of(workload)}/{container['name']} gets {sorted(keys)}"
     # No password, key or token in any committed value, and no settings key names a secret.
     for overlay in OVERLAYS:
         for config in rendered[overlay].of_kind("ConfigMap"):
@@ -447,6 +519,8 @@ ALLOWED_IN = {
         ("api", "postgres", 5432), ("api", "minio", 9000), ("api", "redis", 6379),
         ("worker", "postgres", 5432), ("worker", "minio", 9000), ("worker", "redis", 6379),
         ("d3-migrate", "postgres", 5432), ("keda-operator", "redis", 6379),
+        # the model versions: the active head's row and its file
+        ("inference", "postgres", 5432), ("inference", "minio", 9000),
     },
     "prod": {
         ("ingress-controller", "api", 6000), ("ingress-controller", "web", 8080),
@@ -460,7 +534,8 @@ ALLOWED_OUT = {
     "prod": {("api", "internet", 443), ("worker", "internet", 443), ("d3-fetch-weights", "internet", 443),
              ("api", "prod-db", 5432), ("worker", "prod-db", 5432), ("d3-migrate", "prod-db", 5432),
              ("api", "prod-s3", 9000), ("worker", "prod-s3", 9000),
-             ("api", "prod-redis", 6379), ("worker", "prod-redis", 6379)},
+             ("api", "prod-redis", 6379), ("worker", "prod-redis", 6379),
+             ("inference", "prod-db", 5432), ("inference", "prod-s3", 9000)},
 }
 PROBE_PORTS = (53, 80, 443, 5432, 6000, 6379, 8000, 8001, 8002, 8080, 9000, 9400)
 

@@ -132,6 +132,16 @@ def test_image_and_batch_through_the_api_service(cluster, session):
     assert cluster.stored_objects("d3-results"), "no result object in the S3 server"
 
 
+def test_the_inference_tier_reads_the_model_versions(cluster):
+    # The tier follows the active model version from the API's database and the models bucket: with
+    # the manifests' settings it reaches both. It decides before it loads the model, and says
+    # "model versions off" and why when it cannot (api/detector/tier_commands.py).
+    if "inference" not in cluster.running:
+        pytest.skip(cluster.skipped.get("inference", "inference not started"))
+    assert cluster.log_mentions("inference", "d3 inference tier: loading"), cluster.logs()
+    assert not cluster.log_mentions("inference", "model versions off"), cluster.logs()
+
+
 def test_async_video_through_the_api_service(cluster, session, tmp_path):
     data = clip_bytes(tmp_path, levels=list(range(0, 250, 25)))
     queued = session.post(_url(cluster, "/predict/video"), files={"file": ("clip.avi", data, "video/x-msvideo")},
