@@ -231,10 +231,6 @@ class ModelVersions:
                 row = session.get(ModelVersion, vid)
                 if row is None:  # the insert lost to another head taking the same name
                     raise InvalidInput(f"the name {name!r} was just taken by another version", parameter="name")
-                if name is not None and name != row.name:
-                    holder = session.scalars(select(ModelVersion).where(ModelVersion.name == name)).first()
-                    if holder is not None and holder.id != vid:
-                        raise InvalidInput(f"the name {name!r} is taken by version {holder.id}", parameter="name")
                 if card is not None:
                     row.card, row.threshold, row.card_object = card, threshold, f"cards/{sha256}.card.json"
                 if name is not None:
