@@ -51,6 +51,18 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def raw_exchange(sock: socket.socket, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw request bytes on a connected (plain or TLS) socket; read to EOF: status, headers, body."""
+    sock.sendall(request)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin1").split("\r\n")
+    headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines[1:] if ": " in line)}
+    return int(lines[0].split()[1]), headers, body
+
+
 def multipart_body(fields: list[tuple[str, object]]) -> tuple[bytes, str]:
     """A form encoded as `requests`, curl and browsers send it: (body, content type).
 

@@ -46,7 +46,7 @@ from tests.deploy_helpers import (
     stop_process,
     wait_for,
 )
-from tests.helpers import image_bytes
+from tests.helpers import image_bytes, raw_exchange
 
 DEPLOY = REPO / "deploy.sh"
 CHECK = REPO / "check_deployment.sh"
@@ -566,14 +566,8 @@ def test_nginx_refuses_a_bad_request_line_or_headers_itself_as_json(tmp_path):
     def raw(request: bytes) -> tuple[int, str, dict]:
         with socket.create_connection(("127.0.0.1", https_port), timeout=30) as plain, \
                 context.wrap_socket(plain, server_hostname="127.0.0.1") as tls:
-            tls.sendall(request)
-            data = b""
-            while chunk := tls.recv(65536):
-                data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin1").split("\r\n")
-        content_type = next((line.split(": ", 1)[1] for line in lines if line.lower().startswith("content-type:")), "")
-        return int(lines[0].split()[1]), content_type, json.loads(body)["error"]
+            status, headers, body = raw_exchange(tls, request)
+        return status, headers.get("content-type", ""), json.loads(body)["error"]
 
     try:
         cases = [(b"GET /predictions/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: d3.example.com\r\n\r\n", 414,

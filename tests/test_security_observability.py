@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.detector import DetectorConfig, InferenceEngine
 from api.models import Prediction
 from api.request_log import JsonFormatter
-from tests.helpers import ROOT, TINY_MODEL, free_port, image_bytes, make_app, wait_for_port
+from tests.helpers import ROOT, TINY_MODEL, free_port, image_bytes, make_app, raw_exchange, wait_for_port
 from tests.security_helpers import api_key, bearer, new_key, post_image, secure_app
 
 
@@ -363,14 +363,7 @@ def _raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]
     import socket
 
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(request)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
-    return int(lines[0].split()[1]), headers, body
+        return raw_exchange(sock, request)
 
 
 def test_requests_gunicorn_refuses_itself_get_json_errors(gunicorn_service):
@@ -384,7 +377,7 @@ def test_requests_gunicorn_refuses_itself_get_json_errors(gunicorn_service):
     for request, status in cases:
         got, headers, body = _raw_request(port, request)
         assert got == status, (request[:40], got, body[:200])
-        assert headers["Content-Type"] == "application/json"
+        assert headers["content-type"] == "application/json"
         error = json.loads(body)["error"]
         assert error["code"] and error["message"], error
     # A request line of 5,000 bytes (over Gunicorn's default of 4,094) reaches the app.
