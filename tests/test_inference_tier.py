@@ -237,7 +237,22 @@ def test_request_log_splits_out_the_tiers_share(remote_client, caplog):
 
 
 # ------------------------------------------------------------------ two workers, one tier
-def test_two_gunicorn_workers_share_one_tier(tmp_path, triton_tier, tiny_engine):
+@pytest.fixture
+def slow_batching_tier():
+    """A tier of its own that holds a batch open for 100 ms. With the session tier's 10 ms, two workers'
+    requests met only by chance (each worker's own overhead is longer than the window), and on a
+    loaded machine sometimes never: once two requests share a batch here, their workers answer and
+    send again together, so the batches keep mixing the workers."""
+    from tests.triton_tier import TritonTier
+
+    tier = TritonTier(TINY_MODEL, D3_TRITON_MAX_QUEUE_DELAY_MICROSECONDS="100000")
+    tier.start()
+    yield tier
+    tier.destroy()
+
+
+def test_two_gunicorn_workers_share_one_tier(tmp_path, slow_batching_tier, tiny_engine):
+    triton_tier = slow_batching_tier
     port = free_port()
     settings = app_settings(tmp_path, BIND=f"127.0.0.1:{port}", D3_INFERENCE_URL=triton_tier.grpc_url,
                             RATE_LIMIT_DEFAULT="1000000/minute")
